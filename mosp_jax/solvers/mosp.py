@@ -1,0 +1,201 @@
+"""MOSP on one linear layer: a Pareto set of pruned weights (METHOD.md 2-5).
+
+  stage 1  joint ADMM over the m tasks with the coupled projection: a shared
+           core S0 (floor(alpha k) weights) + each task's own support;
+  stage 2  each task alone (vmap) with S0 frozen, from rho = 0.5;
+  assemble for every preference lam (and every vertex e_i): the core plus
+           the top of the preference-weighted saliency outside it, started
+           from the lam-mix of the stage-2 iterates, refined by PCG on H_lam.
+
+Deviations [ours], measured in docs/METHOD_NOTES.md: stage 2 starts at the
+paper's rho = 0.5 but then follows the support-change schedule (a fixed 0.5
+never lets the support settle in these units). The saliency and the warm
+start of a preference use the stage-2 sparse iterates `D_i`, not PCG-refined
+task weights; the task models are then exactly the preference models at the
+vertices `e_i` (one code path, one PCG per model).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mosp_jax.config import PAPER, SolverConfig
+from mosp_jax.solvers import admm as admm_lib
+from mosp_jax.solvers import pcg as pcg_lib
+from mosp_jax.solvers import projection
+from mosp_jax.solvers.scaling import Scaled, scale_problem
+
+
+class ParetoLayer(NamedTuple):
+  """The compact Pareto set of one layer (unscaled units).
+
+  core: `(n_in, n_out)` bool, the shared support S0.
+  task_sparse: `(m, n_in, n_out)`, stage-2 iterates `D_i / d` on S0 | S_i;
+    with the Grams, any preference can be assembled from these.
+  """
+  core: jax.Array
+  task_sparse: jax.Array
+
+
+class MospInfo(NamedTuple):
+  stage1: admm_lib.AdmmInfo      # scalars
+  stage2: admm_lib.AdmmInfo      # each field `(m,)`
+  pcg: pcg_lib.PcgInfo           # residual `(P, n_out)`
+
+
+class MospResult(NamedTuple):
+  """Models of one layer: rows 0..m-1 are the task vertices `e_i`, then the
+  requested preferences.
+
+  prefs: `(P, m)` the preferences of the rows below.
+  masks: `(P, n_in, n_out)` bool supports, each exactly the budget.
+  weights: `(P, n_in, n_out)` pruned weights, zero off the masks.
+  pareto: the compact `ParetoLayer`.
+  """
+  prefs: jax.Array
+  masks: jax.Array
+  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospInfo
+
+
+def stage1(sc: Scaled, Q: jax.Array, L: jax.Array, *,
+           pattern: projection.Pattern, alpha: float, p: float,
+           rho0: jax.Array, update_every: int, max_iter: int):
+  """Joint ADMM over tasks. Returns `(core, Iterates, info)`."""
+  m, n_in, n_out = sc.G.shape[0], *sc.B0.shape
+
+  def project(Z):
+    core, masks = projection.mosp_masks(Z, pattern, alpha=alpha, p=p)
+    return masks, core
+
+  B = jnp.broadcast_to(sc.B0, (m, n_in, n_out))
+  masks0, _ = project(B)
+  D = jnp.where(masks0, B, 0.0)
+  GB0 = sc.G @ sc.B0
+  it, core, info = admm_lib.run_admm(
+      Q, L, GB0, (B, D, jnp.zeros_like(B)), project,
+      k=pattern.keep(n_in, n_out), rho0=rho0, adaptive=True,
+      update_every=update_every, max_iter=max_iter)
+  return core, it, info
+
+
+def stage2(sc: Scaled, Q: jax.Array, L: jax.Array, core: jax.Array,
+           warm: admm_lib.Iterates, *, pattern: projection.Pattern,
+           alpha: float, rho: jax.Array, adaptive: bool, update_every: int,
+           max_iter: int):
+  """Each task alone with the core frozen (vmap over tasks).
+
+  Args: `warm`, stage 1's iterates `(m, n_in, n_out)` (the dual carries
+  over: it is the unscaled multiplier, valid for any rho); `rho`, the
+  starting penalty; `adaptive`, whether it then follows the support-change
+  schedule (ours, default) or stays fixed (paper). Returns
+  `(Iterates with (m, n_in, n_out) fields, info with (m,) fields)`.
+  """
+  _, n_in, n_out = warm.B.shape
+  count = pattern.unit_keep(n_in, n_out) - projection.core_count(
+      pattern, n_in, n_out, alpha)
+
+  def project(Z):
+    own = projection.task_masks(Z, core, pattern, count)
+    return own | core[None], ()
+
+  def one(Qi, Li, GB0i, Bi, Di, Vi):
+    it, _, info = admm_lib.run_admm(
+        Qi[None], Li[None], GB0i[None], (Bi[None], Di[None], Vi[None]),
+        project, k=pattern.keep(n_in, n_out), rho0=rho, adaptive=adaptive,
+        update_every=update_every if adaptive else 1, max_iter=max_iter)
+    return jax.tree.map(lambda a: a[0], it), info
+
+  return jax.vmap(one)(Q, L, sc.G @ sc.B0, warm.B, warm.D, warm.V)
+
+
+def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
+             pattern: projection.Pattern, alpha: float, pcg_iters: int):
+  """Models for preferences `prefs (P, m)` from the stage-2 iterates.
+
+  Support: core | top of `sum_i lam_i D_i^2 G_i[jj] / energy_i` outside the
+  core; warm start `sum_i lam_i D_i`; `pcg_iters` PCG steps on
+  `H_lam = sum_i lam_i G_i / energy_i`. Returns scaled `(X, masks, info)`.
+  """
+  _, n_in, n_out = D.shape
+  count = pattern.unit_keep(n_in, n_out) - projection.core_count(
+      pattern, n_in, n_out, alpha)
+  w = prefs / sc.energy[None]                     # (P, m)
+  diag = jnp.diagonal(sc.G, axis1=1, axis2=2)     # (m, n_in)
+  sal_i = jnp.square(D) * diag[:, :, None]        # (m, n_in, n_out)
+  outside = jnp.logical_not(core)
+
+  def one(lam, wl):
+    sal = jnp.tensordot(wl, sal_i, axes=1)
+    mask = core | projection.select(sal, pattern, count, outside)
+    H = jnp.tensordot(wl, sc.G, axes=1)
+    X0 = jnp.tensordot(lam, D, axes=1)
+    X, info = pcg_lib.masked_pcg(H, sc.B0, mask, X0, iters=pcg_iters)
+    return X, mask, info
+
+  return jax.vmap(one)(prefs, w)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("pattern", "alpha", "p", "update_every",
+                              "max_iter", "stage2_adaptive",
+                              "stage2_max_iter", "pcg_iters"))
+def _mosp(grams, W0, prefs, rho0, stage2_rho, damping, *, pattern, alpha,
+          p, update_every, max_iter, stage2_adaptive, stage2_max_iter,
+          pcg_iters):
+  m = grams.shape[0]
+  sc = scale_problem(grams, W0, damping=damping)
+  Q, L = admm_lib.eig(sc.G)
+  core, it1, info1 = stage1(sc, Q, L, pattern=pattern, alpha=alpha, p=p,
+                            rho0=rho0, update_every=update_every,
+                            max_iter=max_iter)
+  it2, info2 = stage2(sc, Q, L, core, it1, pattern=pattern, alpha=alpha,
+                      rho=stage2_rho, adaptive=stage2_adaptive,
+                      update_every=update_every, max_iter=stage2_max_iter)
+  D = it2.D
+  all_prefs = jnp.concatenate(
+      [jnp.eye(m, dtype=jnp.float32), prefs.astype(jnp.float32)], axis=0)
+  X, masks, pinfo = assemble(sc, core, D, all_prefs, pattern=pattern,
+                             alpha=alpha, pcg_iters=pcg_iters)
+  inv_d = (1.0 / sc.d)[None, :, None]
+  return MospResult(
+      prefs=all_prefs, masks=masks, weights=X * inv_d,
+      pareto=ParetoLayer(core=core, task_sparse=D * inv_d),
+      info=MospInfo(info1, info2, pinfo))
+
+
+def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
+         pattern: projection.Pattern,
+         cfg: SolverConfig = PAPER) -> MospResult:
+  """Prunes one layer for `m` tasks and returns its Pareto set.
+
+  Args:
+    grams: `(m, n_in, n_in)` per-token mean Grams `X_i^T X_i / N_i`,
+      undamped.
+    W0: `(n_in, n_out)` dense weights.
+    prefs: `(K, m)` preferences on the simplex (may be `(0, m)`).
+    pattern: `Unstructured(sparsity)` or `NM(n, m)`.
+    cfg: hyperparameters.
+
+  Returns:
+    `MospResult` with `m + K` models: the task vertices, then `prefs`.
+  """
+  if grams.ndim != 3 or grams.shape[1:] != (W0.shape[0],) * 2:
+    raise ValueError(f"grams must be (m, {W0.shape[0]}, {W0.shape[0]}), "
+                     f"got {grams.shape}")
+  if prefs.ndim != 2 or prefs.shape[1] != grams.shape[0]:
+    raise ValueError(f"prefs must be (K, {grams.shape[0]}), got "
+                     f"{prefs.shape}")
+  # Explicit transfers: solvers run under jax.transfer_guard("disallow").
+  scalars = jax.device_put((cfg.rho0, cfg.stage2_rho, cfg.damping))
+  return _mosp(grams, W0, prefs, *scalars,
+               pattern=pattern, alpha=cfg.alpha, p=cfg.p,
+               update_every=cfg.update_every, max_iter=cfg.max_iter,
+               stage2_adaptive=cfg.stage2_adaptive,
+               stage2_max_iter=cfg.stage2_max_iter,
+               pcg_iters=cfg.pcg_iters)

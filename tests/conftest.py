@@ -1,0 +1,63 @@
+"""Shared test helpers: explicit transfers and realistic random layers."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+
+def guarded(fn, *args, jit: bool = True, **kwargs):
+  """Runs `fn` on device copies of `args` with implicit transfers disallowed
+  (as the runner does) and returns its outputs as numpy. Bare array
+  functions are jitted (eager ops would move Python scalars); the solvers'
+  public entry points are already jitted and called with `jit=False`."""
+  args = jax.device_put(args)
+  if jit:
+    fn = jax.jit(functools.partial(fn, **kwargs))
+    kwargs = {}
+  with jax.transfer_guard("disallow"):
+    out = fn(*args, **kwargs)
+  return jax.device_get(out)
+
+
+def correlated_gram(rng: np.random.Generator, n: int, *, tokens: int = 0,
+                    rank: int | None = None) -> np.ndarray:
+  """Per-token mean Gram of activations with correlated channels and
+  uneven channel scales, like an LLM layer input. `rank` < n makes it
+  rank-deficient."""
+  tokens = tokens or 4 * n
+  r = rank or n
+  basis = rng.standard_normal((r, n)) / np.sqrt(r)
+  X = rng.standard_normal((tokens, r)) @ basis
+  if rank is None:
+    X += 0.5 * rng.standard_normal((tokens, n))
+  X *= np.exp(rng.standard_normal(n))[None, :]  # outlier channels
+  return (X.T @ X / tokens).astype(np.float32)
+
+
+def task_grams(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
+  """`m` Grams that share structure but differ per task (distinct domains)."""
+  shared = rng.standard_normal((n // 2, n)) / np.sqrt(n)
+  out = []
+  for _ in range(m):
+    own = rng.standard_normal((n // 2, n)) / np.sqrt(n)
+    X = rng.standard_normal((4 * n, n)) @ np.concatenate([shared, own])
+    X *= np.exp(0.7 * rng.standard_normal(n))[None, :]
+    out.append(X.T @ X / X.shape[0])
+  return np.stack(out).astype(np.float32)
+
+
+def rel_err(G, W0, W) -> float:
+  """Independent numpy (float64) relative reconstruction error."""
+  G = np.asarray(G, np.float64)
+  E = np.asarray(W, np.float64) - W0
+  return float(np.sum(E * (G @ E)) / np.sum(W0 * (G @ W0)))
+
+
+@pytest.fixture
+def rng(request):
+  return np.random.default_rng(zlib.crc32(request.node.name.encode()))
