@@ -1,0 +1,38 @@
+"""Named text sources and tokenised calibration/test segments per task."""
+
+from mosp_jax.data.segments import (
+    DEFAULT_SEPARATOR,
+    Stream,
+    calibration_offsets,
+    calibration_segments,
+    resolve_separator,
+    split_documents,
+    test_segments,
+    tokenize_stream,
+)
+from mosp_jax.data.sources import (
+    OFFLINE_SOURCES,
+    SOURCES,
+    Document,
+    SourceUnavailableError,
+    get_source,
+)
+from mosp_jax.data.task import TaskData, load_task
+
+__all__ = [
+    "DEFAULT_SEPARATOR",
+    "OFFLINE_SOURCES",
+    "SOURCES",
+    "Document",
+    "SourceUnavailableError",
+    "Stream",
+    "TaskData",
+    "calibration_offsets",
+    "calibration_segments",
+    "get_source",
+    "load_task",
+    "resolve_separator",
+    "split_documents",
+    "test_segments",
+    "tokenize_stream",
+]
