@@ -61,3 +61,48 @@ class SolverConfig:
 
 # The paper's settings; the default of every solver entry point.
 PAPER = SolverConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """What a whole-model run prunes, on which data, and where it writes.
+
+  Attributes:
+    model: model spec for `bridge.hf_import.load_model` ('smollm2-135m', a
+      local directory, a .gguf file, a hub id) or 'tiny-llama' (a random
+      2-layer Llama built from a config, for smoke tests).
+    tasks: source names or .txt/.jsonl paths (`mosp_jax.data`), one per
+      objective.
+    pattern: `Unstructured(sparsity)` or `NM(n, m)` per linear.
+    nsamples, seqlen: calibration segments per task.
+    test_tokens: test tokens per task (cut into `seqlen` segments).
+    prefs: `(K, m)` preferences of the models to build (vertices included).
+    batch_size: sequences per forward batch.
+    seed: calibration-window seed (the split and test set use seed 0).
+    out_dir: the run directory.
+  """
+  model: str
+  tasks: tuple[str, ...]
+  pattern: object
+  nsamples: int
+  seqlen: int
+  test_tokens: int
+  prefs: tuple[tuple[float, ...], ...]
+  batch_size: int
+  seed: int
+  out_dir: str
+
+  def __post_init__(self):
+    if len(self.tasks) < 1:
+      raise ValueError("tasks: give at least one task")
+    if len(set(self.tasks)) != len(self.tasks):
+      raise ValueError(f"tasks: duplicate names in {list(self.tasks)}")
+    for name, value in (("nsamples", self.nsamples),
+                        ("seqlen", self.seqlen),
+                        ("test_tokens", self.test_tokens),
+                        ("batch_size", self.batch_size)):
+      if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if self.test_tokens < self.seqlen:
+      raise ValueError(f"test_tokens ({self.test_tokens}) must be at least "
+                       f"seqlen ({self.seqlen})")

@@ -3,29 +3,33 @@
 from mosp_jax.solvers.admm import AdmmInfo, Iterates, rho_step, run_admm
 from mosp_jax.solvers.alps import AlpsInfo, alps_prune
 from mosp_jax.solvers.mosp import (
-                                   MospInfo,
-                                   MospResult,
-                                   ParetoLayer,
-                                   assemble,
-                                   mosp_prune,
+  MospInfo,
+  MospResult,
+  ParetoLayer,
+  assemble,
+  mosp_materialize,
+  mosp_pareto,
+  mosp_prune,
+  with_vertices,
 )
 from mosp_jax.solvers.pcg import PcgInfo, masked_pcg
 from mosp_jax.solvers.projection import (
-                                   NM,
-                                   Pattern,
-                                   Unstructured,
-                                   core_score,
-                                   mosp_masks,
-                                   nm_mask,
-                                   prune_mask,
-                                   topk_mask,
+  NM,
+  Pattern,
+  Unstructured,
+  core_score,
+  mosp_masks,
+  nm_mask,
+  prune_mask,
+  topk_mask,
 )
 from mosp_jax.solvers.scaling import Scaled, damp, relative_error, scale_problem
 
 __all__ = [
-    "AdmmInfo", "AlpsInfo", "Iterates", "MospInfo", "MospResult", "NM",
-    "ParetoLayer", "Pattern", "PcgInfo", "Scaled", "Unstructured",
-    "alps_prune", "assemble", "core_score", "damp", "masked_pcg",
-    "mosp_masks", "mosp_prune", "nm_mask", "prune_mask", "relative_error",
-    "rho_step", "run_admm", "scale_problem", "topk_mask",
+  "AdmmInfo", "AlpsInfo", "Iterates", "MospInfo", "MospResult", "NM",
+  "ParetoLayer", "Pattern", "PcgInfo", "Scaled", "Unstructured",
+  "alps_prune", "assemble", "core_score", "damp", "masked_pcg",
+  "mosp_masks", "mosp_materialize", "mosp_pareto", "mosp_prune",
+  "nm_mask", "prune_mask", "relative_error", "rho_step", "run_admm",
+  "scale_problem", "topk_mask", "with_vertices",
 ]

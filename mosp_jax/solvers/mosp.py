@@ -144,11 +144,9 @@ def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
 @functools.partial(
     jax.jit, static_argnames=("pattern", "alpha", "p", "update_every",
                               "max_iter", "stage2_adaptive",
-                              "stage2_max_iter", "pcg_iters"))
-def _mosp(grams, W0, prefs, rho0, stage2_rho, damping, *, pattern, alpha,
-          p, update_every, max_iter, stage2_adaptive, stage2_max_iter,
-          pcg_iters):
-  m = grams.shape[0]
+                              "stage2_max_iter"))
+def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha, p,
+            update_every, max_iter, stage2_adaptive, stage2_max_iter):
   sc = scale_problem(grams, W0, damping=damping)
   Q, L = admm_lib.eig(sc.G)
   core, it1, info1 = stage1(sc, Q, L, pattern=pattern, alpha=alpha, p=p,
@@ -157,45 +155,95 @@ def _mosp(grams, W0, prefs, rho0, stage2_rho, damping, *, pattern, alpha,
   it2, info2 = stage2(sc, Q, L, core, it1, pattern=pattern, alpha=alpha,
                       rho=stage2_rho, adaptive=stage2_adaptive,
                       update_every=update_every, max_iter=stage2_max_iter)
-  D = it2.D
-  all_prefs = jnp.concatenate(
-      [jnp.eye(m, dtype=jnp.float32), prefs.astype(jnp.float32)], axis=0)
-  X, masks, pinfo = assemble(sc, core, D, all_prefs, pattern=pattern,
-                             alpha=alpha, pcg_iters=pcg_iters)
-  inv_d = (1.0 / sc.d)[None, :, None]
-  return MospResult(
-      prefs=all_prefs, masks=masks, weights=X * inv_d,
-      pareto=ParetoLayer(core=core, task_sparse=D * inv_d),
-      info=MospInfo(info1, info2, pinfo))
+  pareto = ParetoLayer(core=core, task_sparse=it2.D / sc.d[None, :, None])
+  return pareto, (info1, info2)
 
 
-def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
-         pattern: projection.Pattern,
-         cfg: SolverConfig = PAPER) -> MospResult:
-  """Prunes one layer for `m` tasks and returns its Pareto set.
+@functools.partial(jax.jit,
+                   static_argnames=("pattern", "alpha", "pcg_iters"))
+def _materialize(grams, W0, pareto, prefs, damping, *, pattern, alpha,
+                 pcg_iters):
+  sc = scale_problem(grams, W0, damping=damping)
+  D = pareto.task_sparse * sc.d[None, :, None]
+  X, masks, info = assemble(sc, pareto.core, D, prefs.astype(jnp.float32),
+                            pattern=pattern, alpha=alpha,
+                            pcg_iters=pcg_iters)
+  return X / sc.d[None, :, None], masks, info
+
+
+@jax.jit
+def with_vertices(prefs: jax.Array) -> jax.Array:
+  """`(K, m)` preferences -> `(m + K, m)`: the vertices `e_i` first."""
+  m = prefs.shape[1]
+  return jnp.concatenate([jnp.eye(m, dtype=jnp.float32),
+                          prefs.astype(jnp.float32)], axis=0)
+
+
+def _check_shapes(grams: jax.Array, W0: jax.Array,
+                  prefs: jax.Array | None = None) -> None:
+  if grams.ndim != 3 or grams.shape[1:] != (W0.shape[0],) * 2:
+    raise ValueError(f"grams must be (m, {W0.shape[0]}, {W0.shape[0]}), "
+                     f"got {grams.shape}")
+  if prefs is not None and (prefs.ndim != 2 or
+                            prefs.shape[1] != grams.shape[0]):
+    raise ValueError(f"prefs must be (K, {grams.shape[0]}), got "
+                     f"{prefs.shape}")
+
+
+def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
+                pattern: projection.Pattern, cfg: SolverConfig = PAPER
+                ) -> tuple[ParetoLayer, tuple[admm_lib.AdmmInfo,
+                                              admm_lib.AdmmInfo]]:
+  """Stages 1 and 2: the compact Pareto set of one layer.
 
   Args:
     grams: `(m, n_in, n_in)` per-token mean Grams `X_i^T X_i / N_i`,
       undamped.
     W0: `(n_in, n_out)` dense weights.
-    prefs: `(K, m)` preferences on the simplex (may be `(0, m)`).
     pattern: `Unstructured(sparsity)` or `NM(n, m)`.
     cfg: hyperparameters.
 
   Returns:
-    `MospResult` with `m + K` models: the task vertices, then `prefs`.
+    `(ParetoLayer, (stage-1 info, stage-2 info with (m,) fields))`.
   """
-  if grams.ndim != 3 or grams.shape[1:] != (W0.shape[0],) * 2:
-    raise ValueError(f"grams must be (m, {W0.shape[0]}, {W0.shape[0]}), "
-                     f"got {grams.shape}")
-  if prefs.ndim != 2 or prefs.shape[1] != grams.shape[0]:
-    raise ValueError(f"prefs must be (K, {grams.shape[0]}), got "
-                     f"{prefs.shape}")
+  _check_shapes(grams, W0)
   # Explicit transfers: solvers run under jax.transfer_guard("disallow").
   scalars = jax.device_put((cfg.rho0, cfg.stage2_rho, cfg.damping))
-  return _mosp(grams, W0, prefs, *scalars,
-               pattern=pattern, alpha=cfg.alpha, p=cfg.p,
-               update_every=cfg.update_every, max_iter=cfg.max_iter,
-               stage2_adaptive=cfg.stage2_adaptive,
-               stage2_max_iter=cfg.stage2_max_iter,
-               pcg_iters=cfg.pcg_iters)
+  return _pareto(grams, W0, *scalars, pattern=pattern, alpha=cfg.alpha,
+                 p=cfg.p, update_every=cfg.update_every,
+                 max_iter=cfg.max_iter, stage2_adaptive=cfg.stage2_adaptive,
+                 stage2_max_iter=cfg.stage2_max_iter)
+
+
+def mosp_materialize(grams: jax.Array, W0: jax.Array, pareto: ParetoLayer,
+                     prefs: jax.Array, *, pattern: projection.Pattern,
+                     cfg: SolverConfig = PAPER
+                     ) -> tuple[jax.Array, jax.Array, pcg_lib.PcgInfo]:
+  """The models of preferences `prefs (P, m)` from a layer's Pareto set.
+
+  The same inputs always give the same weights, so a run and a later
+  export of one preference agree exactly. Returns `(weights (P, n_in,
+  n_out), masks (P, n_in, n_out) bool, PcgInfo)`.
+  """
+  _check_shapes(grams, W0, prefs)
+  damping = jax.device_put(cfg.damping)
+  return _materialize(grams, W0, pareto, prefs, damping, pattern=pattern,
+                      alpha=cfg.alpha, pcg_iters=cfg.pcg_iters)
+
+
+def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
+               pattern: projection.Pattern,
+               cfg: SolverConfig = PAPER) -> MospResult:
+  """Prunes one layer for `m` tasks: `mosp_pareto` then `mosp_materialize`
+  of the task vertices `e_i` followed by `prefs (K, m)` (may be `(0, m)`).
+
+  Returns:
+    `MospResult` with `m + K` models: the task vertices, then `prefs`.
+  """
+  _check_shapes(grams, W0, prefs)
+  pareto, (info1, info2) = mosp_pareto(grams, W0, pattern=pattern, cfg=cfg)
+  all_prefs = with_vertices(prefs)
+  weights, masks, pinfo = mosp_materialize(grams, W0, pareto, all_prefs,
+                                           pattern=pattern, cfg=cfg)
+  return MospResult(prefs=all_prefs, masks=masks, weights=weights,
+                    pareto=pareto, info=MospInfo(info1, info2, pinfo))

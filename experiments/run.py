@@ -1,0 +1,264 @@
+r"""Prune a model for several tasks with MOSP and evaluate its Pareto set.
+
+  python -m experiments.run --flagfile=experiments/configs/quick.flags
+  python -m experiments.run --flagfile=experiments/configs/smoke.flags \
+      --out_dir=/tmp/smoke
+
+Writes into --out_dir: flags.txt (the resolved flags), results.json,
+report.md, pareto.png and pareto/ (the compact Pareto set: per layer the
+core masks, the task-specific weights and the task Grams, from which any
+preference can be materialised later, e.g. by `python -m bridge.export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from mosp_jax import data as data_lib
+from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline.prune import prune_and_evaluate
+from mosp_jax.solvers import NM, Unstructured
+
+_D = SolverConfig()
+
+# What is pruned, on which data.
+flags.DEFINE_string("model", "smollm2-135m", "Model spec: 'smollm2-135m', a "
+                    "local dir, a .gguf file, a hub id, or 'tiny-llama'.")
+flags.DEFINE_list("tasks", ["general", "math", "pycode"], "Task sources "
+                  "(general, math, pycode, c4, gsm8k, code) or .txt/.jsonl "
+                  "paths, one per objective.")
+flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity per linear, "
+                   "in [0, 1).")
+flags.DEFINE_string("nm", "", "N:M sparsity as 'N:M' (e.g. 2:4); overrides "
+                    "--sparsity.")
+flags.DEFINE_integer("nsamples", 128, "Calibration segments per task.")
+flags.DEFINE_integer("seqlen", 2048, "Tokens per segment.")
+flags.DEFINE_integer("test_tokens", 128 * 2048, "Test tokens per task.")
+flags.DEFINE_integer("pref_grid", 2, "Preferences on the simplex grid with "
+                     "this many steps per axis (vertices included).")
+flags.DEFINE_bool("pref_centroid", True, "Add the balanced preference.")
+flags.DEFINE_string("prefs", "", "Explicit preferences, ';'-separated, "
+                    "each ','-separated weights (e.g. '0.5,0.25,0.25'); "
+                    "replaces --pref_grid/--pref_centroid. Vertices are "
+                    "always added.")
+flags.DEFINE_integer("batch_size", 8, "Sequences per forward batch.")
+flags.DEFINE_integer("seed", 0, "Seed of the calibration windows.")
+flags.DEFINE_string("out_dir", None, "Run directory (created).")
+flags.DEFINE_bool("overwrite", False, "Allow an existing non-empty "
+                  "--out_dir.")
+# Solver hyperparameters: defaults are SolverConfig's (the paper's).
+flags.DEFINE_float("alpha", _D.alpha, "Share of the budget in the core.")
+flags.DEFINE_float("p", _D.p, "Power-mean exponent of the core score.")
+flags.DEFINE_float("rho0", _D.rho0, "Initial ADMM penalty.")
+flags.DEFINE_integer("update_every", _D.update_every,
+                     "ADMM iterations between rho updates.")
+flags.DEFINE_integer("max_iter", _D.max_iter, "Stage-1 ADMM cap.")
+flags.DEFINE_float("stage2_rho", _D.stage2_rho, "Stage-2 starting rho.")
+flags.DEFINE_bool("stage2_adaptive", _D.stage2_adaptive,
+                  "Stage 2 follows the rho schedule (False: paper's fixed).")
+flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
+                     "Stage-2 ADMM cap.")
+flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag.")
+flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations.")
+
+FLAGS = flags.FLAGS
+
+# Flag name -> SolverConfig field (same names); checked by a test.
+SOLVER_FLAGS = tuple(f.name for f in dataclasses.fields(SolverConfig))
+
+
+def _pattern(f) -> object:
+  if f.nm:
+    try:
+      n, m = (int(x) for x in f.nm.split(":"))
+    except ValueError as e:
+      raise ValueError(f"--nm: expected 'N:M' with integers, got "
+                       f"{f.nm!r}") from e
+    try:
+      return NM(n, m)
+    except ValueError as e:
+      raise ValueError(f"--nm: {e}") from e
+  try:
+    return Unstructured(f.sparsity)
+  except ValueError as e:
+    raise ValueError(f"--sparsity: {e}") from e
+
+
+def _prefs(f, m: int) -> np.ndarray:
+  if f.prefs:
+    try:
+      rows = [[float(x) for x in row.split(",")]
+              for row in f.prefs.split(";") if row.strip()]
+      prefs = np.asarray(rows, np.float32)
+    except ValueError as e:
+      raise ValueError(f"--prefs: expected ';'-separated rows of ','-"
+                       f"separated numbers, got {f.prefs!r}") from e
+    pareto.check_prefs(prefs, m, flag="--prefs")
+  else:
+    if f.pref_grid < 1:
+      raise ValueError(f"--pref_grid must be >= 1, got {f.pref_grid}")
+    prefs = pareto.simplex_grid(m, f.pref_grid)
+    if f.pref_centroid:
+      prefs = pareto.with_centroid(prefs)
+  return pareto.ensure_vertices(prefs)
+
+
+def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
+  """The one place flags become configs; errors name the flag."""
+  if not f.out_dir:
+    raise ValueError("--out_dir is required (the run directory)")
+  try:
+    solver = SolverConfig(**{name: getattr(f, name) for name in
+                             SOLVER_FLAGS})
+  except ValueError as e:
+    raise ValueError(f"--{e}") from e
+  tasks = tuple(t.strip() for t in f.tasks if t.strip())
+  prefs = _prefs(f, len(tasks))
+  run = RunConfig(
+      model=f.model, tasks=tasks, pattern=_pattern(f),
+      nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
+      prefs=tuple(tuple(float(x) for x in r) for r in prefs),
+      batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir)
+  return run, solver
+
+
+def _prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
+  out = pathlib.Path(run.out_dir)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ValueError(f"--out_dir {out} exists and is not empty; pass "
+                     "--overwrite or choose a new directory")
+  out.mkdir(parents=True, exist_ok=True)
+  if not os.access(out, os.W_OK):
+    raise ValueError(f"--out_dir {out} is not writable")
+  return out
+
+
+def load_model(spec: str):
+  """(adapter, params, tokenizer) for a model spec."""
+  from bridge import hf_import
+  from mosp_jax import models
+  if spec == "tiny-llama":
+    tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
+    model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
+  else:
+    model, params, tokenizer = hf_import.load_model(spec)
+    if tokenizer is None:
+      raise ValueError(f"--model {spec}: no tokenizer found with the model")
+  return models.adapter_for(model), params, tokenizer
+
+
+def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
+            info: dict) -> str:
+  tasks = list(run.tasks)
+  lines = [f"# MOSP run: {run.model}, {run.pattern}", "",
+           f"Tasks: {', '.join(tasks)}. Calibration {run.nsamples} x "
+           f"{run.seqlen} tokens per task; test {info['test_segments']} "
+           f"segments of {run.seqlen} tokens per task.", "",
+           "Perplexity (lower is better); bold = best pruned model on that "
+           "task.", "",
+           "| preference | " + " | ".join(tasks) + " | sparsity |",
+           "|---" * (len(tasks) + 2) + "|",
+           "| dense | " + " | ".join(f"{x:.2f}" for x in res.dense_ppl)
+           + " | 0 |"]
+  best = res.ppl.argmin(axis=0)
+  for p, (pref, row) in enumerate(zip(res.prefs, res.ppl, strict=True)):
+    cells = [f"**{x:.2f}**" if best[t] == p else f"{x:.2f}"
+             for t, x in enumerate(row)]
+    lines.append("| " + ", ".join(f"{x:.2f}" for x in pref) + " | "
+                 + " | ".join(cells) + f" | {sparsity[p]:.3f} |")
+  lines += ["", "Wall time (s): " + ", ".join(
+      f"{k} {v:.1f}" for k, v in seconds.items()), "",
+            "![fronts](pareto.png)", ""]
+  return "\n".join(lines)
+
+
+def run_experiment(run: RunConfig, solver: SolverConfig, *,
+                   overwrite: bool = False, log=print) -> dict:
+  """Runs the whole job; returns the results dict also written to disk."""
+  out = _prepare_out_dir(run, overwrite)
+  t0 = time.perf_counter()
+  adapter, params, tokenizer = load_model(run.model)
+  params = jax.device_put(params)
+  t_model = time.perf_counter() - t0
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    if td.test.shape[0] == 0:
+      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
+                       "tokens")
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  test = [t[:n_test] for t in test]  # same token count for every task
+  t_data = time.perf_counter() - t0 - t_model
+  log(f"model {run.model}: {adapter.num_layers(params)} layers; data: "
+      f"{len(run.tasks)} tasks x ({run.nsamples} calibration, {n_test} "
+      f"test) x {run.seqlen} tokens; {len(run.prefs)} models")
+  prefs = np.asarray(run.prefs, np.float32)
+  with jax.transfer_guard("disallow"):
+    res = prune_and_evaluate(
+        adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
+        batch_size=run.batch_size, artifact_dir=str(out / "pareto"), log=log)
+  sparsity = res.sparsity.tolist()
+  seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
+             "wall": time.perf_counter() - t0}
+  artifact.write_json(out / "pareto" / artifact.META, {
+      "model": run.model, "tasks": list(run.tasks),
+      "pattern": dataclasses.asdict(run.pattern) | {
+          "kind": type(run.pattern).__name__},
+      "solver": dataclasses.asdict(solver), "prefs": prefs.tolist(),
+      "num_layers": len(res.layers),
+      "groups": adapter.linear_groups()})
+  results = {
+      "model": run.model, "sparsity": run.pattern.sparsity,
+      "pattern": str(run.pattern), "tasks": list(run.tasks),
+      "dense_ppl": dict(zip(run.tasks, res.dense_ppl.tolist(), strict=True)),
+      "models": [{"preference": pref.tolist(),
+                  "ppl": dict(zip(run.tasks, row.tolist(), strict=True)),
+                  "sparsity": s}
+                 for pref, row, s in zip(res.prefs, res.ppl, sparsity,
+                                         strict=True)],
+      "timings": seconds, "layers": res.layers,
+      "solver": dataclasses.asdict(solver)}
+  artifact.write_json(out / "results.json", results)
+  artifact.write_text(out / "report.md", _report(
+      run, res, sparsity, seconds, {"test_segments": n_test}))
+  pareto.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
+                     res.ppl, res.dense_ppl,
+                     title=f"{run.model}, {run.pattern}")
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    run, solver = configs_from_flags()
+    out = _prepare_out_dir(run, FLAGS.overwrite)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
+  logging.info("run config: %s", run)
+  logging.info("solver config: %s", solver)
+  res = run_experiment(run, solver, overwrite=True)
+  print(json.dumps({k: res[k] for k in ("dense_ppl", "timings")}, indent=1))
+  for mdl in res["models"]:
+    print(mdl["preference"], {k: round(v, 2) for k, v in mdl["ppl"].items()})
+  print(f"wrote {out}/results.json, report.md, pareto.png, pareto/")
+
+
+if __name__ == "__main__":
+  app.run(main)

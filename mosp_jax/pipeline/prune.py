@@ -1,0 +1,220 @@
+"""The sequential layer walk: capture, prune with MOSP, propagate, evaluate.
+
+METHOD.md section 6. For each decoder layer:
+  1. capture the inputs of its linears on each task's calibration stream and
+     accumulate one Gram per task per group of linears sharing an input;
+  2. prune every linear with MOSP (one Pareto set per linear) and
+     materialise the models of all requested preferences;
+  3. advance every activation stream through the pruned layer: task i's
+     calibration stream through task i's model (the vertex e_i), and the
+     test streams of every model and task through that model, so every
+     Pareto model is evaluated with no whole-model pass and no model is
+     ever held in memory whole.
+Embeddings, norms and the LM head stay dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosp_jax.config import SolverConfig
+from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
+from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _embed(adapter, params, ids):
+  return adapter.embed(params, ids)
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _propagate(adapter, layer_params, hidden):
+  return adapter.apply_block(layer_params, hidden)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _nll(adapter, params, hidden, ids):
+  """Summed next-token negative log-likelihood of `(B, T)` segments."""
+  logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  tgt = ids[:, 1:, None]
+  return -jnp.sum(jnp.take_along_axis(logp, tgt, axis=-1))
+
+
+@jax.jit
+def _task_errors(grams, W0, W):
+  """`(P, m)` relative reconstruction error of each model on each task."""
+  E = W - W0[None]                                        # (P, n, o)
+  num = jnp.einsum("pio,mij,pjo->pm", E, grams, E)
+  den = jnp.einsum("io,mij,jo->m", W0, grams, W0)
+  return num / jnp.where(den > 0, den, 1.0)[None]
+
+
+def _batched(fn, stream, batch_size: int):
+  return jnp.concatenate([fn(stream[lo:lo + batch_size])
+                          for lo in range(0, stream.shape[0], batch_size)])
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkResult:
+  """What the walk measured.
+
+  prefs: `(P, m)` the models' preferences.
+  ppl: `(P, m)` perplexity of model p on task t's test segments.
+  dense_ppl: `(m,)` perplexity of the dense model.
+  sparsity: `(P,)` fraction of exact zeros over all pruned linears.
+  layers: per layer, a dict of timings, solver iterations and per-linear
+    relative errors `(P, m)` on the calibration Grams.
+  seconds: total wall time per phase.
+  """
+  prefs: np.ndarray
+  ppl: np.ndarray
+  dense_ppl: np.ndarray
+  sparsity: np.ndarray
+  layers: list[dict]
+  seconds: dict[str, float]
+
+
+def _check_finite(x, where: str) -> None:
+  if not bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
+    raise NonFiniteError(f"{where}: NaN or Inf")
+
+
+def prune_and_evaluate(
+    adapter: Any, params: Any, calib: Sequence[np.ndarray],
+    test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
+    cfg: SolverConfig, batch_size: int, artifact_dir: str | None = None,
+    log: Callable[[str], None] = print) -> WalkResult:
+  """Prunes `params` layer by layer with MOSP and evaluates every model.
+
+  Args:
+    adapter: the family adapter of the model.
+    params: dense model parameters (device arrays).
+    calib: per task, `(N_i, T)` int32 calibration segments.
+    test: per task, `(n_i, T')` int32 test segments.
+    prefs: `(P, m)` preferences of the models to build; must contain every
+      vertex `e_i` (task i's calibration stream runs through that model).
+    pattern: sparsity pattern per linear.
+    cfg: solver hyperparameters.
+    batch_size: sequences per forward batch.
+    artifact_dir: where to save the compact Pareto set per layer (skipped
+      when None).
+    log: progress sink, one line per layer.
+  """
+  m = len(calib)
+  prefs = np.asarray(prefs, np.float32)
+  vertex = []
+  for i in range(m):
+    hits = np.flatnonzero(np.all(prefs == np.eye(m, dtype=np.float32)[i],
+                                 axis=1))
+    if hits.size == 0:
+      raise ValueError(f"prefs must contain the vertex e_{i}; got {prefs}")
+    vertex.append(int(hits[0]))
+  P = prefs.shape[0]
+  prefs_dev = jax.device_put(prefs)
+  seconds = {"capture": 0.0, "solve": 0.0, "propagate": 0.0,
+             "evaluate": 0.0}
+  t_start = time.perf_counter()
+
+  embed = functools.partial(_embed, adapter, params)
+  calib_h = [_batched(embed, jax.device_put(c), batch_size) for c in calib]
+  test_ids = [jax.device_put(t) for t in test]
+  test_h0 = [_batched(embed, t, batch_size) for t in test_ids]
+  dense_h = list(test_h0)
+  model_h = [list(test_h0) for _ in range(P)]
+
+  n_layers = adapter.num_layers(params)
+  groups = adapter.linear_groups()
+  zeros, weights_total = np.zeros(P), 0
+  layers_out = []
+  for layer in range(n_layers):
+    t0 = time.perf_counter()
+    lp = adapter.layer_params(params, layer)
+    task_grams = [layer_grams(adapter, lp, calib_h[i],
+                              batch_size=batch_size,
+                              where=f"layer {layer}, task {i}")
+                  for i in range(m)]
+    t1 = time.perf_counter()
+
+    model_params = [params] * P
+    saved, grams_saved, stats = {}, {}, {}
+    for group in groups:
+      G = np.stack([g[group[0]] for g in task_grams])
+      grams_saved[group[0]] = G
+      G_dev = jax.device_put(G)
+      for name in group:
+        W0 = adapter.get_kernel(params, layer, name)
+        where = f"layer {layer} {name}"
+        _check_finite(W0, f"{where}: dense weights")
+        pareto, (info1, info2) = mosp_pareto(G_dev, W0, pattern=pattern,
+                                             cfg=cfg)
+        W, _, _ = mosp_materialize(G_dev, W0, pareto, prefs_dev,
+                                   pattern=pattern, cfg=cfg)
+        _check_finite(W, f"{where}: pruned weights")
+        for p in range(P):
+          model_params[p] = adapter.set_kernel(model_params[p], layer, name,
+                                               W[p])
+        errs, core, task_sparse, it1, it2, nz = jax.device_get(
+            (_task_errors(G_dev, W0, W), pareto.core, pareto.task_sparse,
+             info1.iters, info2.iters, jnp.sum(W == 0, axis=(1, 2))))
+        zeros += nz
+        weights_total += W0.size
+        saved[name] = (np.asarray(core), np.asarray(task_sparse))
+        stats[name] = {"stage1_iters": int(it1),
+                       "stage2_iters": np.asarray(it2).tolist(),
+                       "rel_error": np.asarray(errs).tolist()}
+    t2 = time.perf_counter()
+
+    lps = [adapter.layer_params(mp, layer) for mp in model_params]
+    calib_h = [_batched(functools.partial(_propagate, adapter,
+                                          lps[vertex[i]]), calib_h[i],
+                        batch_size) for i in range(m)]
+    dense_h = [_batched(functools.partial(_propagate, adapter, lp), h,
+                        batch_size) for h in dense_h]
+    for p in range(P):
+      model_h[p] = [_batched(functools.partial(_propagate, adapter, lps[p]),
+                             h, batch_size) for h in model_h[p]]
+    for i in range(m):
+      _check_finite(calib_h[i], f"layer {layer}: task {i} activations")
+    t3 = time.perf_counter()
+    if artifact_dir is not None:
+      artifact.save_layer(artifact_dir, layer, saved, grams_saved)
+
+    seconds["capture"] += t1 - t0
+    seconds["solve"] += t2 - t1
+    seconds["propagate"] += t3 - t2
+    done = time.perf_counter() - t_start
+    eta = done / (layer + 1) * (n_layers - layer - 1)
+    layers_out.append({"layer": layer, "capture_s": t1 - t0,
+                       "solve_s": t2 - t1, "propagate_s": t3 - t2,
+                       "linears": stats})
+    log(f"layer {layer + 1}/{n_layers}: capture {t1 - t0:.1f}s, "
+        f"solve {t2 - t1:.1f}s, propagate {t3 - t2:.1f}s | elapsed "
+        f"{done:.0f}s, ETA {eta:.0f}s")
+
+  t4 = time.perf_counter()
+  nll = functools.partial(_nll, adapter, params)
+
+  def ppl(h, ids):
+    total = sum(float(jax.device_get(nll(h[lo:lo + batch_size],
+                                         ids[lo:lo + batch_size])))
+                for lo in range(0, ids.shape[0], batch_size))
+    return float(np.exp(total / (ids.shape[0] * (ids.shape[1] - 1))))
+
+  dense_ppl = np.array([ppl(dense_h[t], test_ids[t]) for t in range(m)])
+  model_ppl = np.array([[ppl(model_h[p][t], test_ids[t]) for t in range(m)]
+                        for p in range(P)])
+  seconds["evaluate"] = time.perf_counter() - t4
+  seconds["total"] = time.perf_counter() - t_start
+  return WalkResult(prefs=prefs, ppl=model_ppl, dense_ppl=dense_ppl,
+                    sparsity=zeros / max(weights_total, 1),
+                    layers=layers_out, seconds=seconds)
