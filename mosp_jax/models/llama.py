@@ -1,0 +1,230 @@
+"""Llama family (SmolLM2, Llama-2): a corrected HF Flax model and its adapter.
+
+HF's `FlaxLlamaForCausalLM` (transformers 4.x) has two silent faults for
+SmolLM2 (METHOD.md section 8):
+
+1. RoPE ignores `config.rope_theta`: `create_sinusoidal_positions` hard-codes
+   base 10000 (SmolLM2 uses 100000). It also slices the last axis of its
+   (num_pos, 1, 2 * head_dim) table to `num_pos`, which corrupts the table
+   whenever `max_position_embeddings < 2 * head_dim`.
+2. `lm_head` is never tied to `embed_tokens`, whatever
+   `config.tie_word_embeddings` says; a tied safetensors checkpoint has no
+   `lm_head.weight`, so HF's `from_pretrained(from_pt=True)` silently keeps a
+   random head.
+
+Nothing fails; the perplexity is just wildly off. `FlaxLlamaForCausalLMFixed`
+reuses HF's modules and replaces only what is wrong: the rotary module (a
+table computed like PyTorch's `LlamaRotaryEmbedding`, in float32, with
+`rope_theta`) and, when tied, the head (`embed_tokens.attend`, no `lm_head`
+parameter). Flax cannot swap a submodule created in a parent's `setup`, so
+each parent's `setup` is restated below with the one changed line; their
+`__call__` methods are HF's.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import make_causal_mask
+from transformers import LlamaConfig
+from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+from transformers.models.llama import modeling_flax_llama as hf
+
+from mosp_jax.models.base import BaseAdapter
+
+
+def check_config(config: LlamaConfig) -> None:
+  """Raises NotImplementedError for Llama variants HF's Flax code lacks."""
+  scaling = getattr(config, "rope_scaling", None) or {}
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind != "default":
+    raise NotImplementedError(
+        f"Llama rope_scaling {scaling} is not supported (only plain RoPE)")
+  head_dim = getattr(config, "head_dim", None)
+  derived = config.hidden_size // config.num_attention_heads
+  if head_dim not in (None, derived):
+    raise NotImplementedError(
+        f"Llama head_dim={head_dim} != hidden_size / num_attention_heads = "
+        f"{derived} is not supported by the HF Flax modules")
+  if getattr(config, "mlp_bias", False):
+    raise NotImplementedError("Llama mlp_bias=True is not supported")
+
+
+def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
+  """The sin/cos table of rotate-half RoPE with base `theta`.
+
+  Computed in float32 as PyTorch's `LlamaRotaryEmbedding` does (inverse
+  frequencies `1 / theta ** (2j / head_dim)`, angles `pos * inv`), so the
+  angles are bit-identical to PyTorch's; HF Flax computes them in float64,
+  which differs from PyTorch by up to an ulp of the angle (5e-4 in sin/cos
+  at position 8191).
+
+  Returns:
+    (num_pos, 1, 2 * head_dim) float32: `[sin(angles) | cos(angles)]`, each
+    angle vector repeated twice along the last axis, the layout HF's
+    `FlaxLlamaRotaryEmbedding.__call__` expects.
+  """
+  exps = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+  # theta ** exps rounded once to float32 (numpy's float32 power is off by an
+  # ulp for some exponents; torch's is correctly rounded), then a float32
+  # division, as torch does.
+  powers = np.power(np.float64(theta), exps.astype(np.float64))
+  inv_freq = np.float32(1.0) / powers.astype(np.float32)
+  angles = np.arange(num_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
+  emb = np.concatenate([angles, angles], axis=-1)
+  return np.concatenate(
+      [np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]], axis=-1)
+
+
+class _RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
+  """HF's rotary module with a table that honours `rope_theta`."""
+
+  def setup(self):
+    head_dim = self.config.hidden_size // self.config.num_attention_heads
+    self.sincos = jnp.asarray(rope_table(
+        self.config.max_position_embeddings, head_dim,
+        self.config.rope_theta))
+
+
+class _Attention(hf.FlaxLlamaAttention):
+  """HF's attention; `setup` restated only to use `_RotaryEmbedding`."""
+
+  def setup(self):
+    config = self.config
+    self.embed_dim = config.hidden_size
+    self.num_heads = config.num_attention_heads
+    self.head_dim = self.embed_dim // self.num_heads
+    self.num_key_value_heads = config.num_key_value_heads
+    self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+    self.attention_softmax_in_fp32 = self.dtype is not jnp.float32
+    dense = partial(
+        nn.Dense, use_bias=config.attention_bias, dtype=self.dtype,
+        kernel_init=jax.nn.initializers.normal(config.initializer_range))
+    self.q_proj = dense(self.num_heads * self.head_dim)
+    self.k_proj = dense(self.num_key_value_heads * self.head_dim)
+    self.v_proj = dense(self.num_key_value_heads * self.head_dim)
+    self.o_proj = dense(self.embed_dim)
+    self.causal_mask = make_causal_mask(
+        jnp.ones((1, config.max_position_embeddings), dtype="bool"),
+        dtype="bool")
+    self.rotary_emb = _RotaryEmbedding(config, dtype=self.dtype)  # Changed.
+
+
+class DecoderLayer(hf.FlaxLlamaDecoderLayer):
+  """HF's decoder layer built on `_Attention`; `__call__(hidden, mask,
+  position_ids)` is HF's."""
+
+  def setup(self):
+    self.input_layernorm = hf.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
+    self.self_attn = _Attention(self.config, dtype=self.dtype)  # Changed.
+    self.post_attention_layernorm = hf.FlaxLlamaRMSNorm(
+        self.config, dtype=self.dtype)
+    self.mlp = hf.FlaxLlamaMLP(self.config, dtype=self.dtype)
+
+
+class _LayerCollection(hf.FlaxLlamaLayerCollection):
+
+  def setup(self):
+    self.blocks = [
+        DecoderLayer(self.config, dtype=self.dtype, name=str(i))  # Changed.
+        for i in range(self.config.num_hidden_layers)
+    ]
+
+
+class _Model(hf.FlaxLlamaModule):
+
+  def setup(self):
+    self.hidden_size = self.config.hidden_size
+    self.embed_tokens = nn.Embed(
+        self.config.vocab_size, self.hidden_size,
+        embedding_init=jax.nn.initializers.normal(
+            stddev=self.config.initializer_range),
+        dtype=self.dtype)
+    self.layers = _LayerCollection(self.config, dtype=self.dtype)  # Changed.
+    self.norm = hf.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
+
+
+class _ForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
+  """Causal LM whose head is `embed_tokens` when the config ties them."""
+
+  def setup(self):
+    self.model = _Model(self.config, dtype=self.dtype)
+    if not self.config.tie_word_embeddings:
+      self.lm_head = nn.Dense(
+          self.config.vocab_size, use_bias=False, dtype=self.dtype,
+          kernel_init=jax.nn.initializers.normal(
+              stddev=self.config.initializer_range))
+
+  def lm_logits(self, hidden: jax.Array) -> jax.Array:
+    """Normed hidden (B, T, d) -> logits (B, T, V)."""
+    if self.config.tie_word_embeddings:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(
+      self, input_ids, attention_mask=None, position_ids=None,
+      deterministic: bool = True, init_cache: bool = False,
+      output_attentions: bool = False, output_hidden_states: bool = False,
+      return_dict: bool = True):
+    outputs = self.model(
+        input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        deterministic=deterministic, init_cache=init_cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states, return_dict=return_dict)
+    logits = self.lm_logits(outputs[0])
+    if not return_dict:
+      return (logits,) + tuple(outputs[1:])
+    return FlaxCausalLMOutput(
+        logits=logits, hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions)
+
+
+class FlaxLlamaForCausalLMFixed(hf.FlaxLlamaForCausalLM):
+  """`FlaxLlamaForCausalLM` with `rope_theta` and tied embeddings honoured.
+
+  Same parameter tree as HF's, except that a tied model has no `lm_head`.
+  """
+
+  module_class = _ForCausalLMModule
+
+  def __init__(self, config: LlamaConfig, *args: Any, **kwargs: Any):
+    check_config(config)
+    super().__init__(config, *args, **kwargs)
+
+
+class LlamaAdapter(BaseAdapter):
+  """Llama decoder layers: pre-norm attention (GQA, RoPE) and a SwiGLU MLP."""
+
+  family = "llama"
+  layers_path = ("model", "layers")
+  groups = (
+      ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+      ("self_attn.o_proj",),
+      ("mlp.gate_proj", "mlp.up_proj"),
+      ("mlp.down_proj",),
+  )
+
+  def _check_config(self) -> None:
+    check_config(self.config)
+
+  def _model_module(self) -> nn.Module:
+    return _ForCausalLMModule(self.config, dtype=self.dtype)
+
+  def _block_module(self) -> nn.Module:
+    return DecoderLayer(self.config, dtype=self.dtype)
+
+  def _block_args(self, hidden: jax.Array) -> tuple:
+    return (self._full_mask(hidden), self._positions(hidden))
+
+  @staticmethod
+  def _embed(module: nn.Module, input_ids: jax.Array) -> jax.Array:
+    return module.model.embed_tokens(input_ids)
+
+  @staticmethod
+  def _head(module: nn.Module, hidden: jax.Array) -> jax.Array:
+    return module.lm_logits(module.model.norm(hidden))

@@ -1,0 +1,98 @@
+"""Tiny configs and random PyTorch / Flax models of each family for tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+VOCAB = 97
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+  """A 2-layer, hidden-32 config of `family` ('llama', 'opt', 'gpt2', or
+  'opt-proj': OPT-350m-like, post-LayerNorm with project_in/out)."""
+  if family == "llama":
+    kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rope_theta=100000.0,
+              tie_word_embeddings=True)
+    cls = LlamaConfig
+  elif family in ("opt", "opt-proj"):
+    kw = dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64,
+              word_embed_proj_dim=32)
+    if family == "opt-proj":
+      kw.update(word_embed_proj_dim=16, do_layer_norm_before=False)
+    cls = OPTConfig
+  elif family == "gpt2":
+    kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cls = GPT2Config
+  else:
+    raise ValueError(family)
+  kw.update(vocab_size=VOCAB, **overrides)
+  return cls(**kw)
+
+
+def tiny_torch(family: str, seed: int = 0, **overrides: Any) -> Any:
+  """A random PyTorch causal LM of `tiny_config(family)` in eval mode.
+
+  Weights are drawn with a larger scale than HF's init (std 0.02) so that
+  attention patterns and RoPE matter for the logits.
+  """
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  torch.manual_seed(seed)
+  model = AutoModelForCausalLM.from_config(
+      tiny_config(family, **overrides), torch_dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.1)
+      elif p.ndim == 2:
+        p.normal_(0.0, 0.3)
+      else:  # Norm weights around 1.
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def tiny_tokenizer() -> Any:
+  """A word-level fast tokenizer over a few English words (ids < VOCAB)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  words = ("the of and to a in is it was that he for on with as his at by "
+           "be this had not are but from or have an they which one you "
+           "were her all she there would their we him been has when who "
+           "will more no if out so said what up its about into than them "
+           "can only other new some could time these two may then do "
+           "first any my now such like our over man me even most made "
+           "after also").split()
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+  for w in words[:VOCAB - len(vocab)]:
+    vocab.setdefault(w, len(vocab))
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+      eos_token="</s>")
+
+
+def write_tiny_gguf(path: Any, *, arch: str = "llama") -> None:
+  """A small, valid GGUF file (metadata and two float32 tensors)."""
+  import gguf
+  import numpy as np
+
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(1)
+  writer.add_context_length(64)
+  writer.add_embedding_length(32)
+  writer.add_head_count(4)
+  writer.add_tensor("token_embd.weight",
+                    np.ones((VOCAB, 32), np.float32))
+  writer.add_tensor("output_norm.weight", np.ones((32,), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
