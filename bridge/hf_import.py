@@ -353,3 +353,18 @@ def load_model(
           "deliberately", spec, info.tokenizer_eos_id, info.config_eos_id,
           info.bos_id, info.adds_bos)
   return model, params, tokenizer
+
+
+def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
+  """The tokenizer of a model spec, read from the model cache when the
+  model was converted before (else the model is loaded and cached)."""
+  from transformers import AutoTokenizer
+
+  source = resolve(spec, trust_pickle=trust_pickle)
+  cached = model_cache_dir(source.cache_name)
+  if source.kind != "flax" and _cache_hit(cached, source):
+    return AutoTokenizer.from_pretrained(str(cached))
+  tokenizer = load_model(spec, trust_pickle=trust_pickle)[2]
+  if tokenizer is None:
+    raise ModelLoadError(f"{spec}: the model has no tokenizer")
+  return tokenizer

@@ -15,7 +15,11 @@ from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
 
 from mosp_jax.models.base import Adapter, BaseAdapter, Params
 from mosp_jax.models.gpt2 import Gpt2Adapter
-from mosp_jax.models.llama import FlaxLlamaForCausalLMFixed, LlamaAdapter
+from mosp_jax.models.llama import (
+  FlaxLlamaForCausalLMFixed,
+  LlamaAdapter,
+  tiny_llama,
+)
 from mosp_jax.models.opt import OptAdapter
 
 _FAMILIES: dict[str, tuple[type, type[BaseAdapter]]] = {
@@ -66,6 +70,7 @@ __all__ = [
     "Adapter",
     "BaseAdapter",
     "FlaxLlamaForCausalLMFixed",
+    "tiny_llama",
     "Gpt2Adapter",
     "LlamaAdapter",
     "OptAdapter",

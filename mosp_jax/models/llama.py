@@ -228,3 +228,21 @@ class LlamaAdapter(BaseAdapter):
   @staticmethod
   def _head(module: nn.Module, hidden: jax.Array) -> jax.Array:
     return module.lm_logits(module.model.norm(hidden))
+
+
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 64,
+               num_layers: int = 2) -> tuple[FlaxLlamaForCausalLMFixed, dict]:
+  """A random SmolLM2-shaped Llama built from a config, for smoke runs.
+
+  Tied embeddings, grouped-query attention and rope_theta 1e5, as SmolLM2;
+  HF's default init (std 0.02). Returns `(model, params)`.
+  """
+  config = LlamaConfig(
+      vocab_size=vocab_size, hidden_size=hidden_size,
+      intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=2048, rope_theta=100000.0,
+      tie_word_embeddings=True)
+  model = FlaxLlamaForCausalLMFixed(config, seed=seed)
+  params = jax.tree.map(np.asarray, model.params)
+  return model, params

@@ -34,15 +34,14 @@ def _batch_grams(adapter: Any, layer_params: Any, hidden: jax.Array, *,
   return out
 
 
-def layer_grams(adapter: Any, layer_params: Any, stream: jax.Array, *,
-                batch_size: int, where: str = "") -> dict[str, np.ndarray]:
+def layer_grams(adapter: Any, layer_params: Any, stream: list[jax.Array],
+                *, where: str = "") -> dict[str, np.ndarray]:
   """Per-token mean Gram of each linear group's input for one stream.
 
   Args:
     adapter: the model family adapter (`mosp_jax.models`).
     layer_params: parameters of the decoder layer (dense weights).
-    stream: `(N, T, d)` activations entering the layer (device array).
-    batch_size: sequences per forward batch.
+    stream: batches `(B, T, d)` of the activations entering the layer.
     where: a label for error messages (e.g. 'layer 3, task math').
 
   Returns:
@@ -54,14 +53,14 @@ def layer_grams(adapter: Any, layer_params: Any, stream: jax.Array, *,
   """
   keys = tuple(g[0] for g in adapter.linear_groups())
   acc = {k: None for k in keys}
-  n = stream.shape[0]
-  for lo in range(0, n, batch_size):
-    got = jax.device_get(_batch_grams(adapter, layer_params,
-                                      stream[lo:lo + batch_size], keys=keys))
+  tokens = 0
+  for batch in stream:
+    got = jax.device_get(_batch_grams(adapter, layer_params, batch,
+                                      keys=keys))
     for k in keys:
       g = np.asarray(got[k], np.float64)
       acc[k] = g if acc[k] is None else acc[k] + g
-  tokens = n * stream.shape[1]
+    tokens += batch.shape[0] * batch.shape[1]
   out = {}
   for k in keys:
     g = acc[k] / tokens

@@ -51,17 +51,26 @@ def _nll(adapter, params, hidden, ids):
 
 
 @jax.jit
-def _task_errors(grams, W0, W):
-  """`(P, m)` relative reconstruction error of each model on each task."""
+def _unstack(x):
+  return tuple(x[i] for i in range(x.shape[0]))
+
+
+@jax.jit
+def _model_stats(grams, W0, W):
+  """`(P, m)` relative reconstruction error of each model on each task's
+  calibration Gram, and `(P,)` exact zeros per model."""
   E = W - W0[None]                                        # (P, n, o)
   num = jnp.einsum("pio,mij,pjo->pm", E, grams, E)
   den = jnp.einsum("io,mij,jo->m", W0, grams, W0)
-  return num / jnp.where(den > 0, den, 1.0)[None]
+  return (num / jnp.where(den > 0, den, 1.0)[None],
+          jnp.sum(W == 0, axis=(1, 2)))
 
 
-def _batched(fn, stream, batch_size: int):
-  return jnp.concatenate([fn(stream[lo:lo + batch_size])
-                          for lo in range(0, stream.shape[0], batch_size)])
+def _device_batches(ids: np.ndarray, batch_size: int) -> list[jax.Array]:
+  """Host `(N, T)` -> device batches; a stream is a list of these (no
+  device-side slicing, so nothing moves implicitly)."""
+  return [jax.device_put(ids[lo:lo + batch_size])
+          for lo in range(0, ids.shape[0], batch_size)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +134,16 @@ def prune_and_evaluate(
              "evaluate": 0.0}
   t_start = time.perf_counter()
 
-  embed = functools.partial(_embed, adapter, params)
-  calib_h = [_batched(embed, jax.device_put(c), batch_size) for c in calib]
-  test_ids = [jax.device_put(t) for t in test]
-  test_h0 = [_batched(embed, t, batch_size) for t in test_ids]
+  def embed(ids):
+    return [_embed(adapter, params, b)
+            for b in _device_batches(np.asarray(ids), batch_size)]
+
+  def advance(lp, stream):
+    return [_propagate(adapter, lp, h) for h in stream]
+
+  calib_h = [embed(c) for c in calib]
+  test_ids = [_device_batches(np.asarray(t), batch_size) for t in test]
+  test_h0 = [embed(t) for t in test]
   dense_h = list(test_h0)
   model_h = [list(test_h0) for _ in range(P)]
 
@@ -140,7 +155,6 @@ def prune_and_evaluate(
     t0 = time.perf_counter()
     lp = adapter.layer_params(params, layer)
     task_grams = [layer_grams(adapter, lp, calib_h[i],
-                              batch_size=batch_size,
                               where=f"layer {layer}, task {i}")
                   for i in range(m)]
     t1 = time.perf_counter()
@@ -160,12 +174,12 @@ def prune_and_evaluate(
         W, _, _ = mosp_materialize(G_dev, W0, pareto, prefs_dev,
                                    pattern=pattern, cfg=cfg)
         _check_finite(W, f"{where}: pruned weights")
-        for p in range(P):
+        for p, w in enumerate(_unstack(W)):
           model_params[p] = adapter.set_kernel(model_params[p], layer, name,
-                                               W[p])
-        errs, core, task_sparse, it1, it2, nz = jax.device_get(
-            (_task_errors(G_dev, W0, W), pareto.core, pareto.task_sparse,
-             info1.iters, info2.iters, jnp.sum(W == 0, axis=(1, 2))))
+                                               w)
+        (errs, nz), core, task_sparse, it1, it2 = jax.device_get(
+            (_model_stats(G_dev, W0, W), pareto.core, pareto.task_sparse,
+             info1.iters, info2.iters))
         zeros += nz
         weights_total += W0.size
         saved[name] = (np.asarray(core), np.asarray(task_sparse))
@@ -175,16 +189,12 @@ def prune_and_evaluate(
     t2 = time.perf_counter()
 
     lps = [adapter.layer_params(mp, layer) for mp in model_params]
-    calib_h = [_batched(functools.partial(_propagate, adapter,
-                                          lps[vertex[i]]), calib_h[i],
-                        batch_size) for i in range(m)]
-    dense_h = [_batched(functools.partial(_propagate, adapter, lp), h,
-                        batch_size) for h in dense_h]
-    for p in range(P):
-      model_h[p] = [_batched(functools.partial(_propagate, adapter, lps[p]),
-                             h, batch_size) for h in model_h[p]]
+    calib_h = [advance(lps[vertex[i]], calib_h[i]) for i in range(m)]
+    dense_h = [advance(lp, h) for h in dense_h]
+    model_h = [[advance(lps[p], h) for h in model_h[p]] for p in range(P)]
     for i in range(m):
-      _check_finite(calib_h[i], f"layer {layer}: task {i} activations")
+      for h in calib_h[i]:
+        _check_finite(h, f"layer {layer}: task {i} activations")
     t3 = time.perf_counter()
     if artifact_dir is not None:
       artifact.save_layer(artifact_dir, layer, saved, grams_saved)
@@ -202,13 +212,12 @@ def prune_and_evaluate(
         f"{done:.0f}s, ETA {eta:.0f}s")
 
   t4 = time.perf_counter()
-  nll = functools.partial(_nll, adapter, params)
 
-  def ppl(h, ids):
-    total = sum(float(jax.device_get(nll(h[lo:lo + batch_size],
-                                         ids[lo:lo + batch_size])))
-                for lo in range(0, ids.shape[0], batch_size))
-    return float(np.exp(total / (ids.shape[0] * (ids.shape[1] - 1))))
+  def ppl(stream, ids):
+    total = sum(float(jax.device_get(_nll(adapter, params, h, i)))
+                for h, i in zip(stream, ids, strict=True))
+    count = sum(i.shape[0] * (i.shape[1] - 1) for i in ids)
+    return float(np.exp(total / count))
 
   dense_ppl = np.array([ppl(dense_h[t], test_ids[t]) for t in range(m)])
   model_ppl = np.array([[ppl(model_h[p][t], test_ids[t]) for t in range(m)]
