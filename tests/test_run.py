@@ -65,12 +65,33 @@ def test_bad_flags_name_the_flag(tmp_path, args, message):
 
 
 @flagsaver.flagsaver
-def test_existing_out_dir_is_refused(tmp_path):
+def test_out_dir_rules(tmp_path):
   (tmp_path / "keep.txt").write_text("x")
-  run, _ = parse(f"--out_dir={tmp_path}")
-  with pytest.raises(ValueError, match="exists and is not empty"):
-    run_lib._prepare_out_dir(run, overwrite=False)
-  assert (tmp_path / "keep.txt").read_text() == "x"
+  run, solver = parse(f"--out_dir={tmp_path}")
+  with pytest.raises(ValueError, match="not empty and holds no run"):
+    run_lib.prepare_run_dir(run, solver, overwrite=False)
+  # --overwrite deletes only a run's own outputs.
+  _, resuming = run_lib.prepare_run_dir(run, solver, overwrite=True)
+  assert not resuming and (tmp_path / "keep.txt").read_text() == "x"
+  # The same configuration resumes; another is refused, naming the field.
+  assert run_lib.prepare_run_dir(run, solver, overwrite=False)[1]
+  run2, solver2 = parse(f"--out_dir={tmp_path}", "--sparsity=0.6",
+                        "--alpha=0.4")
+  with pytest.raises(ValueError, match="differs in: pattern, solver"):
+    run_lib.prepare_run_dir(run2, solver2, overwrite=False)
+
+
+@flagsaver.flagsaver
+def test_unknown_task_and_long_seqlen_fail_fast(tmp_path):
+  with pytest.raises(ValueError, match="--tasks: unknown task 'poetry'"):
+    parse(f"--out_dir={tmp_path}", "--tasks=general,poetry")
+  with pytest.raises(ValueError, match="--tasks: no file"):
+    parse(f"--out_dir={tmp_path}", f"--tasks=general,{tmp_path}/x.txt")
+  run, _ = parse(f"--out_dir={tmp_path}", "--model=smollm2-135m",
+                 "--seqlen=9000", "--test_tokens=9000")
+  with pytest.raises(ValueError, match="--seqlen 9000 exceeds the context "
+                     "of smollm2-135m \\(8192"):
+    run_lib.check_model_fits(run)
 
 
 @pytest.fixture(scope="module")
