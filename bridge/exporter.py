@@ -153,9 +153,7 @@ def write_checkpoint(out: str | os.PathLike, config: Any,
   from safetensors.torch import save_file
 
   out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise ExportError(f"--out {out} exists and is not empty; pass "
-                      "--overwrite or choose a new folder")
+  _check_out(out, overwrite)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
                                       dir=out.parent))
@@ -224,13 +222,29 @@ def export_preference(run_dir: str | os.PathLike, preference: str,
     bridge.rename.CheckpointMismatchError (names differ from PyTorch's).
   """
   _torch_dtype(dtype)
-  out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise ExportError(f"--out {out} exists and is not empty; pass "
-                      "--overwrite or choose a new folder")
+  _check_out(pathlib.Path(out), overwrite)
   run = pruned_lib.read_run(run_dir)
   pref = pruned_lib.parse_preference(preference, run.tasks)
   model = pruned_lib.materialize(run, pref, log=log)
+  return export_model(run, model, out, dtype=dtype, overwrite=overwrite,
+                      log=log)
+
+
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ExportError(f"--out {out} exists and is not empty; pass "
+                      "--overwrite or choose a new folder")
+
+
+def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
+                 out: str | os.PathLike, *, dtype: str = "float32",
+                 overwrite: bool = False, log=lambda s: None) -> ExportInfo:
+  """Writes a materialised model of `run` to `out` (see
+  `export_preference`)."""
+  _torch_dtype(dtype)
+  out = pathlib.Path(out)
+  _check_out(out, overwrite)
+  pref = model.preference
   config = model.adapter.config
   state = to_torch_state(config, model.params, what=str(out))
   stats = linear_stats(model, dtype)
@@ -245,13 +259,13 @@ def export_preference(run_dir: str | os.PathLike, preference: str,
   if model.run_index is not None and run.results is not None:
     run_ppl = run.results["models"][model.run_index]["ppl"]
   provenance = {
-      "format": 1, "run_dir": str(pathlib.Path(run_dir).resolve()),
+      "format": 1, "run_dir": str(run.run_dir.resolve()),
       "model": run.model, "tasks": list(run.tasks),
       "pattern": run.meta["pattern"], "preference": pref.tolist(),
       "run_index": model.run_index, "run_ppl": run_ppl, "dtype": dtype,
       "dense_sha256": model.dense_sha256,
-      "sparsity": (sum(s["zeros"] for s in stats.values())
-                   / sum(np.prod(s["shape"]) for s in stats.values())),
+      "sparsity": float(sum(s["zeros"] for s in stats.values())
+                        / sum(np.prod(s["shape"]) for s in stats.values())),
       "linears": stats}
   write_checkpoint(out, config, state, model.tokenizer, dtype=dtype,
                    provenance=provenance, overwrite=overwrite)

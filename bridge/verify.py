@@ -201,6 +201,7 @@ def check_parity(
     rtol: float = DEFAULT_RTOL,
     weight_atol: float = 0.0,
     batch_size: int | None = None,
+    model: pruned.PrunedModel | None = None,
     log=lambda s: None,
 ) -> ParityReport:
   """Checks an export against the run's model (see the module docstring).
@@ -214,6 +215,8 @@ def check_parity(
     weight_atol: largest absolute weight difference allowed (0: bitwise;
       raise it to check an export made on another device).
     batch_size: segments per forward pass; default: the run's.
+    model: the preference's model when the caller has just materialised it
+      (`export_and_check`); default: materialised here.
     log: progress sink.
 
   Returns:
@@ -245,7 +248,11 @@ def check_parity(
   batch_size = batch_size or int(run.config.get("batch_size", 8))
   problems: list[str] = []
 
-  model = pruned.materialize(run, pref, log=log)
+  if model is None:
+    model = pruned.materialize(run, pref, log=log)
+  elif not np.array_equal(model.preference, pref):
+    raise ValueError(f"--preference {pref.tolist()}: the model given is "
+                     f"that of {model.preference.tolist()}")
   adapter, config = model.adapter, model.adapter.config
   state, dtype = _read_state(folder)
   if dtype not in exporter.DTYPES:
@@ -399,9 +406,13 @@ def export_and_check(run_dir: str | pathlib.Path, preference: str, *,
   older one) and checks its parity; returns a JSON summary with `ok`."""
   out = (pathlib.Path(run_dir)
          / f"export_{pruned.preference_tag(preference)}")
-  exporter.export_preference(run_dir, preference, out, dtype=dtype,
-                             overwrite=True, log=log)
-  report = check_parity(out, run_dir, preference, rtol=rtol, log=log)
+  run = pruned.read_run(run_dir)
+  model = pruned.materialize(
+      run, pruned.parse_preference(preference, run.tasks), log=log)
+  exporter.export_model(run, model, out, dtype=dtype, overwrite=True,
+                        log=log)
+  report = check_parity(out, run_dir, preference, rtol=rtol, model=model,
+                        log=log)
   log(format_report(report))
   return {"checkpoint": str(out), "dtype": dtype,
           "preference": report.preference, "ok": report.ok,

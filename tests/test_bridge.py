@@ -159,7 +159,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_run):
-  out = tiny_run / "export_centroid"
+  out = tiny_run / "exported"
   info = exporter.export_preference(tiny_run, "centroid", out)
   return out, info
 
@@ -187,6 +187,18 @@ def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
   assert report.ok, report.problems
   assert report.dtype == "bfloat16"
   assert all(r.run is None for r in report.ppl)
+
+
+def test_runner_export_pref_records_parity(tiny_run):
+  run_lib.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
+  res = json.loads((tiny_run / "results.json").read_text())
+  exp = res["export"]
+  assert exp["ok"] and exp["problems"] == [] and exp["max_rel_diff"] < 1e-5
+  assert exp["checkpoint"] == str(tiny_run / "export_centroid")
+  assert exp["sparsity"] == [0.5, 0.5]
+  assert [r["run"] for r in exp["ppl"]] == [
+      res["models"][6]["ppl"][t] for t in res["tasks"]]
+  assert res["test"]["segments"] == 2  # What the parity check relied on.
 
 
 def _corrupt(src: pathlib.Path, dst: pathlib.Path, edit) -> None:
