@@ -7,6 +7,11 @@ rule: a PyTorch `weight` that becomes a Flax `kernel` is transposed. That
 covers both `nn.Linear` (out, in) -> `nn.Dense` (in, out) and GPT-2's
 `Conv1D` (in, out) -> `FlaxConv1D` (out, in).
 
+`flax_to_pt` is the inverse, read from the same table: a Flax `a/b/<leaf>`
+becomes the PyTorch key `a.b.<pt leaf>` of the rule for `<leaf>` whose key
+exists in the PyTorch model's expected state dict; a tied head is left out
+(PyTorch ties it again on load).
+
 After renaming, the converted tree is diffed against the expected one
 (missing / unexpected / shape) and any difference raises
 `CheckpointMismatchError` with did-you-mean hints: HF's own loaders only warn
@@ -178,3 +183,47 @@ def drop_tied_flax_head(
         f"{what}: the config ties lm_head to the embeddings, but the "
         "checkpoint's lm_head/kernel differs from them")
   return {k: v for k, v in flat.items() if k != head_path}
+
+
+def flax_to_pt(
+    flat: Mapping[tuple[str, ...], np.ndarray],
+    expected: Mapping[str, object],
+    *,
+    model_type: str,
+    tie_word_embeddings: bool,
+    what: str,
+) -> dict[str, np.ndarray]:
+  """Renames and transposes a flat Flax tree into a PyTorch state dict.
+
+  The inverse of `pt_to_flax`: `pt_to_flax(flax_to_pt(f, ...), ...) == f`.
+
+  Args:
+    flat: flat Flax tree (path -> numpy array, any dtype; kept as is).
+    expected: the PyTorch model's state dict (name -> leaf with `.shape`,
+      e.g. meta-device tensors). Buffers matching `IGNORED_PT_KEYS`, and
+      the head of a tied model, are not expected in the result.
+    model_type: the HF `model_type` (selects the tied-head entry).
+    tie_word_embeddings: the config's flag.
+    what: the checkpoint, for error messages.
+
+  Returns:
+    {PyTorch name: array}, checked with `tree_diff` (names and shapes).
+  """
+  want = {k: v for k, v in expected.items()
+          if not any(re.search(p, k) for p in IGNORED_PT_KEYS)}
+  head_key, _ = TIED_HEADS.get(model_type, (None, None))
+  if tie_word_embeddings:
+    want.pop(head_key, None)
+  out: dict[str, np.ndarray] = {}
+  for path, arr in flat.items():
+    *prefix, leaf = path
+    for pt_leaf, flax_leaf, transpose in LEAF_RULES:
+      key = ".".join([*prefix, pt_leaf])
+      if leaf == flax_leaf and key in want:
+        out[key] = np.asarray(arr).T if transpose else np.asarray(arr)
+        break
+    else:
+      out[".".join(path)] = np.asarray(arr)
+  tree_diff({(k,): v for k, v in out.items()},
+            {(k,): v for k, v in want.items()}, what=what)
+  return out

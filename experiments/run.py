@@ -64,6 +64,11 @@ flags.DEFINE_integer("pause_after_layer", -1, "Debug: sleep "
                      "--pause_seconds after checkpointing this layer (to "
                      "test preemption).")
 flags.DEFINE_float("pause_seconds", 0.0, "See --pause_after_layer.")
+flags.DEFINE_string("export_pref", "none", "After the run, export this "
+                    "preference ('centroid' or weights, e.g. 0.5,0.25,0.25; "
+                    "'none': skip) to <out_dir>/export_<pref>/ as a PyTorch "
+                    "checkpoint and check its parity (bridge.verify); the "
+                    "result goes to results.json['export'].")
 # Solver hyperparameters: defaults are SolverConfig's (the paper's).
 flags.DEFINE_float("alpha", _D.alpha, "Share of the budget in the core.")
 flags.DEFINE_float("p", _D.p, "Power-mean exponent of the core score.")
@@ -275,6 +280,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   check_model_fits(run)
   t0 = time.perf_counter()
   adapter, params, tokenizer = load_model(run.model)
+  from bridge import pruned as bridge_pruned  # For bridge.export/parity.
+  dense_sha256 = bridge_pruned.params_sha256(params)
   params = jax.device_put(params)
   t_model = time.perf_counter() - t0
   calib, test = [], []
@@ -309,7 +316,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
           "kind": type(run.pattern).__name__},
       "solver": dataclasses.asdict(solver), "prefs": prefs.tolist(),
       "num_layers": len(res.layers),
-      "groups": adapter.linear_groups()})
+      "groups": adapter.linear_groups(), "dense_sha256": dense_sha256})
   results = {
       "model": run.model, "sparsity": run.pattern.sparsity,
       "pattern": str(run.pattern), "tasks": list(run.tasks),
@@ -320,7 +327,10 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
                  for pref, row, s in zip(res.prefs, res.ppl, sparsity,
                                          strict=True)],
       "timings": seconds, "layers": res.layers,
-      "solver": dataclasses.asdict(solver)}
+      "solver": dataclasses.asdict(solver),
+      "test": {"segments": n_test, "seqlen": run.seqlen, "sha256": {
+          task: bridge_pruned.segments_sha256(t)
+          for task, t in zip(run.tasks, test, strict=True)}}}
   artifact.write_json(out / "results.json", results)
   artifact.write_text(out / "report.md", _report(
       run, res, sparsity, seconds, {"test_segments": n_test}))
@@ -336,6 +346,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
     run, solver = configs_from_flags()
+    if FLAGS.export_pref != "none":  # Fail before the run, not after.
+      from bridge import pruned as bridge_pruned
+      bridge_pruned.parse_preference(FLAGS.export_pref, run.tasks,
+                                     flag="--export_pref")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -361,6 +375,22 @@ def main(argv):
   for mdl in res["models"]:
     print(mdl["preference"], {k: round(v, 2) for k, v in mdl["ppl"].items()})
   print(f"wrote {out}/results.json, report.md, pareto.png, pareto/")
+  if FLAGS.export_pref != "none":
+    export_and_check(out, FLAGS.export_pref)
+
+
+def export_and_check(out: pathlib.Path, pref: str) -> None:
+  """--export_pref: export + parity into results.json; exits 1 on failure."""
+  from bridge import verify
+  try:
+    res = json.loads((out / "results.json").read_text())
+    res["export"] = verify.export_and_check(out, pref, log=print)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: --export_pref {pref}: {e}", file=sys.stderr)
+    sys.exit(1)
+  artifact.write_json(out / "results.json", res)
+  if not res["export"]["ok"]:
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,293 @@
+"""The pruned model of one preference, rebuilt from a run directory.
+
+A run (`experiments.run`) leaves `<run_dir>/config.json` (what was run),
+`results.json` (what was measured) and the compact Pareto set
+`<run_dir>/pareto/` (`mosp_jax.pipeline.artifact`). From these this module
+rebuilds, for any preference, exactly the model the run evaluated:
+
+  run = read_run(run_dir)
+  pruned = materialize(run, parse_preference('0.5,0.25,0.25', run.tasks))
+  segments = run_test_segments(run, pruned.tokenizer)  # the test set
+
+`materialize` loads the dense model the run loaded (checked against the
+run's fingerprint when it recorded one), and for every linear calls
+`mosp_materialize` on the stored core, task weights and Grams. A preference
+the run evaluated is materialised in the run's own batch of preferences, so
+its weights are bitwise those the run evaluated (same inputs, same jitted
+program); any other preference is materialised alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mosp_jax import data as data_lib
+from mosp_jax.config import SolverConfig
+from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.solvers import NM, ParetoLayer, Unstructured, mosp_materialize
+
+CENTROID = "centroid"
+_PATTERNS = {"Unstructured": Unstructured, "NM": NM}
+
+
+class RunDirError(ValueError):
+  """A run directory is incomplete or inconsistent; names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What a run directory says about the run.
+
+  Attributes:
+    run_dir: the run directory.
+    model: the model spec the run loaded.
+    tasks: the task names, one per objective.
+    pattern: the sparsity pattern of every linear.
+    solver: the solver hyperparameters.
+    prefs: `(P, m)` float32, the preferences the run evaluated.
+    num_layers: decoder layers in the artifact.
+    groups: linears of a layer grouped by shared Gram.
+    config: `config.json` (nsamples, seqlen, test_tokens, seed, ...).
+    meta: `pareto/meta.json`.
+    results: `results.json`, or None when the run has not finished.
+  """
+
+  run_dir: pathlib.Path
+  model: str
+  tasks: tuple[str, ...]
+  pattern: Any
+  solver: SolverConfig
+  prefs: np.ndarray
+  num_layers: int
+  groups: list[list[str]]
+  config: dict
+  meta: dict
+  results: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedModel:
+  """One preference's model, as the JAX side computes it.
+
+  Attributes:
+    preference: `(m,)` float32.
+    run_index: row of `preference` in the run's preferences, or None.
+    adapter: the family adapter (its `config` is the HF model config).
+    params: nested dict of float32 numpy arrays, the pruned weights.
+    masks: `{(layer, linear name): (n_in, n_out) bool}`, the supports.
+    budgets: `{(layer, linear name): kept weights the pattern allows}`.
+    tokenizer: the run's tokenizer.
+    dense_sha256: fingerprint of the dense parameters loaded.
+  """
+
+  preference: np.ndarray
+  run_index: int | None
+  adapter: Any
+  params: dict
+  masks: dict[tuple[int, str], np.ndarray]
+  budgets: dict[tuple[int, str], int]
+  tokenizer: Any
+  dense_sha256: str
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise RunDirError(f"{path}: missing; is {path.parent} a finished run "
+                      "directory of experiments.run?") from e
+  except ValueError as e:
+    raise RunDirError(f"{path}: not valid JSON ({e})") from e
+
+
+def pattern_from_dict(d: Mapping[str, Any]) -> Any:
+  """`{'kind': 'Unstructured', 'sparsity': s}` or `{'kind': 'NM', 'n', 'm'}`
+  -> the typed pattern."""
+  fields = dict(d)
+  kind = fields.pop("kind", None)
+  if kind not in _PATTERNS:
+    raise RunDirError(f"unknown sparsity pattern {kind!r}; known: "
+                      f"{sorted(_PATTERNS)}")
+  return _PATTERNS[kind](**fields)
+
+
+def read_run(run_dir: str | pathlib.Path) -> RunInfo:
+  """Reads a run directory; raises RunDirError naming a missing file."""
+  root = pathlib.Path(run_dir)
+  if not root.is_dir():
+    raise RunDirError(f"{root}: no such run directory")
+  meta = _read_json(root / "pareto" / artifact.META)
+  config = _read_json(root / "config.json")
+  results = (_read_json(root / "results.json")
+             if (root / "results.json").exists() else None)
+  return RunInfo(
+      run_dir=root, model=meta["model"], tasks=tuple(meta["tasks"]),
+      pattern=pattern_from_dict(meta["pattern"]),
+      solver=SolverConfig(**meta["solver"]),
+      prefs=np.asarray(meta["prefs"], np.float32),
+      num_layers=int(meta["num_layers"]), groups=meta["groups"],
+      config=config, meta=meta, results=results)
+
+
+def parse_preference(text: str, tasks: Sequence[str], *,
+                     flag: str = "--preference") -> np.ndarray:
+  """'centroid' or comma-separated weights (one per task, summing to 1)
+  -> `(m,)` float32; a ValueError names `flag`."""
+  m = len(tasks)
+  if text.strip() == CENTROID:
+    return np.full(m, 1.0 / m, np.float32)
+  try:
+    pref = np.asarray([[float(x) for x in text.split(",")]], np.float32)
+  except ValueError as e:
+    raise ValueError(f"{flag}: expected '{CENTROID}' or {m} comma-"
+                     f"separated weights (tasks {', '.join(tasks)}), got "
+                     f"{text!r}") from e
+  pareto.check_prefs(pref, m, flag=flag)
+  return pref[0]
+
+
+def preference_tag(text: str) -> str:
+  """A folder-name tag of a preference flag ('centroid', '0.5-0.25-0.25')."""
+  if text.strip() == CENTROID:
+    return CENTROID
+  return "-".join(f"{float(x):g}" for x in text.split(","))
+
+
+def run_index(run: RunInfo, pref: np.ndarray) -> int | None:
+  """Row of `pref` among the run's preferences (atol 1e-6), or None."""
+  hits = np.flatnonzero(np.all(np.abs(run.prefs - pref[None]) <= 1e-6,
+                               axis=1))
+  return int(hits[0]) if hits.size else None
+
+
+def params_sha256(params: Any) -> str:
+  """A fingerprint of a parameter tree: paths, dtypes, shapes and bytes."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  h = hashlib.sha256()
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(
+      kv[0])):
+    arr = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|"
+             .encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def segments_sha256(segments: np.ndarray) -> str:
+  """A fingerprint of `(N, T)` token segments (as int32)."""
+  arr = np.ascontiguousarray(segments, np.int32)
+  return hashlib.sha256(f"{arr.shape}|".encode() + arr.tobytes()).hexdigest()
+
+
+TINY_LLAMA = "tiny-llama"
+
+
+def load_dense(spec: str) -> tuple[Any, dict, Any]:
+  """(adapter, float32 numpy params, tokenizer) of a run's model spec.
+
+  The same as `experiments.run.load_model` (importing the runner would
+  define its flags): 'tiny-llama' is the seeded random 2-layer Llama with
+  SmolLM2's tokenizer; anything else goes to `bridge.hf_import`.
+  `materialize` checks the result against the run's fingerprint.
+  """
+  from bridge import hf_import
+  from mosp_jax import models
+  if spec == TINY_LLAMA:
+    tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
+    model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
+  else:
+    model, params, tokenizer = hf_import.load_model(spec)
+    if tokenizer is None:
+      raise RunDirError(f"model {spec!r}: no tokenizer found with it")
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  return models.adapter_for(model), params, tokenizer
+
+
+def materialize(run: RunInfo, pref: np.ndarray, *,
+                log=lambda s: None) -> PrunedModel:
+  """The model of preference `pref (m,)` from the run's Pareto set.
+
+  Raises:
+    RunDirError: the dense model differs from the one the run pruned
+      (fingerprints), or the artifact misses a layer or linear.
+  """
+  pref = np.asarray(pref, np.float32)
+  if pref.shape != (len(run.tasks),):
+    raise ValueError(f"preference must have {len(run.tasks)} weights "
+                     f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
+  adapter, params, tokenizer = load_dense(run.model)
+  dense_sha = params_sha256(params)
+  want = run.meta.get("dense_sha256")
+  if want is not None and want != dense_sha:
+    raise RunDirError(
+        f"{run.run_dir}: the dense model {run.model!r} loaded now "
+        f"(sha256 {dense_sha[:12]}) is not the one the run pruned "
+        f"({want[:12]}); the model cache or the source changed")
+  if want is None:
+    log(f"{run.run_dir}: the run recorded no dense fingerprint; cannot "
+        "prove the dense model is the one it pruned")
+  if adapter.num_layers(params) != run.num_layers:
+    raise RunDirError(f"{run.run_dir}: the artifact has {run.num_layers} "
+                      f"layers, the model {adapter.num_layers(params)}")
+  index = run_index(run, pref)
+  batch = run.prefs if index is not None else pref[None]
+  row = index if index is not None else 0
+  root = run.run_dir / "pareto"
+  masks, budgets, kernels = {}, {}, {}
+  with jax.transfer_guard("disallow"):
+    prefs_dev = jax.device_put(batch)
+    for layer in range(run.num_layers):
+      linears, grams = artifact.load_layer(root, layer)
+      for group in run.groups:
+        if group[0] not in grams:
+          raise RunDirError(f"{root}: layer {layer} has no Gram for "
+                            f"{group[0]!r}")
+        G = jax.device_put(grams[group[0]])
+        for name in group:
+          if name not in linears:
+            raise RunDirError(f"{root}: layer {layer} has no {name!r}")
+          core, task_sparse = linears[name]
+          W0 = adapter.get_kernel(params, layer, name)
+          layer_set = ParetoLayer(*jax.device_put((core, task_sparse)))
+          W, M, _ = mosp_materialize(G, jax.device_put(W0), layer_set,
+                                     prefs_dev, pattern=run.pattern,
+                                     cfg=run.solver)
+          W, M = jax.device_get((W, M))
+          w, mask = np.asarray(W[row]), np.asarray(M[row])
+          if np.any(w[~mask] != 0):
+            raise AssertionError(f"layer {layer} {name}: weights off the "
+                                 "mask are not zero")
+          masks[(layer, name)] = mask
+          budgets[(layer, name)] = run.pattern.keep(*w.shape)
+          kernels[(layer, name)] = w
+      log(f"materialised layer {layer + 1}/{run.num_layers}")
+  for (layer, name), w in kernels.items():  # Not under the guard: set_kernel
+    params = adapter.set_kernel(params, layer, name, w)  # makes jax arrays.
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  return PrunedModel(preference=pref, run_index=index, adapter=adapter,
+                     params=params, masks=masks, budgets=budgets,
+                     tokenizer=tokenizer, dense_sha256=dense_sha)
+
+
+def run_test_segments(run: RunInfo, tokenizer: Any
+                      ) -> dict[str, np.ndarray]:
+  """The run's test segments per task, `(n_test, seqlen)` int32 each,
+  rebuilt from `config.json` as the runner builds them (every task trimmed
+  to the same count)."""
+  cfg = run.config
+  test = {}
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=cfg["nsamples"],
+                            seqlen=cfg["seqlen"],
+                            test_tokens=cfg["test_tokens"], seed=cfg["seed"])
+    test[task] = td.test
+  n_test = min(t.shape[0] for t in test.values())
+  return {task: t[:n_test] for task, t in test.items()}

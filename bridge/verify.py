@@ -1,0 +1,424 @@
+"""Parity of an exported PyTorch checkpoint with the model the run pruned.
+
+The library behind `python -m bridge.parity`. `check_parity` rebuilds the
+preference's model on the JAX side (`bridge.pruned.materialize`, the
+run's own computation) and checks the export against it:
+
+  names     the checkpoint's tensors, read back through the import rename
+            table, are exactly the Flax model's (no missing, extra or
+            reshaped tensor; a tied head is not stored);
+  weights   every tensor equals the JAX weights rounded to the export
+            dtype (`weight_atol`, default 0: bitwise);
+  masks     per linear, the exported nonzeros are the JAX mask (less the
+            kept weights that are exactly 0), the mask keeps the pattern's
+            budget, and the sparsity of the exported kernel is reported
+            beside the mask's;
+  tokenizer the checkpoint's tokenizer cuts the run's test text into the
+            same token segments as the run's tokenizer;
+  ppl       perplexity on the run's test segments with stock PyTorch
+            (`AutoModelForCausalLM.from_pretrained`, computed in float32)
+            and with JAX (the layer walk of the run, on the same rounded
+            weights), relative difference <= `rtol` per task;
+  run       the JAX perplexity equals what the run recorded for this
+            preference (float32 exports of a preference the run evaluated),
+            the segments are the run's (fingerprints in results.json) and
+            the dense model is the run's (fingerprint in meta.json).
+
+Both perplexities are computed in float32 from the same rounded weights,
+so `rtol` (default 1e-3) means the same for float16 / bfloat16 exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridge import exporter, pruned, rename, sources
+
+DEFAULT_RTOL = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPpl:
+  """Perplexities of one task (run: what the run recorded, or None)."""
+
+  task: str
+  torch: float
+  jax: float
+  rel_diff: float
+  run: float | None
+  run_rel_diff: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCheck:
+  """One pruned linear: `name` is 'layer.linear'.
+
+  Attributes:
+    shape: `(n_in, n_out)`.
+    budget: weights the pattern keeps; kept: the mask's count.
+    mask_sparsity: 1 - kept / size.
+    sparsity: fraction of exact zeros in the exported kernel.
+    off_mask: exported nonzeros outside the mask.
+    mask_equal: exported nonzeros == mask & (JAX weight != 0).
+  """
+
+  name: str
+  shape: tuple[int, int]
+  budget: int
+  kept: int
+  mask_sparsity: float
+  sparsity: float
+  off_mask: int
+  mask_equal: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+  """Everything `check_parity` measured; `ok` when `problems` is empty."""
+
+  checkpoint: str
+  run_dir: str
+  preference: list[float]
+  dtype: str
+  ppl: list[TaskPpl]
+  linears: list[LinearCheck]
+  tensors_checked: int
+  tensors_differing: dict[str, float]
+  problems: list[str]
+
+  @property
+  def ok(self) -> bool:
+    return not self.problems
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["ok"] = self.ok
+    return d
+
+
+# Perplexity on both sides: summed next-token NLL over (N, T) segments.
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _embed(adapter, params, ids):
+  return adapter.embed(params, ids)
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _block(adapter, layer_params, hidden):
+  return adapter.apply_block(layer_params, hidden)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def _nll(adapter, params, hidden, ids):
+  logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+
+def jax_perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
+                   batch_size: int) -> float:
+  """exp(mean next-token NLL) of `(N, T)` segments, layer by layer as the
+  run evaluates (embed, every decoder block, head), in float32."""
+  total, count = 0.0, 0
+  with jax.transfer_guard("disallow"):
+    params = jax.device_put(params)
+    for lo in range(0, segments.shape[0], batch_size):
+      ids = jax.device_put(np.asarray(segments[lo:lo + batch_size],
+                                      np.int32))
+      h = _embed(adapter, params, ids)
+      for i in range(adapter.num_layers(params)):
+        h = _block(adapter, adapter.layer_params(params, i), h)
+      total += float(jax.device_get(_nll(adapter, params, h, ids)))
+      count += ids.shape[0] * (ids.shape[1] - 1)
+  return float(np.exp(total / count))
+
+
+def torch_perplexity(model: Any, segments: np.ndarray, *,
+                     batch_size: int) -> float:
+  """exp(mean next-token NLL) of `(N, T)` segments with a PyTorch causal LM
+  (positions 0..T-1, no padding); log-softmax in float32."""
+  import torch
+  total, count = 0.0, 0
+  with torch.no_grad():
+    for lo in range(0, segments.shape[0], batch_size):
+      ids = torch.from_numpy(np.asarray(segments[lo:lo + batch_size],
+                                        np.int64))
+      logits = model(input_ids=ids).logits[:, :-1].float()
+      logp = torch.log_softmax(logits, dim=-1)
+      nll = -torch.gather(logp, -1, ids[:, 1:, None])
+      total += float(nll.double().sum())
+      count += ids.shape[0] * (ids.shape[1] - 1)
+  return float(np.exp(total / count))
+
+
+def _rel(a: float, b: float) -> float:
+  return abs(a - b) / abs(b) if b else float("inf")
+
+
+# Reading the checkpoint.
+
+
+def _read_state(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
+  """Float32 tensors of every safetensors file, and their common dtype."""
+  import torch
+  from safetensors.torch import load_file
+
+  state, dtypes = {}, set()
+  files = sorted(folder.glob("*.safetensors"))
+  for f in files:
+    for k, v in load_file(str(f)).items():
+      if k in state:
+        raise rename.CheckpointMismatchError(
+            f"{folder}: tensor {k} is stored twice")
+      dtypes.add(str(v.dtype).removeprefix("torch."))
+      state[k] = v.to(torch.float32).numpy()
+  if len(dtypes) != 1:
+    raise rename.CheckpointMismatchError(
+        f"{folder}: expected one dtype for all tensors, found "
+        f"{sorted(dtypes) or 'no tensors'}")
+  return state, dtypes.pop()
+
+
+def _provenance(folder: pathlib.Path) -> dict:
+  path = folder / exporter.EXPORT_META
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_parity(
+    checkpoint: str | pathlib.Path,
+    run_dir: str | pathlib.Path | None = None,
+    preference: str | None = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    weight_atol: float = 0.0,
+    batch_size: int | None = None,
+    model: pruned.PrunedModel | None = None,
+    log=lambda s: None,
+) -> ParityReport:
+  """Checks an export against the run's model (see the module docstring).
+
+  Args:
+    checkpoint: the exported folder (safetensors; pickled weights are
+      refused).
+    run_dir: the run; default: the one `mosp_export.json` names.
+    preference: 'centroid' or weights; default: the exported one.
+    rtol: largest relative perplexity difference allowed.
+    weight_atol: largest absolute weight difference allowed (0: bitwise;
+      raise it to check an export made on another device).
+    batch_size: segments per forward pass; default: the run's.
+    model: the preference's model when the caller has just materialised it
+      (`export_and_check`); default: materialised here.
+    log: progress sink.
+
+  Returns:
+    the report; `report.ok` is False when any check failed.
+
+  Raises:
+    bridge.sources.ModelLoadError, bridge.pruned.RunDirError, ValueError:
+      the inputs cannot be read at all.
+  """
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  folder = pathlib.Path(checkpoint)
+  source = sources.resolve(str(folder))  # Refuses pickled weights.
+  if source.kind != "torch":
+    raise sources.ModelLoadError(
+        f"{folder}: not a PyTorch safetensors checkpoint ({source.kind})")
+  prov = _provenance(folder)
+  run_dir = run_dir or prov.get("run_dir")
+  if run_dir is None:
+    raise ValueError(f"--run_dir: required ({folder} has no "
+                     f"{exporter.EXPORT_META})")
+  run = pruned.read_run(run_dir)
+  if preference is None:
+    if "preference" not in prov:
+      raise ValueError("--preference: required (the checkpoint has no "
+                       f"{exporter.EXPORT_META})")
+    preference = ",".join(repr(float(x)) for x in prov["preference"])
+  pref = pruned.parse_preference(preference, run.tasks)
+  batch_size = batch_size or int(run.config.get("batch_size", 8))
+  problems: list[str] = []
+
+  if model is None:
+    model = pruned.materialize(run, pref, log=log)
+  elif not np.array_equal(model.preference, pref):
+    raise ValueError(f"--preference {pref.tolist()}: the model given is "
+                     f"that of {model.preference.tolist()}")
+  adapter, config = model.adapter, model.adapter.config
+  state, dtype = _read_state(folder)
+  if dtype not in exporter.DTYPES:
+    problems.append(f"weights: stored as {dtype}, expected one of "
+                    f"{exporter.DTYPES}")
+    dtype = "float32"
+  jax_flat = {k: exporter.round_like_export(v, dtype)
+              for k, v in rename.flatten(model.params).items()}
+
+  # Names and weights, in PyTorch names.
+  differing: dict[str, float] = {}
+  linears: list[LinearCheck] = []
+  jax_state = exporter.to_torch_state(config, rename.unflatten(jax_flat),
+                                      what="the JAX model")
+  try:
+    rename.tree_diff({(k,): v for k, v in state.items()},
+                     {(k,): v for k, v in jax_state.items()},
+                     what=str(folder))
+    got_flat = rename.pt_to_flax(
+        state, jax_flat, model_type=config.model_type,
+        tie_word_embeddings=config.tie_word_embeddings, what=str(folder))
+  except rename.CheckpointMismatchError as e:
+    problems.append(f"names: {e}")
+    got_flat = None
+  if got_flat is not None:
+    for key, want in jax_state.items():
+      diff = np.abs(state[key] - want)
+      if diff.size and not diff.max() <= weight_atol:  # NaN fails too.
+        differing[key] = float(np.nan_to_num(diff.max(), nan=np.inf))
+    for name, d in sorted(differing.items())[:10]:
+      problems.append(f"weights: {name} differs from the JAX model "
+                      f"(max |diff| {d:.3g})")
+    if len(differing) > 10:
+      problems.append(f"weights: ... {len(differing) - 10} more tensors")
+    got_params = rename.unflatten(got_flat)
+    jax_params = rename.unflatten(jax_flat)
+    for (layer, name), mask in model.masks.items():
+      w = np.asarray(adapter.get_kernel(got_params, layer, name))
+      w_jax = np.asarray(adapter.get_kernel(jax_params, layer, name))
+      nz = w != 0
+      check = LinearCheck(
+          name=f"{layer}.{name}", shape=tuple(mask.shape),
+          budget=model.budgets[(layer, name)], kept=int(mask.sum()),
+          mask_sparsity=1.0 - float(mask.mean()),
+          sparsity=1.0 - float(nz.mean()), off_mask=int(np.sum(nz & ~mask)),
+          mask_equal=bool(np.array_equal(nz, mask & (w_jax != 0))))
+      linears.append(check)
+      if not check.mask_equal:
+        problems.append(
+            f"masks: {check.name}: exported nonzeros differ from the mask "
+            f"({check.off_mask} nonzero outside it; sparsity "
+            f"{check.sparsity:.6f}, mask {check.mask_sparsity:.6f})")
+      if check.kept != check.budget:
+        problems.append(f"masks: {check.name}: the mask keeps "
+                        f"{check.kept}, the pattern allows {check.budget}")
+
+  # The run's test segments, through both tokenizers.
+  segments = pruned.run_test_segments(run, model.tokenizer)
+  recorded = ((run.results or {}).get("test") or {}).get("sha256")
+  if recorded is None:
+    log("results.json records no test fingerprints; the segments are "
+        "rebuilt from config.json unchecked")
+  else:
+    for task, seg in segments.items():
+      if recorded.get(task) != pruned.segments_sha256(seg):
+        problems.append(f"run: the test segments of {task} rebuilt now "
+                        "are not the ones the run evaluated")
+  exported_tok = AutoTokenizer.from_pretrained(str(folder))
+  for task, seg in pruned.run_test_segments(run, exported_tok).items():
+    if not np.array_equal(seg, segments[task]):
+      problems.append(f"tokenizer: the checkpoint's tokenizer cuts {task} "
+                      "into other segments than the run's")
+
+  # Perplexities.
+  import torch
+  tmodel, info = AutoModelForCausalLM.from_pretrained(
+      str(folder), torch_dtype=torch.float32, use_safetensors=True,
+      output_loading_info=True)
+  tmodel.eval()
+  for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+    if info.get(key):
+      problems.append(f"torch load: {key} {sorted(info[key])[:5]}")
+  run_ppl = None
+  if (model.run_index is not None and run.results is not None
+      and dtype == "float32"):
+    run_ppl = run.results["models"][model.run_index]["ppl"]
+  jax_params = rename.unflatten(jax_flat)
+  ppl = []
+  for task, seg in segments.items():
+    p_torch = torch_perplexity(tmodel, seg, batch_size=batch_size)
+    p_jax = jax_perplexity(adapter, jax_params, seg, batch_size=batch_size)
+    r = run_ppl[task] if run_ppl is not None else None
+    row = TaskPpl(task=task, torch=p_torch, jax=p_jax,
+                  rel_diff=_rel(p_torch, p_jax), run=r,
+                  run_rel_diff=_rel(p_jax, r) if r is not None else None)
+    ppl.append(row)
+    log(f"{task}: PPL torch {p_torch:.6g}, jax {p_jax:.6g}, rel diff "
+        f"{row.rel_diff:.2e}")
+    if not row.rel_diff <= rtol:
+      problems.append(f"ppl: {task}: torch {p_torch:.6g} vs jax "
+                      f"{p_jax:.6g}, relative difference "
+                      f"{row.rel_diff:.3g} > {rtol:g}")
+    if row.run_rel_diff is not None and not row.run_rel_diff <= rtol:
+      problems.append(f"run: {task}: JAX PPL {p_jax:.6g} vs {r:.6g} "
+                      f"recorded by the run, relative difference "
+                      f"{row.run_rel_diff:.3g} > {rtol:g}")
+  return ParityReport(
+      checkpoint=str(folder), run_dir=str(run.run_dir),
+      preference=pref.tolist(), dtype=dtype, ppl=ppl, linears=linears,
+      tensors_checked=len(jax_state), tensors_differing=differing,
+      problems=problems)
+
+
+def format_report(report: ParityReport, *, verbose: bool = False) -> str:
+  """The report as text: a perplexity table, sparsity, then problems."""
+  lines = [f"parity of {report.checkpoint} ({report.dtype}) with "
+           f"{report.run_dir}, preference {report.preference}", "",
+           f"{'task':<12} {'PPL torch':>12} {'PPL jax':>12} "
+           f"{'rel diff':>9} {'PPL run':>12} {'jax/run':>9}"]
+  for r in report.ppl:
+    run = (f"{r.run:12.6g} {r.run_rel_diff:9.2e}" if r.run is not None
+           else f"{'-':>12} {'-':>9}")
+    lines.append(f"{r.task:<12} {r.torch:12.6g} {r.jax:12.6g} "
+                 f"{r.rel_diff:9.2e} {run}")
+  if report.linears:
+    sp = [c.sparsity for c in report.linears]
+    same = sum(c.mask_equal for c in report.linears)
+    lines += ["", f"{len(report.linears)} pruned linears: sparsity "
+              f"{min(sp):.6f}..{max(sp):.6f}; masks equal: {same}/"
+              f"{len(report.linears)}; tensors equal: "
+              f"{report.tensors_checked - len(report.tensors_differing)}/"
+              f"{report.tensors_checked}"]
+    if verbose:
+      lines += [f"  {c.name:<28} {str(c.shape):<12} sparsity "
+                f"{c.sparsity:.6f} mask {c.mask_sparsity:.6f} "
+                f"{'ok' if c.mask_equal else 'DIFFERS'}"
+                for c in report.linears]
+  lines.append("")
+  if report.ok:
+    lines.append("PARITY OK")
+  else:
+    lines.append(f"PARITY FAILED ({len(report.problems)} problems):")
+    lines += [f"  - {p}" for p in report.problems]
+  return "\n".join(lines)
+
+
+def export_and_check(run_dir: str | pathlib.Path, preference: str, *,
+                     dtype: str = "float32", rtol: float = DEFAULT_RTOL,
+                     log=lambda s: None) -> dict:
+  """Exports `preference` into `<run_dir>/export_<tag>/` (replacing an
+  older one) and checks its parity; returns a JSON summary with `ok`."""
+  out = (pathlib.Path(run_dir)
+         / f"export_{pruned.preference_tag(preference)}")
+  run = pruned.read_run(run_dir)
+  model = pruned.materialize(
+      run, pruned.parse_preference(preference, run.tasks), log=log)
+  exporter.export_model(run, model, out, dtype=dtype, overwrite=True,
+                        log=log)
+  report = check_parity(out, run_dir, preference, rtol=rtol, model=model,
+                        log=log)
+  log(format_report(report))
+  return {"checkpoint": str(out), "dtype": dtype,
+          "preference": report.preference, "ok": report.ok,
+          "ppl": [dataclasses.asdict(r) for r in report.ppl],
+          "max_rel_diff": max((r.rel_diff for r in report.ppl), default=0.0),
+          "sparsity": [min(c.sparsity for c in report.linears),
+                       max(c.sparsity for c in report.linears)]
+          if report.linears else None,
+          "problems": report.problems}

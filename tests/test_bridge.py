@@ -1,0 +1,275 @@
+"""Flax -> PyTorch export and parity (bridge.exporter, bridge.verify)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from absl import flags
+from absl.testing import flagsaver
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from bridge import exporter, hf_import, pruned, rename, sources, verify
+from experiments import run as run_lib
+from mosp_jax import models
+
+from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
+
+FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": False}),
+            ("opt", {}), ("opt-proj", {}), ("gpt2", {})]
+IDS = np.random.default_rng(0).integers(3, VOCAB, (3, 9)).astype(np.int32)
+
+
+def _export_flax(tmp_path, family, overrides, dtype="float32"):
+  """A random tiny PyTorch model -> Flax -> an exported checkpoint."""
+  tm = tiny_torch(family, **overrides)
+  fm, params = hf_import.torch_to_flax(tm)
+  out = tmp_path / f"export-{family}-{dtype}"
+  state = exporter.to_torch_state(fm.config, params, what=str(out))
+  exporter.write_checkpoint(out, fm.config, state, tiny_tokenizer(),
+                            dtype=dtype, provenance={})
+  return tm, fm, params, out
+
+
+@pytest.mark.parametrize("family,overrides", FAMILIES,
+                         ids=[f"{f}{'-untied' if o else ''}"
+                              for f, o in FAMILIES])
+def test_flax_torch_flax_round_trip_is_exact(tmp_path, family, overrides):
+  tm, fm, params, out = _export_flax(tmp_path, family, overrides)
+  # Stock transformers, no custom code: the same PyTorch model, bitwise.
+  loaded = AutoModelForCausalLM.from_pretrained(out)
+  assert type(loaded) is type(tm) and loaded.dtype == torch.float32
+  want, got = tm.state_dict(), loaded.state_dict()
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert torch.equal(got[k], want[k]), k
+  with torch.no_grad():
+    ids = torch.tensor(IDS, dtype=torch.long)
+    assert torch.equal(loaded(ids).logits, tm(ids).logits)
+  # And back through the import path: the same Flax tree, bitwise.
+  _, back, _ = hf_import.load_model(str(out), cache=False)
+  flat, flat_back = rename.flatten(params), rename.flatten(back)
+  assert sorted(flat) == sorted(flat_back)
+  for k in flat:
+    np.testing.assert_array_equal(np.asarray(flat_back[k]), flat[k],
+                                  err_msg="/".join(k))
+  # A tied model stores no head; the config names the stock class.
+  stored = load_file(str(out / exporter.WEIGHTS))
+  assert ("lm_head.weight" in stored) == (not tm.config.tie_word_embeddings)
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["architectures"] == [type(tm).__name__]
+  assert cfg["torch_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_exports_round_once_and_keep_zeros(tmp_path, dtype):
+  tm = tiny_torch("llama")
+  fm, params = hf_import.torch_to_flax(tm)
+  kernel = params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+  kernel[::2] = 0.0  # Pruned rows must stay exact zeros.
+  out = tmp_path / dtype
+  state = exporter.to_torch_state(fm.config, params, what=str(out))
+  exporter.write_checkpoint(out, fm.config, state, None, dtype=dtype,
+                            provenance={})
+  stored = load_file(str(out / exporter.WEIGHTS))
+  assert {str(v.dtype) for v in stored.values()} == {f"torch.{dtype}"}
+  w = stored["model.layers.0.mlp.up_proj.weight"]
+  assert torch.all(w[:, ::2] == 0) and torch.all(w[:, 1::2] != 0)
+  np.testing.assert_array_equal(
+      w.float().numpy(), exporter.round_like_export(kernel.T, dtype))
+  loaded = AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
+  assert str(loaded.dtype) == f"torch.{dtype}"
+
+
+def test_export_diffs_names_before_writing(tmp_path):
+  tm = tiny_torch("llama")
+  fm, params = hf_import.torch_to_flax(tm)
+  flat = rename.flatten(params)
+  q = ("model", "layers", "0", "self_attn", "q_proj", "kernel")
+  flat[q[:-2] + ("q_prj", "kernel")] = flat.pop(q)
+  with pytest.raises(rename.CheckpointMismatchError,
+                     match=r"missing model.layers.0.self_attn.q_proj.weight "
+                     r"\(did you mean 'model.layers.0.self_attn.q_prj"):
+    exporter.to_torch_state(fm.config, rename.unflatten(flat), what="x")
+
+
+def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
+  tm = tiny_torch("gpt2")
+  fm, params = hf_import.torch_to_flax(tm)
+  state = exporter.to_torch_state(fm.config, params, what="x")
+  out = tmp_path / "ckpt"
+  out.mkdir()
+  (out / "keep.txt").write_text("x")
+  with pytest.raises(exporter.ExportError, match="exists and is not empty"):
+    exporter.write_checkpoint(out, fm.config, state, None, dtype="float32",
+                              provenance={})
+  bad = dict(state, **{"transformer.wte.weight": object()})  # Fails late.
+  with pytest.raises(TypeError):
+    exporter.write_checkpoint(out, fm.config, bad, None, dtype="float32",
+                              provenance={}, overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+  assert (out / "keep.txt").exists()  # The old folder is untouched.
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_perplexity_functions_agree(family):
+  tm = tiny_torch(family)
+  fm, params = hf_import.torch_to_flax(tm)
+  adapter = models.adapter_for(fm)
+  ids = np.random.default_rng(1).integers(3, VOCAB, (5, 12))
+  p_jax = verify.jax_perplexity(adapter, params, ids, batch_size=2)
+  p_torch = verify.torch_perplexity(tm, ids, batch_size=3)
+  with torch.no_grad():  # Independent reference: HF's own shifted loss.
+    loss = tm(torch.tensor(ids), labels=torch.tensor(ids)).loss
+  np.testing.assert_allclose(p_torch, float(torch.exp(loss)), rtol=1e-5)
+  np.testing.assert_allclose(p_jax, p_torch, rtol=1e-5)
+
+
+def test_parity_refuses_pickled_weights(tmp_path):
+  d = tmp_path / "pickled"
+  d.mkdir()
+  (d / "config.json").write_text("{}")
+  (d / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(sources.ModelLoadError, match="pickled PyTorch"):
+    verify.check_parity(d, tmp_path, "centroid")
+
+
+# A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer).
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run")
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
+                 f"--out_dir={out}", "--nsamples=2", "--test_tokens=128",
+                 "--max_iter=30", "--stage2_max_iter=30"])
+    run, solver = run_lib.configs_from_flags()
+  run_lib.run_experiment(run, solver, log=lambda s: None)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run):
+  out = tiny_run / "exported"
+  info = exporter.export_preference(tiny_run, "centroid", out)
+  return out, info
+
+
+def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
+  out, info = tiny_export
+  prov = json.loads((out / exporter.EXPORT_META).read_text())
+  assert prov["run_index"] == 6 and prov["dtype"] == "float32"
+  assert prov["sparsity"] == pytest.approx(0.5, abs=1e-6)
+  for s in prov["linears"].values():
+    assert s["kept"] == s["budget"] and s["kept_zeros"] == 0
+    assert s["sparsity"] == s["mask_sparsity"]
+  report = verify.check_parity(out)  # Run and preference from provenance.
+  assert report.ok, report.problems
+  assert len(report.linears) == 14 and report.tensors_differing == {}
+  assert all(c.mask_equal and c.off_mask == 0 for c in report.linears)
+  for r in report.ppl:
+    assert r.rel_diff < 1e-5
+    assert r.run_rel_diff == 0.0  # The run's own evaluation, bitwise.
+  # A preference the run never evaluated, stored in bfloat16.
+  half = tiny_run / "export_half"
+  exporter.export_preference(tiny_run, "0.6,0.3,0.1", half,
+                             dtype="bfloat16")
+  report = verify.check_parity(half)
+  assert report.ok, report.problems
+  assert report.dtype == "bfloat16"
+  assert all(r.run is None for r in report.ppl)
+
+
+def test_runner_export_pref_records_parity(tiny_run):
+  run_lib.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
+  res = json.loads((tiny_run / "results.json").read_text())
+  exp = res["export"]
+  assert exp["ok"] and exp["problems"] == [] and exp["max_rel_diff"] < 1e-5
+  assert exp["checkpoint"] == str(tiny_run / "export_centroid")
+  assert exp["sparsity"] == [0.5, 0.5]
+  assert [r["run"] for r in exp["ppl"]] == [
+      res["models"][6]["ppl"][t] for t in res["tasks"]]
+  assert res["test"]["segments"] == 2  # What the parity check relied on.
+
+
+def _corrupt(src: pathlib.Path, dst: pathlib.Path, edit) -> None:
+  shutil.copytree(src, dst)
+  state = load_file(str(dst / exporter.WEIGHTS))
+  edit(state)
+  save_file(state, str(dst / exporter.WEIGHTS), metadata={"format": "pt"})
+
+
+def test_one_changed_weight_fails_parity(tiny_run, tiny_export, tmp_path):
+  out, _ = tiny_export
+  key = "model.layers.1.self_attn.v_proj.weight"
+
+  def change_kept(state):  # A kept weight, slightly: masks stay equal.
+    w = state[key]
+    i, j = map(int, torch.nonzero(w)[0])
+    w[i, j] *= 1.01
+
+  _corrupt(out, tmp_path / "kept", change_kept)
+  report = verify.check_parity(tmp_path / "kept")
+  assert not report.ok
+  assert list(report.tensors_differing) == [key]
+  assert all(c.mask_equal for c in report.linears)
+  assert any(p.startswith(f"weights: {key}") for p in report.problems)
+
+  def unprune(state):  # A pruned weight made nonzero: the mask differs.
+    w = state[key]
+    i, j = map(int, torch.nonzero(w == 0)[0])
+    w[i, j] = 0.05
+
+  _corrupt(out, tmp_path / "unpruned", unprune)
+  report = verify.check_parity(tmp_path / "unpruned")
+  bad = [c for c in report.linears if not c.mask_equal]
+  assert [c.name for c in bad] == ["1.self_attn.v_proj"]
+  assert bad[0].off_mask == 1 and bad[0].sparsity < bad[0].mask_sparsity
+  assert any(p.startswith("masks: 1.self_attn.v_proj") for p in
+             report.problems)
+
+  def break_norm(state):  # Large enough for the perplexities to differ.
+    state["model.norm.weight"][0] = 1e4
+
+  _corrupt(out, tmp_path / "norm", break_norm)
+  report = verify.check_parity(tmp_path / "norm", rtol=1e-3)
+  assert any(p.startswith("ppl: ") for p in report.problems), report.problems
+
+
+def test_parity_cli_exits_nonzero_on_a_corrupt_export(tiny_export, tmp_path):
+  out, _ = tiny_export
+
+  def change(state):
+    state["model.embed_tokens.weight"][5, 3] += 0.5
+
+  _corrupt(out, tmp_path / "bad", change)
+  proc = subprocess.run(
+      [sys.executable, "-m", "bridge.parity",
+       f"--checkpoint={tmp_path / 'bad'}"], capture_output=True, text=True,
+      cwd=pathlib.Path(__file__).parents[1], timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "PARITY FAILED" in proc.stdout
+  assert "weights: model.embed_tokens.weight differs" in proc.stdout
+  assert "PPL torch" in proc.stdout
+
+
+def test_preference_flags():
+  tasks = ("general", "math", "pycode")
+  np.testing.assert_array_equal(pruned.parse_preference("centroid", tasks),
+                                np.full(3, 1 / 3, np.float32))
+  with pytest.raises(ValueError, match="--preference: expected 'centroid'"):
+    pruned.parse_preference("a,b,c", tasks)
+  with pytest.raises(ValueError, match="--preference: each preference must"):
+    pruned.parse_preference("0.5,0.5,0.5", tasks)
+  with pytest.raises(ValueError, match="--export_pref: expected prefer"):
+    pruned.parse_preference("0.5,0.5", tasks, flag="--export_pref")
+  assert pruned.preference_tag("0.50,0.25,0.25") == "0.5-0.25-0.25"
