@@ -121,17 +121,18 @@ def reference_point(point_sets: list[np.ndarray], *,
 
 
 def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
-                ppl: np.ndarray, dense_ppl: np.ndarray, *,
-                title: str = "", extra: dict[str, np.ndarray] | None = None
-                ) -> None:
+                ppl: np.ndarray, dense_ppl: np.ndarray | None, *,
+                title: str = "", extra: dict[str, np.ndarray] | None = None,
+                metric: str = "PPL") -> None:
   """log-PPL fronts, one panel per task pair; the dense model is a star.
 
   Args:
     path: PNG to write (atomically).
     tasks: the m task names.
     prefs: `(P, m)`; ppl: `(P, m)` the MOSP models.
-    dense_ppl: `(m,)`.
+    dense_ppl: `(m,)`, or None (no dense point).
     extra: other methods' points `{name: (Q, m) ppl}` (baselines).
+    metric: what the values are (axis labels say `log <metric>`).
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -144,19 +145,20 @@ def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
   fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows),
                            squeeze=False)
   for ax, (a, b) in zip(axes.ravel(), pairs, strict=False):
-    for name, pts in (extra or {}).items():
+    for j, (name, pts) in enumerate((extra or {}).items()):
       ax.scatter(np.log(pts[:, a]), np.log(pts[:, b]), s=18, alpha=0.6,
-                 label=name)
+                 label=name, c=f"C{j if j < 3 else j + 1}")  # C3 = MOSP
     ax.scatter(np.log(ppl[:, a]), np.log(ppl[:, b]), s=36, c="C3",
                label="MOSP", zorder=3)
     for pref, pt in zip(prefs, ppl, strict=True):
       ax.annotate(",".join(f"{x:.2g}" for x in pref),
                   (np.log(pt[a]), np.log(pt[b])), fontsize=7,
                   xytext=(3, 3), textcoords="offset points")
-    ax.scatter([np.log(dense_ppl[a])], [np.log(dense_ppl[b])], marker="*",
-               s=160, c="k", label="dense", zorder=4)
-    ax.set_xlabel(f"log PPL {tasks[a]}")
-    ax.set_ylabel(f"log PPL {tasks[b]}")
+    if dense_ppl is not None:
+      ax.scatter([np.log(dense_ppl[a])], [np.log(dense_ppl[b])],
+                 marker="*", s=160, c="k", label="dense", zorder=4)
+    ax.set_xlabel(f"log {metric} {tasks[a]}")
+    ax.set_ylabel(f"log {metric} {tasks[b]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   for ax in axes.ravel()[len(pairs):]:
