@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import sys
 import time
 
@@ -56,6 +57,16 @@ flags.DEFINE_bool("gram_cache", True, "Cache the Grams --layer_level "
                   "captures (under $MOSP_JAX_CACHE/grams).")
 
 FLAGS = flags.FLAGS
+
+
+def prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
+  """Creates --out_dir; refuses a non-empty one unless `overwrite`."""
+  out = pathlib.Path(run.out_dir)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ValueError(f"--out_dir {out} exists and is not empty; pass "
+                     "--overwrite or choose a new directory")
+  out.mkdir(parents=True, exist_ok=True)
+  return out
 
 
 def methods_from_flags(f=FLAGS) -> tuple[str, ...]:
@@ -112,10 +123,11 @@ def _value_table(tasks: list[str], prefs: np.ndarray,
   return lines
 
 
-def _summary_table(summary: dict, time_s: dict[str, float]) -> list[str]:
+def _summary_table(summary: dict, time_s: dict[str, float],
+                   cpu_s: dict[str, float]) -> list[str]:
   hv = summary["hypervolume"]
   lines = ["| method | hypervolume | points MOSP dominates | MOSP points "
-           "it dominates | time (s) |", "|---|---|---|---|---|"]
+           "it dominates | wall (s) | CPU (s) |", "|---|---|---|---|---|---|"]
   for k in hv:
     n = summary["points"][k]
     dom = ("" if k == "mosp" else
@@ -123,7 +135,7 @@ def _summary_table(summary: dict, time_s: dict[str, float]) -> list[str]:
     rev = ("" if k == "mosp" else
            f"{summary['dominates_mosp'][k]} / {summary['points']['mosp']}")
     lines.append(f"| {k} | {hv[k]:.4g} | {dom} | {rev} | "
-                 f"{time_s[k]:.1f} |")
+                 f"{time_s[k]:.1f} | {cpu_s[k]:.1f} |")
   return lines
 
 
@@ -147,16 +159,18 @@ def compare_model(run: RunConfig, solver: SolverConfig,
                   methods: tuple[str, ...], *, log=print) -> dict:
   """Runs every method through the whole-model walk; returns the results
   written to compare.json (and writes compare.md, compare.png)."""
-  out = run_lib._prepare_out_dir(run, overwrite=True)
-  adapter, params, calib, test, (t_model, t_data) = run_lib.load_inputs(run)
+  out = prepare_out_dir(run, overwrite=True)
+  adapter, params, calib, test, (t_model, t_data) = \
+      layer_compare.load_inputs(run)
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
   log(f"compare {run.model}, {run.pattern}: {len(tasks)} tasks, "
       f"{prefs.shape[0]} preferences, methods {', '.join(methods)}")
-  walks = {}
+  walks, cpu_s = {}, {}
   with jax.transfer_guard("disallow"):
     _warm_shared(adapter, params, calib + test, run.batch_size)
     for name in methods:
+      c0 = time.process_time()
       if name == "mosp":
         walks[name] = prune_and_evaluate(
             adapter, params, calib, test, prefs, pattern=run.pattern,
@@ -167,6 +181,7 @@ def compare_model(run: RunConfig, solver: SolverConfig,
             adapter, params, calib, test, prefs, method=name,
             pattern=run.pattern, cfg=solver, batch_size=run.batch_size,
             log=log)
+      cpu_s[name] = time.process_time() - c0
   dense = walks["mosp"].dense_ppl
   for name, w in walks.items():  # identical inputs -> identical dense
     if not np.allclose(w.dense_ppl, dense, rtol=1e-4):
@@ -182,7 +197,7 @@ def compare_model(run: RunConfig, solver: SolverConfig,
                                                      strict=True)),
       "ppl": {k: v.tolist() for k, v in ppl.items()},
       "model_sparsity": {k: w.sparsity.tolist() for k, w in walks.items()},
-      **summary, "time_s": time_s,
+      **summary, "time_s": time_s, "cpu_s": cpu_s,
       "seconds": {k: w.seconds for k, w in walks.items()},
       "load_s": {"model": t_model, "data": t_data},
       "calibration": {"nsamples": run.nsamples, "seqlen": run.seqlen,
@@ -199,10 +214,10 @@ def compare_model(run: RunConfig, solver: SolverConfig,
            "", "## Summary", "",
            f"Hypervolume of (log PPL per task), reference "
            f"{_pref(np.asarray(summary['reference']))} (shared); higher is "
-           "better. Time: wall seconds of the whole walk (capture, solve, "
-           "propagate, evaluate), including the compilation of the "
-           "method's own solver.", "",
-           *_summary_table(summary, time_s), "",
+           "better. Time: wall and process CPU seconds of the whole walk "
+           "(capture, solve, propagate, evaluate), including the "
+           "compilation of the method's own solver.", "",
+           *_summary_table(summary, time_s, cpu_s), "",
            "## Perplexity (lower is better; bold = best per preference)", "",
            *_value_table(tasks, prefs, ppl, ".2f", dense), "",
            "![fronts](compare.png)", ""]
@@ -221,7 +236,7 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
   compare.json (and writes compare.md, compare.png). A method's point
   for a preference is its relative error per task averaged over the
   layer's linears."""
-  out = run_lib._prepare_out_dir(run, overwrite=True)
+  out = prepare_out_dir(run, overwrite=True)
   prob = layer_compare.capture_layer(run, layer, use_cache=use_cache,
                                      log=log)
   prefs = np.asarray(run.prefs, np.float32)
@@ -245,7 +260,7 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
       "rel_error_heldout": {k: v.tolist() for k, v in mean_ho.items()},
       "rel_error_per_linear": {k: {n: e.tolist() for n, e in v.items()}
                                for k, v in res.errors.items()},
-      **summary, "time_s": res.seconds,
+      **summary, "time_s": res.seconds, "cpu_s": res.cpu_seconds,
       "heldout": {k: summary_ho[k] for k in ("reference", "hypervolume",
                                              "mosp_dominates",
                                              "dominates_mosp")},
@@ -266,10 +281,12 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
            "", "## Summary (calibration Grams, the objective)", "",
            f"Hypervolume of (log relative error per task), shared reference "
            f"{_pref(np.asarray(summary['reference']))}; higher is better. "
-           "Time: solve seconds over the linears, compilation excluded.", "",
-           *_summary_table(summary, res.seconds), "",
+           "Time: wall and process CPU seconds of the solves over the "
+           "linears, compilation excluded (this CPU is shared: wall time "
+           "varies with the load, CPU time much less).", "",
+           *_summary_table(summary, res.seconds, res.cpu_seconds), "",
            "## Summary (held-out Grams)", "",
-           *_summary_table(summary_ho, res.seconds), "",
+           *_summary_table(summary_ho, res.seconds, res.cpu_seconds), "",
            "## Relative error on the calibration Grams "
            "(bold = best per preference)", "",
            *_value_table(tasks, prefs, mean, ".4f"), "",
@@ -290,7 +307,7 @@ def main(argv):
   try:
     run, solver = run_lib.configs_from_flags()
     methods = methods_from_flags()
-    out = run_lib._prepare_out_dir(run, FLAGS.overwrite)
+    out = prepare_out_dir(run, FLAGS.overwrite)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

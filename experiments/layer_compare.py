@@ -24,6 +24,7 @@ import numpy as np
 
 from experiments import run as run_lib
 from mosp_jax import baselines, fetch
+from mosp_jax import data as data_lib
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.pipeline.grams import layer_grams
@@ -65,6 +66,33 @@ class LayerProblem(NamedTuple):
     return next(g[0] for g in self.groups if name in g)
 
 
+def load_inputs(run: RunConfig):
+  """The model and data of a run, loaded once for every method.
+
+  Returns `(adapter, params (on the device), calib, test, (model seconds,
+  data seconds))`: `calib`/`test` per task `(N, T)` int32, every task cut
+  to the same number of test segments (as `experiments.run` does).
+  """
+  t0 = time.perf_counter()
+  adapter, params, tokenizer = run_lib.load_model(run.model)
+  params = jax.device_put(params)
+  t_model = time.perf_counter() - t0
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    if td.test.shape[0] == 0:
+      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
+                       "tokens")
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  test = [t[:n_test] for t in test]
+  return adapter, params, calib, test, (t_model,
+                                        time.perf_counter() - t0 - t_model)
+
+
 def _cache_path(run: RunConfig, layer: int) -> pathlib.Path:
   key = hashlib.sha256(json.dumps(dict(
       version=_CACHE_VERSION, model=run.model, tasks=list(run.tasks),
@@ -103,7 +131,7 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
     log(f"layer Grams from the cache: {path}")
     return _load(path)
   t0 = time.perf_counter()
-  adapter, params, calib, test, _ = run_lib.load_inputs(run)
+  adapter, params, calib, test, _ = load_inputs(run)
   n_layers = adapter.num_layers(params)
   target = n_layers // 2 if layer < 0 else layer
   if not 0 <= target < n_layers:
@@ -141,10 +169,13 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
 class LayerResult(NamedTuple):
   """Per method: `errors[method][linear]` `(P, m)` relative errors on the
   calibration Grams, `heldout[method][linear]` on the test Grams,
-  `seconds[method]` solve time over all linears (compilation excluded)."""
+  `seconds[method]` wall and `cpu_seconds[method]` process CPU time of
+  the solves over all linears (compilation excluded). On a shared
+  machine the CPU time is the steadier measure of work."""
   errors: dict[str, dict[str, np.ndarray]]
   heldout: dict[str, dict[str, np.ndarray]]
   seconds: dict[str, float]
+  cpu_seconds: dict[str, float]
 
 
 def _solve(method: str, G, W0, prefs_dev, lams, *, pattern: Pattern,
@@ -190,6 +221,7 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
   errors = {m: {} for m in methods}
   heldout = {m: {} for m in methods}
   seconds = dict.fromkeys(methods, 0.0)
+  cpu = dict.fromkeys(methods, 0.0)
   with jax.transfer_guard("disallow"):
     prefs_dev = jax.device_put(prefs)
     lams = [jax.device_put(p) for p in prefs]
@@ -207,15 +239,16 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
           # Grams: ADMM settles in a few iterations).
           _timed_solve(method, eye, W0, prefs_dev, lams, pattern=pattern,
                        cfg=cfg)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         W = _timed_solve(method, G, W0, prefs_dev, lams, pattern=pattern,
                          cfg=cfg)
         dt = time.perf_counter() - t0
         seconds[method] += dt
+        cpu[method] += time.process_time() - c0
         (e, _), (h, _) = jax.device_get((_model_stats(G, W0, W),
                                          _model_stats(Gt, W0, W)))
         errors[method][name] = np.asarray(e, np.float64)
         heldout[method][name] = np.asarray(h, np.float64)
         log(f"{name} {tuple(W0.shape)} {method}: {dt:.2f}s, mean rel. "
             f"error {np.mean(e):.4g}")
-  return LayerResult(errors, heldout, seconds)
+  return LayerResult(errors, heldout, seconds, cpu)

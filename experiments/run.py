@@ -157,33 +157,6 @@ def load_model(spec: str):
   return models.adapter_for(model), params, tokenizer
 
 
-def load_inputs(run: RunConfig):
-  """The model and the data of a run, loaded once.
-
-  Returns `(adapter, params (on the device), calib, test, (model seconds,
-  data seconds))`: `calib`/`test` per task `(N, T)` int32, every task cut
-  to the same number of test segments.
-  """
-  t0 = time.perf_counter()
-  adapter, params, tokenizer = load_model(run.model)
-  params = jax.device_put(params)
-  t_model = time.perf_counter() - t0
-  calib, test = [], []
-  for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
-                            seqlen=run.seqlen, test_tokens=run.test_tokens,
-                            seed=run.seed)
-    if td.test.shape[0] == 0:
-      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
-                       "tokens")
-    calib.append(td.calib)
-    test.append(td.test)
-  n_test = min(t.shape[0] for t in test)
-  test = [t[:n_test] for t in test]  # same token count for every task
-  t_data = time.perf_counter() - t0 - t_model
-  return adapter, params, calib, test, (t_model, t_data)
-
-
 def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
             info: dict) -> str:
   tasks = list(run.tasks)
@@ -214,8 +187,22 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   """Runs the whole job; returns the results dict also written to disk."""
   out = _prepare_out_dir(run, overwrite)
   t0 = time.perf_counter()
-  adapter, params, calib, test, (t_model, t_data) = load_inputs(run)
-  n_test = test[0].shape[0]
+  adapter, params, tokenizer = load_model(run.model)
+  params = jax.device_put(params)
+  t_model = time.perf_counter() - t0
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    if td.test.shape[0] == 0:
+      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
+                       "tokens")
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  test = [t[:n_test] for t in test]  # same token count for every task
+  t_data = time.perf_counter() - t0 - t_model
   log(f"model {run.model}: {adapter.num_layers(params)} layers; data: "
       f"{len(run.tasks)} tasks x ({run.nsamples} calibration, {n_test} "
       f"test) x {run.seqlen} tokens; {len(run.prefs)} models")
