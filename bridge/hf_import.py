@@ -368,3 +368,23 @@ def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
   if tokenizer is None:
     raise ModelLoadError(f"{spec}: the model has no tokenizer")
   return tokenizer
+
+
+def load_config(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
+  """The model config of a spec without loading weights (for validating
+  flags before any heavy work)."""
+  from transformers import AutoConfig
+
+  source = resolve(spec, trust_pickle=trust_pickle)
+  kwargs: dict[str, Any] = {}
+  where = source.location
+  if source.cache_name and _cache_hit(model_cache_dir(source.cache_name),
+                                      source):
+    where = str(model_cache_dir(source.cache_name))
+  elif source.kind == "gguf":
+    path = pathlib.Path(source.location)
+    where, kwargs = str(path.parent), {"gguf_file": path.name}
+  try:
+    return AutoConfig.from_pretrained(where, **kwargs)
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{spec}: cannot read the model config: {e}") from e

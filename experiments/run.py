@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -26,6 +27,8 @@ from absl import app, flags, logging
 from mosp_jax import data as data_lib
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline.checkpoint import LayerCheckpoint
+from mosp_jax.pipeline.grams import NonFiniteError
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import NM, Unstructured
 
@@ -54,8 +57,13 @@ flags.DEFINE_string("prefs", "", "Explicit preferences, ';'-separated, "
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration windows.")
 flags.DEFINE_string("out_dir", None, "Run directory (created).")
-flags.DEFINE_bool("overwrite", False, "Allow an existing non-empty "
-                  "--out_dir.")
+flags.DEFINE_bool("overwrite", False, "Start afresh in an --out_dir that "
+                  "holds another run (its outputs are deleted). Without it, "
+                  "the same configuration resumes and another is refused.")
+flags.DEFINE_integer("pause_after_layer", -1, "Debug: sleep "
+                     "--pause_seconds after checkpointing this layer (to "
+                     "test preemption).")
+flags.DEFINE_float("pause_seconds", 0.0, "See --pause_after_layer.")
 # Solver hyperparameters: defaults are SolverConfig's (the paper's).
 flags.DEFINE_float("alpha", _D.alpha, "Share of the budget in the core.")
 flags.DEFINE_float("p", _D.p, "Power-mean exponent of the core score.")
@@ -123,6 +131,15 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
   except ValueError as e:
     raise ValueError(f"--{e}") from e
   tasks = tuple(t.strip() for t in f.tasks if t.strip())
+  for t in tasks:
+    if t in data_lib.SOURCES:
+      continue
+    if not t.endswith((".txt", ".jsonl")):
+      raise ValueError(f"--tasks: unknown task {t!r}; known: "
+                       f"{', '.join(data_lib.SOURCES)}, or a .txt/.jsonl "
+                       "file")
+    if not os.path.isfile(t):
+      raise ValueError(f"--tasks: no file {t!r}")
   prefs = _prefs(f, len(tasks))
   run = RunConfig(
       model=f.model, tasks=tasks, pattern=_pattern(f),
@@ -132,15 +149,78 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
   return run, solver
 
 
-def _prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+# What a run writes into --out_dir; --overwrite deletes only these.
+RUN_OUTPUTS = (CONFIG_FILE, "flags.txt", "results.json", "report.md",
+               "pareto.png", "pareto", CHECKPOINT_DIR)
+
+
+def config_record(run: RunConfig, solver: SolverConfig) -> dict:
+  """The configuration a run directory belongs to (JSON-normalised)."""
+  rec = dataclasses.asdict(run)
+  rec.pop("out_dir")
+  rec["pattern"] = {"kind": type(run.pattern).__name__,
+                    **dataclasses.asdict(run.pattern)}
+  rec["solver"] = dataclasses.asdict(solver)
+  return json.loads(json.dumps(rec))
+
+
+def prepare_run_dir(run: RunConfig, solver: SolverConfig, *,
+                    overwrite: bool) -> tuple[pathlib.Path, bool]:
+  """Creates or checks --out_dir; returns `(path, resuming)`.
+
+  A directory holding a run of the same configuration is resumed; one
+  holding anything else is refused unless `overwrite`, which deletes the
+  previous run's outputs (and nothing else).
+  """
   out = pathlib.Path(run.out_dir)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise ValueError(f"--out_dir {out} exists and is not empty; pass "
-                     "--overwrite or choose a new directory")
-  out.mkdir(parents=True, exist_ok=True)
+  record = config_record(run, solver)
+  resuming = False
+  if out.exists() and any(out.iterdir()):
+    cfg = out / CONFIG_FILE
+    prev = json.loads(cfg.read_text()) if cfg.exists() else None
+    if overwrite:
+      for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+          shutil.rmtree(p)
+        elif p.exists():
+          p.unlink()
+    elif prev == record:
+      resuming = True
+    elif prev is None:
+      raise ValueError(f"--out_dir {out} is not empty and holds no run; "
+                       "choose a new directory or pass --overwrite")
+    else:
+      diff = sorted(k for k in set(prev) | set(record)
+                    if prev.get(k) != record.get(k))
+      raise ValueError(f"--out_dir {out} holds a run with another "
+                       f"configuration (differs in: {', '.join(diff)}); "
+                       "pass --overwrite or choose a new directory")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out_dir {out}: cannot create it ({e})") from e
   if not os.access(out, os.W_OK):
     raise ValueError(f"--out_dir {out} is not writable")
-  return out
+  if not resuming:
+    artifact.write_json(out / CONFIG_FILE, record)
+  return out, resuming
+
+
+def check_model_fits(run: RunConfig) -> None:
+  """Fails fast when --seqlen exceeds the model's context."""
+  if run.model == "tiny-llama":
+    context = 2048
+  else:
+    from bridge import hf_import
+    config = hf_import.load_config(run.model)
+    context = (getattr(config, "max_position_embeddings", None)
+               or getattr(config, "n_positions", None))
+  if context is not None and run.seqlen > context:
+    raise ValueError(f"--seqlen {run.seqlen} exceeds the context of "
+                     f"{run.model} ({context} tokens)")
 
 
 def load_model(spec: str):
@@ -183,9 +263,16 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
 
 
 def run_experiment(run: RunConfig, solver: SolverConfig, *,
-                   overwrite: bool = False, log=print) -> dict:
-  """Runs the whole job; returns the results dict also written to disk."""
-  out = _prepare_out_dir(run, overwrite)
+                   overwrite: bool = False, log=print,
+                   on_layer_done=None) -> dict:
+  """Runs the whole job, resuming a killed run of the same configuration;
+  returns the results dict also written to disk."""
+  out, resuming = prepare_run_dir(run, solver, overwrite=overwrite)
+  ckpt_dir = out / CHECKPOINT_DIR
+  if resuming and (out / "results.json").exists() and not ckpt_dir.exists():
+    log(f"{out} already holds this run's results; --overwrite redoes it")
+    return json.loads((out / "results.json").read_text())
+  check_model_fits(run)
   t0 = time.perf_counter()
   adapter, params, tokenizer = load_model(run.model)
   params = jax.device_put(params)
@@ -207,10 +294,12 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
       f"{len(run.tasks)} tasks x ({run.nsamples} calibration, {n_test} "
       f"test) x {run.seqlen} tokens; {len(run.prefs)} models")
   prefs = np.asarray(run.prefs, np.float32)
+  checkpoint = LayerCheckpoint(ckpt_dir)
   with jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
         adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
-        batch_size=run.batch_size, artifact_dir=str(out / "pareto"), log=log)
+        batch_size=run.batch_size, artifact_dir=str(out / "pareto"),
+        checkpoint=checkpoint, log=log, on_layer_done=on_layer_done)
   sparsity = res.sparsity.tolist()
   seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
              "wall": time.perf_counter() - t0}
@@ -238,6 +327,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   pareto.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
                      res.ppl, res.dense_ppl,
                      title=f"{run.model}, {run.pattern}")
+  checkpoint.remove()  # results are complete; the artifact stays
   return results
 
 
@@ -246,14 +336,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
     run, solver = configs_from_flags()
-    out = _prepare_out_dir(run, FLAGS.overwrite)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
-  res = run_experiment(run, solver, overwrite=True)
+
+  def pause(layer: int) -> None:
+    if layer == FLAGS.pause_after_layer:
+      time.sleep(FLAGS.pause_seconds)
+
+  try:
+    res = run_experiment(run, solver, overwrite=FLAGS.overwrite,
+                         on_layer_done=pause)
+  except (ValueError, FileNotFoundError, NonFiniteError,
+          data_lib.SourceUnavailableError) as e:
+    # Bad input and non-finite numbers end the run with one clear line;
+    # what was already written (artifact layers, checkpoint) stays valid.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  out = pathlib.Path(run.out_dir)
+  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   print(json.dumps({k: res[k] for k in ("dense_ppl", "timings")}, indent=1))
   for mdl in res["models"]:
     print(mdl["preference"], {k: round(v, 2) for k, v in mdl["ppl"].items()})

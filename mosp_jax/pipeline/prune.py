@@ -27,6 +27,7 @@ import numpy as np
 
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
 from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
 
@@ -102,7 +103,9 @@ def prune_and_evaluate(
     adapter: Any, params: Any, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
     cfg: SolverConfig, batch_size: int, artifact_dir: str | None = None,
-    log: Callable[[str], None] = print) -> WalkResult:
+    checkpoint: LayerCheckpoint | None = None,
+    log: Callable[[str], None] = print,
+    on_layer_done: Callable[[int], None] | None = None) -> WalkResult:
   """Prunes `params` layer by layer with MOSP and evaluates every model.
 
   Args:
@@ -117,7 +120,11 @@ def prune_and_evaluate(
     batch_size: sequences per forward batch.
     artifact_dir: where to save the compact Pareto set per layer (skipped
       when None).
+    checkpoint: where to save every stream after each layer; when it holds
+      a step, the walk resumes after that layer (same inputs required: the
+      runner checks the configuration) and ends with identical results.
     log: progress sink, one line per layer.
+    on_layer_done: called with the layer index once it is checkpointed.
   """
   m = len(calib)
   prefs = np.asarray(prefs, np.float32)
@@ -151,9 +158,24 @@ def prune_and_evaluate(
   groups = adapter.linear_groups()
   zeros, weights_total = np.zeros(P), 0
   layers_out = []
-  for layer in range(n_layers):
+  first = 0
+  if checkpoint is not None and checkpoint.latest_layer() is not None:
+    done_layer, state, meta = checkpoint.restore(
+        {"calib": calib_h, "dense": dense_h, "models": model_h,
+         "zeros": zeros})
+    calib_h, dense_h, model_h = state["calib"], state["dense"], state[
+        "models"]
+    zeros = np.asarray(state["zeros"], np.float64)
+    weights_total, layers_out = meta["weights_total"], meta["layers"]
+    seconds.update(meta["seconds"])
+    first = done_layer + 1
+    log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
+  for layer in range(first, n_layers):
     t0 = time.perf_counter()
     lp = adapter.layer_params(params, layer)
+    for name in adapter.linear_names():
+      _check_finite(adapter.get_kernel(params, layer, name),
+                    f"layer {layer} {name}: dense weights")
     task_grams = [layer_grams(adapter, lp, calib_h[i],
                               where=f"layer {layer}, task {i}")
                   for i in range(m)]
@@ -168,7 +190,6 @@ def prune_and_evaluate(
       for name in group:
         W0 = adapter.get_kernel(params, layer, name)
         where = f"layer {layer} {name}"
-        _check_finite(W0, f"{where}: dense weights")
         pareto, (info1, info2) = mosp_pareto(G_dev, W0, pattern=pattern,
                                              cfg=cfg)
         W, _, _ = mosp_materialize(G_dev, W0, pareto, prefs_dev,
@@ -203,13 +224,20 @@ def prune_and_evaluate(
     seconds["solve"] += t2 - t1
     seconds["propagate"] += t3 - t2
     done = time.perf_counter() - t_start
-    eta = done / (layer + 1) * (n_layers - layer - 1)
+    eta = done / (layer + 1 - first) * (n_layers - layer - 1)
     layers_out.append({"layer": layer, "capture_s": t1 - t0,
                        "solve_s": t2 - t1, "propagate_s": t3 - t2,
                        "linears": stats})
+    if checkpoint is not None:
+      checkpoint.save(layer, {"calib": calib_h, "dense": dense_h,
+                              "models": model_h, "zeros": zeros},
+                      {"weights_total": weights_total, "layers": layers_out,
+                       "seconds": seconds})
     log(f"layer {layer + 1}/{n_layers}: capture {t1 - t0:.1f}s, "
         f"solve {t2 - t1:.1f}s, propagate {t3 - t2:.1f}s | elapsed "
         f"{done:.0f}s, ETA {eta:.0f}s")
+    if on_layer_done is not None:
+      on_layer_done(layer)
 
   t4 = time.perf_counter()
 

@@ -1,0 +1,80 @@
+"""Gram capture against PyTorch hooks; the artifact round trip."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from bridge.hf_import import torch_to_flax
+from mosp_jax import models
+from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline.grams import layer_grams
+
+from .tiny_models import tiny_torch
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_grams_equal_xtx_of_pytorch_inputs(family):
+  tm = tiny_torch(family)
+  fm, params = torch_to_flax(tm)
+  adapter = models.adapter_for(fm)
+  ids = np.random.default_rng(0).integers(3, 90, (6, 11)).astype(np.int32)
+  # Independent reference: inputs of layer 0's linears from PyTorch hooks.
+  seen = {}
+  block = {"llama": lambda: tm.model.layers,
+           "gpt2": lambda: tm.transformer.h}.get(
+               family, lambda: tm.model.decoder.layers)()[0]
+  hooks = [block.get_submodule(g[0]).register_forward_hook(
+      lambda mod, inp, out, key=g[0]: seen.__setitem__(
+          key, inp[0].detach().double().numpy().reshape(-1,
+                                                        inp[0].shape[-1])))
+           for g in adapter.linear_groups()]
+  with torch.no_grad():
+    tm(torch.tensor(ids, dtype=torch.long))
+  for h in hooks:
+    h.remove()
+  params = jax.device_put(params)
+  stream = [adapter.embed(params, jax.device_put(ids[lo:lo + 2]))
+            for lo in range(0, 6, 2)]  # three batches
+  with jax.transfer_guard("disallow"):
+    grams = layer_grams(adapter, adapter.layer_params(params, 0), stream)
+  assert sorted(grams) == sorted(g[0] for g in adapter.linear_groups())
+  for key, G in grams.items():
+    X = seen[key]
+    ref = X.T @ X / X.shape[0]
+    np.testing.assert_allclose(G, ref, rtol=1e-4,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def test_artifact_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  core = rng.random((12, 5)) < 0.3
+  ts = np.where(rng.random((3, 12, 5)) < 0.5,
+                rng.standard_normal((3, 12, 5)), 0).astype(np.float32)
+  ts[1, 0, 0] = -0.0
+  grams = {"q": rng.standard_normal((3, 12, 12)).astype(np.float32)}
+  artifact.save_layer(tmp_path, 4, {"q": (core, ts), "k": (~core, ts)},
+                      grams)
+  linears, g2 = artifact.load_layer(tmp_path, 4)
+  np.testing.assert_array_equal(linears["q"][0], core)
+  np.testing.assert_array_equal(linears["k"][0], ~core)
+  np.testing.assert_array_equal(linears["q"][1], ts)
+  np.testing.assert_array_equal(g2["q"], grams["q"])
+  assert not list(tmp_path.glob("*.tmp"))
+  with pytest.raises(FileNotFoundError, match="layer 5"):
+    artifact.load_layer(tmp_path, 5)
+
+
+def test_preference_sets():
+  g = pareto.simplex_grid(3, 2)
+  assert g.shape == (6, 3)
+  np.testing.assert_allclose(g.sum(1), 1)
+  np.testing.assert_array_equal(g[:3], np.eye(3))  # vertices first
+  assert pareto.with_centroid(g).shape == (7, 3)
+  p = pareto.ensure_vertices(np.array([[0.5, 0.5, 0.0]], np.float32))
+  assert p.shape == (4, 3)
+  for bad, msg in [(np.array([[0.5, 0.6, -0.1]]), ">= 0"),
+                   (np.array([[0.5, 0.6, 0.1]]), "sum to 1"),
+                   (np.array([[0.5, 0.5]]), "3 weights")]:
+    with pytest.raises(ValueError, match=msg):
+      pareto.check_prefs(bad, 3, flag="--prefs")

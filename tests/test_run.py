@@ -1,0 +1,139 @@
+"""The runner: flags -> configs, and a real end-to-end smoke run."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from experiments import run as run_lib
+from mosp_jax.config import SolverConfig
+from mosp_jax.pipeline import artifact
+from mosp_jax.solvers import NM, Unstructured
+
+SMOKE = "experiments/configs/smoke.flags"
+
+
+def parse(*args):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["run", f"--flagfile={SMOKE}", *args])
+  return run_lib.configs_from_flags()
+
+
+@flagsaver.flagsaver
+def test_every_solver_flag_reaches_its_field(tmp_path):
+  values = {"alpha": 0.3, "p": 1.0, "rho0": 0.2, "update_every": 4,
+            "max_iter": 50, "stage2_rho": 0.7, "stage2_adaptive": False,
+            "stage2_max_iter": 40, "damping": 0.05, "pcg_iters": 5}
+  assert set(values) == {f.name for f in dataclasses.fields(SolverConfig)}
+  args = [f"--{k}={v}" if not isinstance(v, bool) else
+          (f"--{k}" if v else f"--no{k}") for k, v in values.items()]
+  run, solver = parse(f"--out_dir={tmp_path}", *args)
+  assert dataclasses.asdict(solver) == values
+  assert run.pattern == Unstructured(0.5) and run.nsamples == 4
+  assert len(run.prefs) == 7 and run.prefs[:3] == ((1.0, 0.0, 0.0),
+                                                   (0.0, 1.0, 0.0),
+                                                   (0.0, 0.0, 1.0))
+
+
+@flagsaver.flagsaver
+def test_run_flags_map_to_typed_values(tmp_path):
+  run, _ = parse(f"--out_dir={tmp_path}", "--nm=2:4",
+                 "--prefs=0.5,0.25,0.25")
+  assert run.pattern == NM(2, 4)
+  # The explicit preference plus the three vertices every run needs.
+  assert run.prefs == ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0),
+                       (0.5, 0.25, 0.25))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity=1.0"], "--sparsity: sparsity must be in"),
+    (["--nm=4:2"], "--nm: N:M needs 0 < N < M"),
+    (["--nm=two:four"], "--nm: expected 'N:M'"),
+    (["--prefs=0.5,0.5"], "--prefs: expected preferences of 3"),
+    (["--prefs=0.6,0.6,0.1"], "--prefs: each preference must sum to 1"),
+    (["--alpha=2"], "--alpha must be in"),
+    (["--nsamples=0"], "nsamples must be > 0"),
+    (["--tasks=math,math"], "tasks: duplicate"),
+])
+@flagsaver.flagsaver
+def test_bad_flags_name_the_flag(tmp_path, args, message):
+  with pytest.raises(ValueError, match=message):
+    parse(f"--out_dir={tmp_path}", *args)
+
+
+@flagsaver.flagsaver
+def test_out_dir_rules(tmp_path):
+  (tmp_path / "keep.txt").write_text("x")
+  run, solver = parse(f"--out_dir={tmp_path}")
+  with pytest.raises(ValueError, match="not empty and holds no run"):
+    run_lib.prepare_run_dir(run, solver, overwrite=False)
+  # --overwrite deletes only a run's own outputs.
+  _, resuming = run_lib.prepare_run_dir(run, solver, overwrite=True)
+  assert not resuming and (tmp_path / "keep.txt").read_text() == "x"
+  # The same configuration resumes; another is refused, naming the field.
+  assert run_lib.prepare_run_dir(run, solver, overwrite=False)[1]
+  run2, solver2 = parse(f"--out_dir={tmp_path}", "--sparsity=0.6",
+                        "--alpha=0.4")
+  with pytest.raises(ValueError, match="differs in: pattern, solver"):
+    run_lib.prepare_run_dir(run2, solver2, overwrite=False)
+
+
+@flagsaver.flagsaver
+def test_unknown_task_and_long_seqlen_fail_fast(tmp_path):
+  with pytest.raises(ValueError, match="--tasks: unknown task 'poetry'"):
+    parse(f"--out_dir={tmp_path}", "--tasks=general,poetry")
+  with pytest.raises(ValueError, match="--tasks: no file"):
+    parse(f"--out_dir={tmp_path}", f"--tasks=general,{tmp_path}/x.txt")
+  run, _ = parse(f"--out_dir={tmp_path}", "--model=smollm2-135m",
+                 "--seqlen=9000", "--test_tokens=9000")
+  with pytest.raises(ValueError, match="--seqlen 9000 exceeds the context "
+                     "of smollm2-135m \\(8192"):
+    run_lib.check_model_fits(run)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("smoke")
+  with flagsaver.flagsaver():
+    run, solver = parse(f"--out_dir={out}")
+  return out, run, run_lib.run_experiment(run, solver, log=lambda s: None)
+
+
+def test_smoke_run_outputs(smoke_run):
+  out, run, res = smoke_run
+  on_disk = json.loads((out / "results.json").read_text())
+  assert on_disk["tasks"] == ["general", "math", "pycode"]
+  assert set(on_disk) >= {"model", "sparsity", "tasks", "dense_ppl",
+                          "models", "timings"}
+  assert len(on_disk["models"]) == 7
+  for mdl in on_disk["models"]:
+    assert sum(mdl["preference"]) == pytest.approx(1.0)
+    assert set(mdl["ppl"]) == set(run.tasks)
+    assert all(np.isfinite(v) and v > 1 for v in mdl["ppl"].values())
+    # Exact budgets: zeros are exactly half of every pruned linear (a kept
+    # weight is never exactly zero in a random float model).
+    assert mdl["sparsity"] == pytest.approx(0.5, abs=1e-6)
+  assert (out / "report.md").read_text().startswith("# MOSP run")
+  assert (out / "pareto.png").stat().st_size > 10_000
+  meta = json.loads((out / "pareto" / "meta.json").read_text())
+  assert meta["num_layers"] == 2 and meta["tasks"] == list(run.tasks)
+  linears, grams = artifact.load_layer(out / "pareto", 1)
+  assert len(linears) == 7 and len(grams) == 4
+  for core, task_sparse in linears.values():
+    k = core.size // 2
+    assert core.sum() == k // 2  # floor(alpha k), alpha = 0.5
+    assert ((task_sparse != 0) | core[None]).sum(axis=(1, 2)).max() <= k
+
+
+@flagsaver.flagsaver
+def test_sparsity_zero_models_equal_dense(tmp_path):
+  run, solver = parse(f"--out_dir={tmp_path}", "--sparsity=0",
+                      "--pref_grid=1", "--nopref_centroid")
+  res = run_lib.run_experiment(run, solver, log=lambda s: None)
+  dense = np.array([res["dense_ppl"][t] for t in run.tasks])
+  for mdl in res["models"]:
+    np.testing.assert_allclose([mdl["ppl"][t] for t in run.tasks], dense,
+                               rtol=1e-4)
