@@ -282,8 +282,8 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
            f"Hypervolume of (log relative error per task), shared reference "
            f"{_pref(np.asarray(summary['reference']))}; higher is better. "
            "Time: wall and process CPU seconds of the solves over the "
-           "linears, compilation excluded (this CPU is shared: wall time "
-           "varies with the load, CPU time much less).", "",
+           "linears, compilation excluded. On a shared machine both vary "
+           "with the load: compare methods within one run.", "",
            *_summary_table(summary, res.seconds, res.cpu_seconds), "",
            "## Summary (held-out Grams)", "",
            *_summary_table(summary_ho, res.seconds, res.cpu_seconds), "",

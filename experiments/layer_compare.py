@@ -171,7 +171,8 @@ class LayerResult(NamedTuple):
   calibration Grams, `heldout[method][linear]` on the test Grams,
   `seconds[method]` wall and `cpu_seconds[method]` process CPU time of
   the solves over all linears (compilation excluded). On a shared
-  machine the CPU time is the steadier measure of work."""
+  machine both vary with the load (measured here: up to 4x between
+  runs, the MOSP/ALPS ratio much less), so compare within one run."""
   errors: dict[str, dict[str, np.ndarray]]
   heldout: dict[str, dict[str, np.ndarray]]
   seconds: dict[str, float]
