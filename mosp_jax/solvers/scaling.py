@@ -72,3 +72,20 @@ def scale_problem(grams: jax.Array, W0: jax.Array, *,
   energy = jnp.einsum("io,mij,jo->m", B0, G, B0)
   energy = jnp.where(energy > 0, energy, 1.0)
   return Scaled(G=G, B0=B0, d=d, energy=energy)
+
+
+def mixed_gram(grams: jax.Array, W0: jax.Array, lam: jax.Array) -> jax.Array:
+  """The Gram of the preference objective `F_lam` (METHOD.md section 1).
+
+  `H_lam = sum_i lam_i G_i / tr(W0^T G_i W0)`, so that
+  `tr((W-W0)^T H_lam (W-W0)) = sum_i lam_i f_i(W)`. A task without energy
+  (`tr = 0`) enters with weight `lam_i` on an all-zero Gram.
+
+  Args: `grams (m, n_in, n_in)` undamped, `W0 (n_in, n_out)`, `lam (m,)`.
+  Returns `(n_in, n_in)`, undamped.
+  """
+  grams = grams.astype(jnp.float32)
+  W0 = W0.astype(jnp.float32)
+  energy = jnp.einsum("io,mij,jo->m", W0, grams, W0)
+  w = lam.astype(jnp.float32) / jnp.where(energy > 0, energy, 1.0)
+  return jnp.tensordot(w, grams, axes=1)

@@ -1,0 +1,255 @@
+"""One real layer for `experiments.compare --layer_level`: capture, solve.
+
+`capture_layer` runs every task's calibration and test segments through the
+dense model up to decoder layer `L` and accumulates the input Grams of
+layer `L`'s linears (one per task and group of linears sharing an input),
+plus the dense kernels; the result is cached on disk, keyed by everything
+that determines it. `solve_layer` prunes each linear with every method and
+measures the relative reconstruction error of each model on each task's
+calibration Gram (the objective) and held-out test Gram.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from experiments import run as run_lib
+from mosp_jax import baselines, fetch
+from mosp_jax import data as data_lib
+from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline.grams import layer_grams
+from mosp_jax.pipeline.prune import (
+  _device_batches,
+  _embed,
+  _model_stats,
+  _propagate,
+)
+from mosp_jax.solvers import (
+  Pattern,
+  mixed_gram,
+  mosp_materialize,
+  mosp_pareto,
+)
+
+_CACHE_VERSION = 1
+_mix = jax.jit(mixed_gram)
+
+
+class LayerProblem(NamedTuple):
+  """The captured inputs of one decoder layer.
+
+  layer: its index; num_layers: of the model.
+  groups: linears sharing an input, as the adapter groups them.
+  calib, test: `{group key: (m, n_in, n_in) float32}` per-task Grams on
+    the calibration and on the test segments (key: the group's first
+    linear).
+  kernels: `{linear: (n_in, n_out) float32}` dense weights.
+  """
+  layer: int
+  num_layers: int
+  groups: list[list[str]]
+  calib: dict[str, np.ndarray]
+  test: dict[str, np.ndarray]
+  kernels: dict[str, np.ndarray]
+
+  def group_of(self, name: str) -> str:
+    return next(g[0] for g in self.groups if name in g)
+
+
+def load_inputs(run: RunConfig):
+  """The model and data of a run, loaded once for every method.
+
+  Returns `(adapter, params (on the device), calib, test, (model seconds,
+  data seconds))`: `calib`/`test` per task `(N, T)` int32, every task cut
+  to the same number of test segments (as `experiments.run` does).
+  """
+  t0 = time.perf_counter()
+  adapter, params, tokenizer = run_lib.load_model(run.model)
+  params = jax.device_put(params)
+  t_model = time.perf_counter() - t0
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    if td.test.shape[0] == 0:
+      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
+                       "tokens")
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  test = [t[:n_test] for t in test]
+  return adapter, params, calib, test, (t_model,
+                                        time.perf_counter() - t0 - t_model)
+
+
+def _cache_path(run: RunConfig, layer: int) -> pathlib.Path:
+  key = hashlib.sha256(json.dumps(dict(
+      version=_CACHE_VERSION, model=run.model, tasks=list(run.tasks),
+      nsamples=run.nsamples, seqlen=run.seqlen,
+      test_tokens=run.test_tokens, seed=run.seed, layer=layer)).encode())
+  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.model)[:40]
+  return fetch.cache_dir() / "grams" / f"{slug}-{key.hexdigest()[:24]}.npz"
+
+
+def _save(path: pathlib.Path, prob: LayerProblem) -> None:
+  arrays = {f"calib/{k}": v for k, v in prob.calib.items()}
+  arrays |= {f"test/{k}": v for k, v in prob.test.items()}
+  arrays |= {f"kernel/{k}": v for k, v in prob.kernels.items()}
+  arrays["meta"] = np.frombuffer(json.dumps(
+      {"layer": prob.layer, "num_layers": prob.num_layers,
+       "groups": prob.groups}).encode(), np.uint8)
+  artifact._atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _load(path: pathlib.Path) -> LayerProblem:
+  with np.load(path) as z:
+    meta = json.loads(z["meta"].tobytes().decode())
+    part = {s: {k.split("/", 1)[1]: z[k] for k in z.files
+                if k.startswith(f"{s}/")} for s in ("calib", "test",
+                                                     "kernel")}
+  return LayerProblem(meta["layer"], meta["num_layers"], meta["groups"],
+                      part["calib"], part["test"], part["kernel"])
+
+
+def capture_layer(run: RunConfig, layer: int = -1, *,
+                  use_cache: bool = True,
+                  log: Callable[[str], None] = print) -> LayerProblem:
+  """Grams of layer `layer` (-1: the middle one) on dense activations."""
+  path = _cache_path(run, layer)
+  if use_cache and path.exists():
+    log(f"layer Grams from the cache: {path}")
+    return _load(path)
+  t0 = time.perf_counter()
+  adapter, params, calib, test, _ = load_inputs(run)
+  n_layers = adapter.num_layers(params)
+  target = n_layers // 2 if layer < 0 else layer
+  if not 0 <= target < n_layers:
+    raise ValueError(f"--layer {layer}: the model has {n_layers} layers")
+  bs = run.batch_size
+  with jax.transfer_guard("disallow"):
+    streams = {side: [[_embed(adapter, params, b) for b in
+                       _device_batches(np.asarray(ids), bs)]
+                      for ids in seqs]
+               for side, seqs in (("calib", calib), ("test", test))}
+    for i in range(target):
+      lp = adapter.layer_params(params, i)
+      streams = {side: [[_propagate(adapter, lp, h) for h in s]
+                        for s in ss] for side, ss in streams.items()}
+    lp = adapter.layer_params(params, target)
+    grams = {side: [layer_grams(adapter, lp, s, where=f"layer {target}, "
+                                f"{side} task {t}")
+                    for t, s in enumerate(ss)]
+             for side, ss in streams.items()}
+    groups = adapter.linear_groups()
+    kernels = {name: np.asarray(jax.device_get(
+        adapter.get_kernel(params, target, name)), np.float32)
+               for g in groups for name in g}
+  stacked = {side: {g[0]: np.stack([gr[g[0]] for gr in grams[side]])
+                    for g in groups} for side in grams}
+  prob = LayerProblem(target, n_layers, groups, stacked["calib"],
+                      stacked["test"], kernels)
+  log(f"captured layer {target}/{n_layers} in "
+      f"{time.perf_counter() - t0:.0f}s")
+  if use_cache:
+    _save(path, prob)
+  return prob
+
+
+class LayerResult(NamedTuple):
+  """Per method: `errors[method][linear]` `(P, m)` relative errors on the
+  calibration Grams, `heldout[method][linear]` on the test Grams,
+  `seconds[method]` wall and `cpu_seconds[method]` process CPU time of
+  the solves over all linears (compilation excluded). On a shared
+  machine both vary with the load (measured here: up to 4x between
+  runs, the MOSP/ALPS ratio much less), so compare within one run."""
+  errors: dict[str, dict[str, np.ndarray]]
+  heldout: dict[str, dict[str, np.ndarray]]
+  seconds: dict[str, float]
+  cpu_seconds: dict[str, float]
+
+
+def _solve(method: str, G, W0, prefs_dev, lams, *, pattern: Pattern,
+           cfg: SolverConfig):
+  """`(P, n_in, n_out)` pruned weights of one method for every preference."""
+  if method == "mosp":
+    par, _ = mosp_pareto(G, W0, pattern=pattern, cfg=cfg)
+    return mosp_materialize(G, W0, par, prefs_dev, pattern=pattern,
+                            cfg=cfg)[0]
+  if method in baselines.DATA_FREE:
+    W = baselines.prune_single(method, None, W0, pattern=pattern, cfg=cfg)
+    return [W] * len(lams)
+  return [baselines.prune_single(method, _mix(G, W0, lam), W0,
+                                 pattern=pattern, cfg=cfg) for lam in lams]
+
+
+@jax.jit
+def _stack(ws):
+  return ws if isinstance(ws, jax.Array) else jax.numpy.stack(ws)
+
+
+def _timed_solve(*args, pattern: Pattern, cfg: SolverConfig) -> jax.Array:
+  return jax.block_until_ready(_stack(_solve(*args, pattern=pattern,
+                                             cfg=cfg)))
+
+
+def solve_layer(prob: LayerProblem, prefs: np.ndarray,
+                methods: Sequence[str], *, pattern: Pattern,
+                cfg: SolverConfig, linears: Sequence[str] = (),
+                log: Callable[[str], None] = print) -> LayerResult:
+  """Prunes the linears of `prob` with each method for every preference.
+
+  Before the first linear of each shape, each method is compiled on an
+  easy problem of that shape (identity Grams), so the times exclude
+  compilation (in a whole-model walk it is amortised over the layers).
+  """
+  names = list(linears) or [n for g in prob.groups for n in g]
+  unknown = [n for n in names if n not in prob.kernels]
+  if unknown:
+    raise ValueError(f"--linears: unknown {unknown}; the layer has "
+                     f"{list(prob.kernels)}")
+  prefs = np.asarray(prefs, np.float32)
+  errors = {m: {} for m in methods}
+  heldout = {m: {} for m in methods}
+  seconds = dict.fromkeys(methods, 0.0)
+  cpu = dict.fromkeys(methods, 0.0)
+  with jax.transfer_guard("disallow"):
+    prefs_dev = jax.device_put(prefs)
+    lams = [jax.device_put(p) for p in prefs]
+    for name in names:
+      key = prob.group_of(name)
+      G, Gt, W0 = jax.device_put((prob.calib[key], prob.test[key],
+                                  prob.kernels[name]))
+      m, n_in = prob.calib[key].shape[:2]
+      eye = jax.device_put(np.broadcast_to(np.eye(n_in, dtype=np.float32),
+                                           (m, n_in, n_in)))
+      for method in methods:
+        if not any(prob.kernels[n].shape == W0.shape
+                   for n in errors[method]):
+          # Compile on an easy problem of the same shapes (identity
+          # Grams: ADMM settles in a few iterations).
+          _timed_solve(method, eye, W0, prefs_dev, lams, pattern=pattern,
+                       cfg=cfg)
+        t0, c0 = time.perf_counter(), time.process_time()
+        W = _timed_solve(method, G, W0, prefs_dev, lams, pattern=pattern,
+                         cfg=cfg)
+        dt = time.perf_counter() - t0
+        seconds[method] += dt
+        cpu[method] += time.process_time() - c0
+        (e, _), (h, _) = jax.device_get((_model_stats(G, W0, W),
+                                         _model_stats(Gt, W0, W)))
+        errors[method][name] = np.asarray(e, np.float64)
+        heldout[method][name] = np.asarray(h, np.float64)
+        log(f"{name} {tuple(W0.shape)} {method}: {dt:.2f}s, mean rel. "
+            f"error {np.mean(e):.4g}")
+  return LayerResult(errors, heldout, seconds, cpu)
