@@ -102,12 +102,18 @@ def topk_mask(scores: jax.Array, k: int,
 
   The k-th value is found by a 31-step bisection on the int32 bit patterns
   (each step one pass over the scores) instead of a full sort, so the cost is
-  linear in the number of weights.
+  linear in the number of weights. The matrix is never flattened: counts
+  are plain sums, and the ties are cut in row-major order from per-row
+  counts and the cumulative count along the one row where the cut falls.
+  On a device mesh with the last axis (output columns) sharded, everything
+  but that one row stays sharded; the sums become all-reduces of integers,
+  so the mask is exact there too.
   """
   shape = scores.shape
-  bits = _as_bits(scores).reshape(-1)
+  rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+  bits = _as_bits(scores).reshape(rows, shape[-1] if shape else 1)
   if eligible is not None:
-    bits = jnp.where(eligible.reshape(-1), bits, -1)
+    bits = jnp.where(eligible.reshape(bits.shape), bits, -1)
   if k <= 0:
     return jnp.zeros(shape, bool)
   if k >= bits.size:
@@ -123,11 +129,22 @@ def topk_mask(scores: jax.Array, k: int,
 
   lo, _ = jax.lax.fori_loop(0, 32, body,
                             (jnp.int32(0), jnp.int32(0x7F800000)))
-  above = bits > lo
-  ties = bits == lo
-  room = k - jnp.sum(above)
-  take_tie = ties & (jnp.cumsum(ties) <= room)
-  return (above | take_tie).reshape(shape)
+  return (bits > lo) | _first_ties(bits == lo, k - jnp.sum(bits > lo)
+                                   ).reshape(shape)
+
+
+def _first_ties(ties: jax.Array, room: jax.Array) -> jax.Array:
+  """The first `room` True entries of `ties (rows, cols)` in row-major
+  order (the flat `cumsum(ties) <= room` without flattening)."""
+  per_row = jnp.sum(ties, axis=1, dtype=jnp.int32)
+  before = jnp.cumsum(per_row) - per_row        # ties in earlier rows
+  # The row where the cut falls: the last row whose earlier ties fit.
+  cut = jnp.sum(before < room) - 1
+  row = jnp.arange(ties.shape[0])[:, None]
+  in_cut_row = jnp.cumsum(jax.lax.dynamic_index_in_dim(
+      ties, jnp.maximum(cut, 0), axis=0, keepdims=False), dtype=jnp.int32)
+  take_cut = in_cut_row[None, :] <= room - before[jnp.maximum(cut, 0)]
+  return ties & ((row < cut) | ((row == cut) & take_cut))
 
 
 def nm_mask(scores: jax.Array, n: int, m: int,
