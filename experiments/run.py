@@ -28,6 +28,7 @@ from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import NM, Unstructured
+from mosp_jax.solvers import sharding as sharding_lib
 
 _D = SolverConfig()
 
@@ -70,6 +71,15 @@ flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
                      "Stage-2 ADMM cap.")
 flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag.")
 flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations.")
+# Devices: the mesh the per-layer solvers run on, and multi-host setup.
+flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
+                    "(one device), 'C' (output columns split over C "
+                    "devices) or 'TxC' (tasks x columns), e.g. '4', '2x2'.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of "
+                    "process 0 (jax.distributed.initialize).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes; "
+                     "> 1 calls jax.distributed.initialize.")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 
 FLAGS = flags.FLAGS
 
@@ -132,6 +142,18 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
   return run, solver
 
 
+def mesh_from_flags(f=FLAGS):
+  """Starts multi-host JAX if asked, then builds the `--mesh` (None for
+  one device). Must run before anything else uses JAX; errors name the
+  flag."""
+  sharding_lib.initialize_distributed(f.coordinator_address,
+                                      f.num_processes, f.process_id)
+  try:
+    return sharding_lib.make_mesh(f.mesh)
+  except ValueError as e:
+    raise ValueError(f"--mesh: {e}") from e
+
+
 def _prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
   out = pathlib.Path(run.out_dir)
   if out.exists() and any(out.iterdir()) and not overwrite:
@@ -183,7 +205,8 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
 
 
 def run_experiment(run: RunConfig, solver: SolverConfig, *,
-                   overwrite: bool = False, log=print) -> dict:
+                   overwrite: bool = False, log=print,
+                   mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs the whole job; returns the results dict also written to disk."""
   out = _prepare_out_dir(run, overwrite)
   t0 = time.perf_counter()
@@ -210,7 +233,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   with jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
         adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
-        batch_size=run.batch_size, artifact_dir=str(out / "pareto"), log=log)
+        batch_size=run.batch_size, artifact_dir=str(out / "pareto"), log=log,
+        mesh=mesh)
   sparsity = res.sparsity.tolist()
   seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
              "wall": time.perf_counter() - t0}
@@ -245,6 +269,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
+    mesh = mesh_from_flags()
     run, solver = configs_from_flags()
     out = _prepare_out_dir(run, FLAGS.overwrite)
   except ValueError as e:
@@ -253,7 +278,8 @@ def main(argv):
   artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
-  res = run_experiment(run, solver, overwrite=True)
+  logging.info("solver mesh: %s", mesh and dict(mesh.shape))
+  res = run_experiment(run, solver, overwrite=True, mesh=mesh)
   print(json.dumps({k: res[k] for k in ("dense_ppl", "timings")}, indent=1))
   for mdl in res["models"]:
     print(mdl["preference"], {k: round(v, 2) for k, v in mdl["ppl"].items()})

@@ -28,7 +28,7 @@ import numpy as np
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
-from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
+from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto, sharding
 
 
 @functools.partial(jax.jit, static_argnames=("adapter",))
@@ -102,7 +102,8 @@ def prune_and_evaluate(
     adapter: Any, params: Any, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
     cfg: SolverConfig, batch_size: int, artifact_dir: str | None = None,
-    log: Callable[[str], None] = print) -> WalkResult:
+    log: Callable[[str], None] = print,
+    mesh: jax.sharding.Mesh | None = None) -> WalkResult:
   """Prunes `params` layer by layer with MOSP and evaluates every model.
 
   Args:
@@ -118,6 +119,8 @@ def prune_and_evaluate(
     artifact_dir: where to save the compact Pareto set per layer (skipped
       when None).
     log: progress sink, one line per layer.
+    mesh: optional device mesh (`solvers.sharding.make_mesh`) the per-layer
+      solvers run on; their results come back to the model's device.
   """
   m = len(calib)
   prefs = np.asarray(prefs, np.float32)
@@ -170,9 +173,12 @@ def prune_and_evaluate(
         where = f"layer {layer} {name}"
         _check_finite(W0, f"{where}: dense weights")
         pareto, (info1, info2) = mosp_pareto(G_dev, W0, pattern=pattern,
-                                             cfg=cfg)
+                                             cfg=cfg, mesh=mesh)
         W, _, _ = mosp_materialize(G_dev, W0, pareto, prefs_dev,
-                                   pattern=pattern, cfg=cfg)
+                                   pattern=pattern, cfg=cfg, mesh=mesh)
+        if mesh is not None:
+          W, pareto, info1, info2 = sharding.to_local(
+              (W, pareto, info1, info2), W0)
         _check_finite(W, f"{where}: pruned weights")
         for p, w in enumerate(_unstack(W)):
           model_params[p] = adapter.set_kernel(model_params[p], layer, name,
