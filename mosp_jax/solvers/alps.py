@@ -33,7 +33,8 @@ class AlpsInfo(NamedTuple):
 def _alps(G, W0, rho0, damping, *, pattern, update_every, max_iter,
           pcg_iters, layout=None):
   n_in, n_out = W0.shape
-  sc = scale_problem(G[None], W0, damping=damping)
+  sc = scale_problem(G[None], W0, damping=damping,
+                     replicate=None if layout is None else layout.replicate)
   if layout is not None:
     sc = sc._replace(B0=layout.constrain(sc.B0, layout.weights))
   Q, L = admm_lib.eig(sc.G) if layout is None else layout.eig(sc.G)
@@ -50,7 +51,7 @@ def _alps(G, W0, rho0, damping, *, pattern, update_every, max_iter,
       update_every=update_every, max_iter=max_iter)
   X, pinfo = pcg_lib.masked_pcg(sc.G[0], sc.B0, it.mask[0], it.D[0],
                          iters=pcg_iters)
-  return X / sc.d[:, None], it.mask[0], AlpsInfo(info, pinfo)
+  return X * (1.0 / sc.d)[:, None], it.mask[0], AlpsInfo(info, pinfo)
 
 
 def alps_prune(G: jax.Array, W0: jax.Array, *, pattern: projection.Pattern,

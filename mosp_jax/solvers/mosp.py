@@ -29,7 +29,7 @@ from mosp_jax.solvers import admm as admm_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers import projection
 from mosp_jax.solvers import sharding as sharding_lib
-from mosp_jax.solvers.scaling import Scaled, scale_problem
+from mosp_jax.solvers.scaling import Replicate, Scaled, scale_problem
 
 
 class ParetoLayer(NamedTuple):
@@ -67,12 +67,15 @@ class MospResult(NamedTuple):
 
 def stage1(sc: Scaled, Q: jax.Array, L: jax.Array, *,
            pattern: projection.Pattern, alpha: float, p: float,
-           rho0: jax.Array, update_every: int, max_iter: int):
-  """Joint ADMM over tasks. Returns `(core, Iterates, info)`."""
+           rho0: jax.Array, update_every: int, max_iter: int,
+           replicate: Replicate | None = None):
+  """Joint ADMM over tasks. Returns `(core, Iterates, info)`.
+  `replicate`: see `projection.mosp_masks` (on a device mesh)."""
   m, n_in, n_out = sc.G.shape[0], *sc.B0.shape
 
   def project(Z):
-    core, masks = projection.mosp_masks(Z, pattern, alpha=alpha, p=p)
+    core, masks = projection.mosp_masks(Z, pattern, alpha=alpha, p=p,
+                                        replicate=replicate)
     return masks, core
 
   B = jnp.broadcast_to(sc.B0, (m, n_in, n_out))
@@ -127,7 +130,7 @@ def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
   _, n_in, n_out = D.shape
   count = pattern.unit_keep(n_in, n_out) - projection.core_count(
       pattern, n_in, n_out, alpha)
-  w = prefs / sc.energy[None]                     # (P, m)
+  w = prefs * (1.0 / sc.energy)[None]             # (P, m)
   diag = jnp.diagonal(sc.G, axis1=1, axis2=2)     # (m, n_in)
   sal_i = jnp.square(D) * diag[:, :, None]        # (m, n_in, n_out)
   outside = jnp.logical_not(core)
@@ -152,13 +155,15 @@ def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha, p,
             layout=None):
   sc = _scaled(grams, W0, damping, layout)
   Q, L = admm_lib.eig(sc.G) if layout is None else layout.eig(sc.G)
+  replicate = None if layout is None else layout.replicate
   core, it1, info1 = stage1(sc, Q, L, pattern=pattern, alpha=alpha, p=p,
                             rho0=rho0, update_every=update_every,
-                            max_iter=max_iter)
+                            max_iter=max_iter, replicate=replicate)
   it2, info2 = stage2(sc, Q, L, core, it1, pattern=pattern, alpha=alpha,
                       rho=stage2_rho, adaptive=stage2_adaptive,
                       update_every=update_every, max_iter=stage2_max_iter)
-  pareto = ParetoLayer(core=core, task_sparse=it2.D / sc.d[None, :, None])
+  pareto = ParetoLayer(core=core,
+                       task_sparse=it2.D * (1.0 / sc.d)[None, :, None])
   if layout is not None:
     pareto = ParetoLayer(
         core=layout.constrain(core, layout.weights),
@@ -168,7 +173,8 @@ def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha, p,
 
 def _scaled(grams, W0, damping, layout) -> Scaled:
   """`scale_problem`, with its outputs pinned to `layout` if any."""
-  sc = scale_problem(grams, W0, damping=damping)
+  sc = scale_problem(grams, W0, damping=damping,
+                     replicate=None if layout is None else layout.replicate)
   if layout is None:
     return sc
   return sc._replace(G=layout.constrain(sc.G, layout.replicated),
@@ -185,7 +191,7 @@ def _materialize(grams, W0, pareto, prefs, damping, *, pattern, alpha,
   X, masks, info = assemble(sc, pareto.core, D, prefs.astype(jnp.float32),
                             pattern=pattern, alpha=alpha,
                             pcg_iters=pcg_iters)
-  X = X / sc.d[None, :, None]
+  X = X * (1.0 / sc.d)[None, :, None]
   if layout is not None:
     X = layout.constrain(X, layout.per_model)
     masks = layout.constrain(masks, layout.per_model)

@@ -19,6 +19,8 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from mosp_jax.solvers.scaling import Replicate, weight_sum
+
 
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
@@ -214,17 +216,19 @@ def core_score(Z: jax.Array, p: float) -> jax.Array:
   return jnp.mean(r ** p, axis=0) ** (1.0 / p)
 
 
-def _core_rank(Z: jax.Array, p: float) -> jax.Array:
+def _core_rank(Z: jax.Array, p: float,
+               replicate: Replicate | None = None) -> jax.Array:
   """A strictly increasing function of `core_score`, cheaper to compute.
 
   Selection only needs the order, so the outer `^(1/p)` (for p = 0 the
   exp) is dropped and `(Z^2 / sigma)^p` is taken as `|Z|^(2p) sigma^-p`:
   for the default p = 0.5 a plain `|Z| / sqrt(sigma)`. The task mean is a
   contraction (einsum) because XLA:CPU runs a broadcast-then-reduce over
-  the task axis some 40x slower.
+  the task axis some 40x slower. `sigma` is a `weight_sum`, exact on a
+  device mesh (`replicate`).
   """
-  m = Z.shape[0]
-  sigma = jnp.mean(jnp.square(Z), axis=(1, 2))
+  m, n_in, n_out = Z.shape
+  sigma = weight_sum(jnp.square(Z), replicate) / (n_in * n_out)
   sigma = jnp.where(sigma > 0, sigma, 1.0)
   a = jnp.abs(Z)
   if p == 0:
@@ -251,7 +255,8 @@ def task_masks(Z: jax.Array, core: jax.Array, pattern: Pattern,
 
 
 def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
-               p: float) -> tuple[jax.Array, jax.Array]:
+               p: float, replicate: Replicate | None = None
+               ) -> tuple[jax.Array, jax.Array]:
   """MOSP's coupled projection (METHOD.md section 2).
 
   Args:
@@ -259,6 +264,8 @@ def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
     pattern: budget per matrix or per N:M group.
     alpha: fraction of the budget given to the shared core.
     p: power-mean exponent of the core score.
+    replicate: see `scaling.weight_sum`; on a device mesh, gathers the
+      per-column sums of the score's normaliser so the masks are exact.
 
   Returns:
     `(core, masks)`: `core (n_in, n_out)` bool with `floor(alpha k)` True per
@@ -268,6 +275,6 @@ def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
   _, n_in, n_out = Z.shape
   k = pattern.unit_keep(n_in, n_out)
   k0 = core_count(pattern, n_in, n_out, alpha)
-  core = select(_core_rank(Z, p), pattern, k0)
+  core = select(_core_rank(Z, p, replicate), pattern, k0)
   own = task_masks(Z, core, pattern, k - k0)
   return core, own | core[None]

@@ -12,17 +12,24 @@ arrays live on it:
 
 ADMM's linear step `(G_i + rho I)^-1 R_i` acts on each output column
 alone, so splitting columns needs no communication there, and every
-per-weight score is computed on one device exactly as on a single device;
-the projections' global counts become all-reduces of integers, so masks
-stay exact. The output columns are therefore split over every device, and
-each device holds `1 / devices` of the iterates. The task axis splits only
-what is independent across its index: the eigendecompositions (one Gram
-per device) and, in `mosp_materialize`, the preference models (with their
-`(n_in, n_in)` preference Grams), when T divides their number. Splitting
-the ADMM iterates by task was measured and rejected: stage 1's core score
-then sums over tasks across devices, and the last-bit differences of that
-float sum flip masks at near-ties (2 tasks on '2x2', 64x256, 2:4: masks
-differ, objectives by 5e-3).
+per-weight score is computed on one device as on a single device. The
+projections' global counts become all-reduces of integers; the two float
+sums over all weights (the core score's normaliser, the task energies) are
+`scaling.weight_sum`s, which gather per-column sums (`Layout.replicate`)
+and add them in one order; divisions by broadcasts are written as
+products with reciprocals, which XLA otherwise rewrites in some programs
+only. Results then equal one device's bit for bit (tests/test_mesh.py,
+bench_solvers --mesh), given shards of at least 64 columns (narrower ones
+take another XLA:CPU matmul kernel and agree to rounding). So the output
+columns are split over every device: each holds `1 / devices` of the
+iterates. The task axis splits only what is independent across its
+index: the eigendecompositions (one Gram per device) and, in
+`mosp_materialize`, the preference models (with their `(n_in, n_in)`
+preference Grams) when T divides their number. Splitting the ADMM
+iterates by task was measured and rejected: stage 1's core score then sums
+over tasks across devices, and the last-bit differences of that float sum
+flip masks at near-ties (2 tasks on '2x2', 64x256, 2:4: masks differ,
+objectives by 5e-3).
 
 The solvers take `mesh=` and place their inputs with `place`; the jitted
 solvers take a static `Layout` and pin the scaled problem, the
@@ -127,6 +134,10 @@ class Layout:
     """`with_sharding_constraint`, for use inside the jitted solvers."""
     return jax.lax.with_sharding_constraint(x, sharding)
 
+  def replicate(self, x: jax.Array) -> jax.Array:
+    """Gathers a small array onto every device (`scaling.weight_sum`)."""
+    return self.constrain(x, self.replicated)
+
   def eig(self, G: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`admm.eig` spread over the devices: `(Q (m, n, n), L (m, n))`.
 
@@ -177,6 +188,9 @@ def place(x, sharding: NamedSharding) -> jax.Array:
   """
   if sharding.is_fully_addressable:
     return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    # Already spread over the processes: reshard if needed.
+    return x if x.sharding == sharding else jax.device_put(x, sharding)
   host = np.asarray(jax.device_get(x))
   return jax.make_array_from_callback(host.shape, sharding,
                                       lambda idx: host[idx])
