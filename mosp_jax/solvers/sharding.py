@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 TASKS, COLS = "tasks", "cols"
+COLUMNS = (COLS, TASKS)  # all devices, cols-major: refines P(None, cols)
 
 
 def parse_mesh_spec(spec: str) -> tuple[int, int] | None:
@@ -80,7 +81,7 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None
   Args:
     spec: `'C'` or `'TxC'` (see `parse_mesh_spec`).
     devices: the devices to use, default `jax.devices()` (all processes');
-      exactly `T * C` of them must be available.
+      the first `T * C` of them form the mesh.
   """
   shape = parse_mesh_spec(spec)
   if shape is None:
@@ -91,9 +92,6 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None
     raise ValueError(f"mesh {spec!r} needs {need} devices, only "
                      f"{len(devices)} available")
   return Mesh(np.asarray(devices[:need]).reshape(shape), (TASKS, COLS))
-
-
-COLUMNS = (COLS, TASKS)  # all devices, cols-major: refines P(None, cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +215,8 @@ def gather(x: jax.Array) -> np.ndarray:
   """A (possibly multi-process) sharded array as one host numpy array."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
