@@ -1,6 +1,8 @@
 r"""Benchmark of the per-layer solvers; ratios are measured in one run.
 
   python -m experiments.bench_solvers --out=bench.json [--large]
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+      python -m experiments.bench_solvers --mesh=4 --out=bench_mesh.json
 
 For each shape it times (after compilation) a fixed number of ADMM
 iterations and a plain jitted matmul of the same shapes, and reports the
@@ -8,6 +10,13 @@ FLOP rate ADMM achieves relative to that matmul. It then times MOSP with
 m tasks and K preferences against one ALPS solve on the same layer (the
 naive front costs K ALPS solves). Inputs are random correlated Grams with
 uneven channel scales (shapes of SmolLM2-135M: 576 hidden, 1536 MLP).
+
+With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks)
+and records under "mesh": the per-device bytes of the ADMM iterates and
+their loop workspace (outputs + temporaries of the compiled fixed-count
+ADMM loop, from XLA's memory analysis) against one device, the time per
+ADMM iteration on both, and whether full MOSP runs (pareto + materialize)
+give the same masks and objectives on the mesh as on one device.
 """
 
 from __future__ import annotations
@@ -23,7 +32,15 @@ import numpy as np
 from absl import app, flags
 
 from mosp_jax.config import SolverConfig
-from mosp_jax.solvers import Unstructured, alps_prune, mosp_prune, prune_mask
+from mosp_jax.solvers import (
+  Unstructured,
+  alps_prune,
+  mosp_prune,
+  projection,
+  prune_mask,
+  relative_error,
+  sharding,
+)
 from mosp_jax.solvers import mosp as mosp_lib
 from mosp_jax.solvers.admm import apply_inverse, eig, run_admm
 from mosp_jax.solvers.scaling import scale_problem
@@ -37,6 +54,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement; "
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Sparsity of the problems.")
 _TASKS = flags.DEFINE_integer("tasks", 3, "m, tasks for the MOSP timing.")
 _PREFS = flags.DEFINE_integer("prefs", 15, "K, preferences for MOSP.")
+_MESH = flags.DEFINE_string(
+    "mesh", "", "Also benchmark the solvers on this device mesh ('4', "
+    "'2x2'; on CPU with XLA_FLAGS=--xla_force_host_platform_device_count).")
+_MESH_LAYER = flags.DEFINE_string("mesh_layer", "1536x2048",
+                                  "n_in x n_out of the mesh benchmark.")
+_MESH_PREFS = flags.DEFINE_integer("mesh_prefs", 3, "K, preferences of the "
+                                   "mesh equality check.")
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]
 LARGE_SHAPES = [(4096, 4096), (11008, 4096)]
@@ -161,6 +185,98 @@ def _mosp_breakdown(grams, W0, prefs, pattern, repeats: int) -> dict:
                   strict=True))
 
 
+def _memory(compiled) -> dict:
+  """Per-device bytes of a compiled executable (XLA memory analysis)."""
+  ma = compiled.memory_analysis()
+  return {"argument": int(ma.argument_size_in_bytes),
+          "output": int(ma.output_size_in_bytes),
+          "temp": int(ma.temp_size_in_bytes),
+          "alias": int(ma.alias_size_in_bytes)}
+
+
+def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
+               iters: int, repeats: int, pattern) -> tuple[dict, dict]:
+  """MOSP on a device mesh vs one device: `("mesh" fields, details)`."""
+  mesh = sharding.make_mesh(spec)
+  layout = sharding.layout_for(mesh)
+  sharding.check_layer(mesh, n_out)
+  cfg = SolverConfig()
+  grams_np = _grams(rng, m, n_in)
+  W0_np = rng.standard_normal((n_in, n_out), np.float32)
+  prefs_np = rng.dirichlet(np.ones(m), K).astype(np.float32)
+  sc = jax.jit(lambda g, w: scale_problem(g, w, damping=cfg.damping))(
+      *jax.device_put((grams_np, W0_np)))
+  Q, L = jax.jit(eig)(sc.G)
+
+  def project(Z):
+    core, masks = projection.mosp_masks(Z, pattern, alpha=cfg.alpha, p=cfg.p)
+    return masks, core
+
+  def admm_fixed(Q, L, G, B0):
+    """`iters` stage-1 ADMM iterations (coupled projection), no checks."""
+    B = jnp.broadcast_to(B0, (m, n_in, n_out))
+    mask, _ = project(B)
+    it, core, _ = run_admm(
+        Q, L, G @ B0, (B, jnp.where(mask, B, 0.0), jnp.zeros_like(B)),
+        project, k=pattern.keep(n_in, n_out), rho0=cfg.rho0,
+        adaptive=False, update_every=iters + 1, max_iter=iters)
+    return it, core
+
+  one_args = (Q, L, sc.G, sc.B0)
+  put = sharding.place
+  mesh_args = (put(Q, layout.replicated), put(L, layout.replicated),
+               put(sc.G, layout.replicated), put(sc.B0, layout.weights))
+  one = jax.jit(admm_fixed).lower(*one_args).compile()
+  shd = jax.jit(admm_fixed).lower(*mesh_args).compile()
+  mem_one, mem_shd = _memory(one), _memory(shd)
+  t_one, t_shd = _best_times([lambda: one(*one_args),
+                              lambda: shd(*mesh_args)], repeats)
+
+  # Full MOSP, one device vs the mesh: masks and objectives.
+  grams, W0, prefs = jax.device_put((grams_np, W0_np, prefs_np))
+  with jax.transfer_guard("disallow"):
+    t = time.perf_counter()
+    r_one = jax.device_get(mosp_prune(grams, W0, prefs, pattern=pattern))
+    s_one = time.perf_counter() - t
+    t = time.perf_counter()
+    r_shd = jax.device_get(mosp_prune(grams, W0, prefs, pattern=pattern,
+                                      mesh=mesh))
+    s_shd = time.perf_counter() - t
+  rel = jax.jit(jax.vmap(jax.vmap(relative_error, (0, None, None)),
+                         (None, None, 0)))
+  e_one, e_shd = (_np(rel(grams, W0, jax.device_put(r.weights)))
+                  for r in (r_one, r_shd))
+  masks_equal = bool(np.array_equal(r_one.masks, r_shd.masks) and
+                     np.array_equal(r_one.pareto.core, r_shd.pareto.core))
+  iterate_bytes = lambda mem: mem["output"] + mem["temp"]  # noqa: E731
+  fields = {
+      "devices": mesh.size,
+      "bytes_per_device": iterate_bytes(mem_shd),
+      "single_device_bytes": iterate_bytes(mem_one),
+      "masks_equal": masks_equal,
+      "max_rel_objective_diff": float(np.max(np.abs(e_shd - e_one) /
+                                             np.abs(e_one))),
+      "iter_s": t_shd / iters,
+      "single_iter_s": t_one / iters,
+  }
+  details = {
+      "spec": spec, "mesh_shape": dict(mesh.shape), "n_in": n_in,
+      "n_out": n_out, "m": m, "K": K, "pattern": str(pattern),
+      "timed_iters": iters,
+      "bytes": "outputs + temporaries of the compiled fixed-count stage-1 "
+               "ADMM loop per device; arguments (Grams, eigenvectors: "
+               "replicated) listed apart",
+      "memory_analysis_mesh": mem_shd, "memory_analysis_single": mem_one,
+      "mosp_s": {"single": s_one, "mesh": s_shd},
+      "mask_entries_differing": int(np.sum(r_one.masks != r_shd.masks)),
+      "stage1_iters": [int(r_one.info.stage1.iters),
+                       int(r_shd.info.stage1.iters)],
+      "stage2_iters": [_np(r_one.info.stage2.iters).tolist(),
+                       _np(r_shd.info.stage2.iters).tolist()],
+  }
+  return fields, details
+
+
 def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
@@ -178,6 +294,12 @@ def main(argv):
   del argv
   if _OUT.value is None:
     raise app.UsageError("--out is required (a path for the JSON results)")
+  mesh_shape = sharding.parse_mesh_spec(_MESH.value)
+  if mesh_shape and np.prod(mesh_shape) > jax.device_count():
+    raise app.UsageError(
+        f"--mesh={_MESH.value} needs {np.prod(mesh_shape)} devices, found "
+        f"{jax.device_count()}; on CPU set XLA_FLAGS=--xla_force_host_"
+        f"platform_device_count={np.prod(mesh_shape)}")
   rng = np.random.default_rng(0)
   pattern = Unstructured(_SPARSITY.value)
   dev = jax.devices()[0]
@@ -194,6 +316,13 @@ def main(argv):
                            _REPEATS.value, pattern)
   result = {"device": device, "sparsity": _SPARSITY.value, "shapes": rows,
             "mosp_vs_alps": cmp}
+  if _MESH.value:
+    n_in, n_out = (int(x) for x in _MESH_LAYER.value.lower().split("x"))
+    print(f"timing MOSP on mesh {_MESH.value!r}, {n_in}x{n_out}, "
+          f"m={_TASKS.value} ...", flush=True)
+    result["mesh"], result["mesh_setup"] = bench_mesh(
+        _MESH.value, n_in, n_out, _TASKS.value, _MESH_PREFS.value, rng,
+        _ITERS.value, _REPEATS.value, pattern)
   _write_json(_OUT.value, result)
   print(f"\ndevice: {device}   sparsity {_SPARSITY.value}")
   print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
@@ -209,6 +338,15 @@ def main(argv):
       f"{k} {v:.2f}" for k, v in cmp["mosp_breakdown_s"].items()) +
         f"; iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
         f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
+  if "mesh" in result:
+    r, d = result["mesh"], result["mesh_setup"]
+    print(f"mesh {d['spec']} ({r['devices']} devices), {d['n_in']}x"
+          f"{d['n_out']}, m={d['m']}: iterate bytes/device "
+          f"{r['bytes_per_device'] / 2**20:.1f} MiB vs one device "
+          f"{r['single_device_bytes'] / 2**20:.1f} MiB; ADMM "
+          f"{r['iter_s'] * 1e3:.0f} ms/iter vs {r['single_iter_s'] * 1e3:.0f}"
+          f"; masks equal {r['masks_equal']}, max rel objective diff "
+          f"{r['max_rel_objective_diff']:.1e}")
   print(f"wrote {_OUT.value}")
 
 

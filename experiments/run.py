@@ -31,6 +31,7 @@ from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import NM, Unstructured
+from mosp_jax.solvers import sharding as sharding_lib
 
 _D = SolverConfig()
 
@@ -83,6 +84,15 @@ flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
                      "Stage-2 ADMM cap.")
 flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag.")
 flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations.")
+# Devices: the mesh the per-layer solvers run on, and multi-host setup.
+flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
+                    "(one device), 'C' (output columns split over C "
+                    "devices) or 'TxC' (tasks x columns), e.g. '4', '2x2'.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of "
+                    "process 0 (jax.distributed.initialize).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes; "
+                     "> 1 calls jax.distributed.initialize.")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 
 FLAGS = flags.FLAGS
 
@@ -152,6 +162,18 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
       prefs=tuple(tuple(float(x) for x in r) for r in prefs),
       batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir)
   return run, solver
+
+
+def mesh_from_flags(f=FLAGS):
+  """Starts multi-host JAX if asked, then builds the `--mesh` (None for
+  one device). Must run before anything else uses JAX; errors name the
+  flag."""
+  sharding_lib.initialize_distributed(f.coordinator_address,
+                                      f.num_processes, f.process_id)
+  try:
+    return sharding_lib.make_mesh(f.mesh)
+  except ValueError as e:
+    raise ValueError(f"--mesh: {e}") from e
 
 
 CONFIG_FILE = "config.json"
@@ -269,7 +291,8 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
 
 def run_experiment(run: RunConfig, solver: SolverConfig, *,
                    overwrite: bool = False, log=print,
-                   on_layer_done=None) -> dict:
+                   on_layer_done=None,
+                   mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs the whole job, resuming a killed run of the same configuration;
   returns the results dict also written to disk."""
   out, resuming = prepare_run_dir(run, solver, overwrite=overwrite)
@@ -306,7 +329,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
     res = prune_and_evaluate(
         adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
         batch_size=run.batch_size, artifact_dir=str(out / "pareto"),
-        checkpoint=checkpoint, log=log, on_layer_done=on_layer_done)
+        checkpoint=checkpoint, log=log, on_layer_done=on_layer_done,
+        mesh=mesh)
   sparsity = res.sparsity.tolist()
   seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
              "wall": time.perf_counter() - t0}
@@ -345,6 +369,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
+    mesh = mesh_from_flags()
     run, solver = configs_from_flags()
     if FLAGS.export_pref != "none":  # Fail before the run, not after.
       from bridge import pruned as bridge_pruned
@@ -360,9 +385,10 @@ def main(argv):
     if layer == FLAGS.pause_after_layer:
       time.sleep(FLAGS.pause_seconds)
 
+  logging.info("solver mesh: %s", mesh and dict(mesh.shape))
   try:
     res = run_experiment(run, solver, overwrite=FLAGS.overwrite,
-                         on_layer_done=pause)
+                         on_layer_done=pause, mesh=mesh)
   except (ValueError, FileNotFoundError, NonFiniteError,
           data_lib.SourceUnavailableError) as e:
     # Bad input and non-finite numbers end the run with one clear line;

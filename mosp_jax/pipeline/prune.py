@@ -29,7 +29,7 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
-from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
+from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto, sharding
 
 
 @functools.partial(jax.jit, static_argnames=("adapter",))
@@ -105,7 +105,8 @@ def prune_and_evaluate(
     cfg: SolverConfig, batch_size: int, artifact_dir: str | None = None,
     checkpoint: LayerCheckpoint | None = None,
     log: Callable[[str], None] = print,
-    on_layer_done: Callable[[int], None] | None = None) -> WalkResult:
+    on_layer_done: Callable[[int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None) -> WalkResult:
   """Prunes `params` layer by layer with MOSP and evaluates every model.
 
   Args:
@@ -125,6 +126,8 @@ def prune_and_evaluate(
       runner checks the configuration) and ends with identical results.
     log: progress sink, one line per layer.
     on_layer_done: called with the layer index once it is checkpointed.
+    mesh: optional device mesh (`solvers.sharding.make_mesh`) the per-layer
+      solvers run on; their results come back to the model's device.
   """
   m = len(calib)
   prefs = np.asarray(prefs, np.float32)
@@ -191,9 +194,12 @@ def prune_and_evaluate(
         W0 = adapter.get_kernel(params, layer, name)
         where = f"layer {layer} {name}"
         pareto, (info1, info2) = mosp_pareto(G_dev, W0, pattern=pattern,
-                                             cfg=cfg)
+                                             cfg=cfg, mesh=mesh)
         W, _, _ = mosp_materialize(G_dev, W0, pareto, prefs_dev,
-                                   pattern=pattern, cfg=cfg)
+                                   pattern=pattern, cfg=cfg, mesh=mesh)
+        if mesh is not None:
+          W, pareto, info1, info2 = sharding.to_local(
+              (W, pareto, info1, info2), W0)
         _check_finite(W, f"{where}: pruned weights")
         for p, w in enumerate(_unstack(W)):
           model_params[p] = adapter.set_kernel(model_params[p], layer, name,

@@ -30,11 +30,13 @@ from mosp_jax.solvers.scaling import (
   relative_error,
   scale_problem,
 )
+from mosp_jax.solvers.sharding import Layout, make_mesh
 
 __all__ = [
-  "AdmmInfo", "AlpsInfo", "Iterates", "MospInfo", "MospResult", "NM",
+  "AdmmInfo", "AlpsInfo", "Iterates", "Layout", "MospInfo", "MospResult",
+  "NM",
   "ParetoLayer", "Pattern", "PcgInfo", "Scaled", "Unstructured",
-  "alps_prune", "assemble", "core_score", "damp", "masked_pcg",
+  "alps_prune", "assemble", "core_score", "damp", "make_mesh", "masked_pcg",
   "mixed_gram", "mosp_masks", "mosp_materialize", "mosp_pareto", "mosp_prune",
   "nm_mask", "prune_mask", "relative_error", "rho_step", "run_admm",
   "scale_problem", "topk_mask", "with_vertices",

@@ -125,7 +125,7 @@ def apply_inverse(Q: jax.Array, L: jax.Array, rho: jax.Array,
   """`(G_i + rho I)^-1 R_i` for every task. Shapes `(m, n, n)`, `(m, n)`,
   scalar, `(m, n, n_out)`."""
   QtR = jnp.einsum("mji,mjo->mio", Q, R)
-  return jnp.einsum("mij,mjo->mio", Q, QtR / (L + rho)[:, :, None])
+  return jnp.einsum("mij,mjo->mio", Q, QtR * (1.0 / (L + rho))[:, :, None])
 
 
 def run_admm(Q: jax.Array, L: jax.Array, GB0: jax.Array, init: tuple[
@@ -160,7 +160,10 @@ def run_admm(Q: jax.Array, L: jax.Array, GB0: jax.Array, init: tuple[
 
   def body(st: _State) -> _State:
     B = apply_inverse(Q, L, st.rho, GB0 - st.V + st.rho * st.D)
-    Z = B + st.V / st.rho
+    # Divisions by a broadcast are written as products with a reciprocal:
+    # XLA may make that rewrite itself in one program and not in another
+    # (it did under vmap on one device, not on a mesh), changing last bits.
+    Z = B + st.V * (1.0 / st.rho)
     mask, aux = project(Z)
     D = jnp.where(mask, Z, 0.0)
     V = st.V + st.rho * (B - D)

@@ -22,12 +22,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from mosp_jax.config import PAPER, SolverConfig
 from mosp_jax.solvers import admm as admm_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers import projection
-from mosp_jax.solvers.scaling import Scaled, scale_problem
+from mosp_jax.solvers import sharding as sharding_lib
+from mosp_jax.solvers.scaling import Replicate, Scaled, scale_problem
 
 
 class ParetoLayer(NamedTuple):
@@ -65,12 +67,15 @@ class MospResult(NamedTuple):
 
 def stage1(sc: Scaled, Q: jax.Array, L: jax.Array, *,
            pattern: projection.Pattern, alpha: float, p: float,
-           rho0: jax.Array, update_every: int, max_iter: int):
-  """Joint ADMM over tasks. Returns `(core, Iterates, info)`."""
+           rho0: jax.Array, update_every: int, max_iter: int,
+           replicate: Replicate | None = None):
+  """Joint ADMM over tasks. Returns `(core, Iterates, info)`.
+  `replicate`: see `projection.mosp_masks` (on a device mesh)."""
   m, n_in, n_out = sc.G.shape[0], *sc.B0.shape
 
   def project(Z):
-    core, masks = projection.mosp_masks(Z, pattern, alpha=alpha, p=p)
+    core, masks = projection.mosp_masks(Z, pattern, alpha=alpha, p=p,
+                                        replicate=replicate)
     return masks, core
 
   B = jnp.broadcast_to(sc.B0, (m, n_in, n_out))
@@ -125,7 +130,7 @@ def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
   _, n_in, n_out = D.shape
   count = pattern.unit_keep(n_in, n_out) - projection.core_count(
       pattern, n_in, n_out, alpha)
-  w = prefs / sc.energy[None]                     # (P, m)
+  w = prefs * (1.0 / sc.energy)[None]             # (P, m)
   diag = jnp.diagonal(sc.G, axis1=1, axis2=2)     # (m, n_in)
   sal_i = jnp.square(D) * diag[:, :, None]        # (m, n_in, n_out)
   outside = jnp.logical_not(core)
@@ -144,31 +149,53 @@ def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
 @functools.partial(
     jax.jit, static_argnames=("pattern", "alpha", "p", "update_every",
                               "max_iter", "stage2_adaptive",
-                              "stage2_max_iter"))
+                              "stage2_max_iter", "layout"))
 def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha, p,
-            update_every, max_iter, stage2_adaptive, stage2_max_iter):
-  sc = scale_problem(grams, W0, damping=damping)
-  Q, L = admm_lib.eig(sc.G)
+            update_every, max_iter, stage2_adaptive, stage2_max_iter,
+            layout=None):
+  sc = _scaled(grams, W0, damping, layout)
+  Q, L = admm_lib.eig(sc.G) if layout is None else layout.eig(sc.G)
+  replicate = None if layout is None else layout.replicate
   core, it1, info1 = stage1(sc, Q, L, pattern=pattern, alpha=alpha, p=p,
                             rho0=rho0, update_every=update_every,
-                            max_iter=max_iter)
+                            max_iter=max_iter, replicate=replicate)
   it2, info2 = stage2(sc, Q, L, core, it1, pattern=pattern, alpha=alpha,
                       rho=stage2_rho, adaptive=stage2_adaptive,
                       update_every=update_every, max_iter=stage2_max_iter)
-  pareto = ParetoLayer(core=core, task_sparse=it2.D / sc.d[None, :, None])
+  pareto = ParetoLayer(core=core,
+                       task_sparse=it2.D * (1.0 / sc.d)[None, :, None])
+  if layout is not None:
+    pareto = ParetoLayer(
+        core=layout.constrain(core, layout.weights),
+        task_sparse=layout.constrain(pareto.task_sparse, layout.per_task))
   return pareto, (info1, info2)
 
 
+def _scaled(grams, W0, damping, layout) -> Scaled:
+  """`scale_problem`, with its outputs pinned to `layout` if any."""
+  sc = scale_problem(grams, W0, damping=damping,
+                     replicate=None if layout is None else layout.replicate)
+  if layout is None:
+    return sc
+  return sc._replace(G=layout.constrain(sc.G, layout.replicated),
+                     B0=layout.constrain(sc.B0, layout.weights))
+
+
 @functools.partial(jax.jit,
-                   static_argnames=("pattern", "alpha", "pcg_iters"))
+                   static_argnames=("pattern", "alpha", "pcg_iters",
+                                    "layout"))
 def _materialize(grams, W0, pareto, prefs, damping, *, pattern, alpha,
-                 pcg_iters):
-  sc = scale_problem(grams, W0, damping=damping)
+                 pcg_iters, layout=None):
+  sc = _scaled(grams, W0, damping, layout)
   D = pareto.task_sparse * sc.d[None, :, None]
   X, masks, info = assemble(sc, pareto.core, D, prefs.astype(jnp.float32),
                             pattern=pattern, alpha=alpha,
                             pcg_iters=pcg_iters)
-  return X / sc.d[None, :, None], masks, info
+  X = X * (1.0 / sc.d)[None, :, None]
+  if layout is not None:
+    X = layout.constrain(X, layout.per_model)
+    masks = layout.constrain(masks, layout.per_model)
+  return X, masks, info
 
 
 @jax.jit
@@ -190,8 +217,20 @@ def _check_shapes(grams: jax.Array, W0: jax.Array,
                      f"{prefs.shape}")
 
 
+def _on_mesh(mesh: Mesh | None, grams, W0, n_models: int | None = None):
+  """`(layout, grams, W0)`, the inputs placed on `mesh` (unchanged and
+  `layout = None` without one)."""
+  if mesh is None:
+    return None, grams, W0
+  layout = sharding_lib.layout_for(mesh, n_models)
+  sharding_lib.check_layer(mesh, W0.shape[1])
+  return (layout, sharding_lib.place(grams, layout.replicated),
+          sharding_lib.place(W0, layout.weights))
+
+
 def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
-                pattern: projection.Pattern, cfg: SolverConfig = PAPER
+                pattern: projection.Pattern, cfg: SolverConfig = PAPER,
+                mesh: Mesh | None = None
                 ) -> tuple[ParetoLayer, tuple[admm_lib.AdmmInfo,
                                               admm_lib.AdmmInfo]]:
   """Stages 1 and 2: the compact Pareto set of one layer.
@@ -202,48 +241,71 @@ def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
     W0: `(n_in, n_out)` dense weights.
     pattern: `Unstructured(sparsity)` or `NM(n, m)`.
     cfg: hyperparameters.
+    mesh: optional `('tasks', 'cols')` device mesh (`sharding.make_mesh`):
+      the iterates are split along output columns over all its devices;
+      same masks as on one device.
 
   Returns:
-    `(ParetoLayer, (stage-1 info, stage-2 info with (m,) fields))`.
+    `(ParetoLayer, (stage-1 info, stage-2 info with (m,) fields))`; on a
+    mesh the Pareto set stays split over it.
   """
   _check_shapes(grams, W0)
+  layout, grams, W0 = _on_mesh(mesh, grams, W0)
   # Explicit transfers: solvers run under jax.transfer_guard("disallow").
-  scalars = jax.device_put((cfg.rho0, cfg.stage2_rho, cfg.damping))
+  scalars = sharding_lib.scalars((cfg.rho0, cfg.stage2_rho, cfg.damping),
+                                 layout)
   return _pareto(grams, W0, *scalars, pattern=pattern, alpha=cfg.alpha,
                  p=cfg.p, update_every=cfg.update_every,
                  max_iter=cfg.max_iter, stage2_adaptive=cfg.stage2_adaptive,
-                 stage2_max_iter=cfg.stage2_max_iter)
+                 stage2_max_iter=cfg.stage2_max_iter, layout=layout)
 
 
 def mosp_materialize(grams: jax.Array, W0: jax.Array, pareto: ParetoLayer,
                      prefs: jax.Array, *, pattern: projection.Pattern,
-                     cfg: SolverConfig = PAPER
+                     cfg: SolverConfig = PAPER, mesh: Mesh | None = None
                      ) -> tuple[jax.Array, jax.Array, pcg_lib.PcgInfo]:
   """The models of preferences `prefs (P, m)` from a layer's Pareto set.
 
   The same inputs always give the same weights, so a run and a later
   export of one preference agree exactly. Returns `(weights (P, n_in,
-  n_out), masks (P, n_in, n_out) bool, PcgInfo)`.
+  n_out), masks (P, n_in, n_out) bool, PcgInfo)`; on a `mesh` (as in
+  `mosp_pareto`) weights and masks are split along columns, and along
+  models over the mesh's task axis when its size divides `P`.
   """
   _check_shapes(grams, W0, prefs)
-  damping = jax.device_put(cfg.damping)
+  layout, grams, W0 = _on_mesh(mesh, grams, W0, prefs.shape[0])
+  if layout is not None:
+    pareto = ParetoLayer(
+        core=sharding_lib.place(pareto.core, layout.weights),
+        task_sparse=sharding_lib.place(pareto.task_sparse,
+                                       layout.per_task))
+    prefs = sharding_lib.place(prefs, layout.replicated)
+  (damping,) = sharding_lib.scalars((cfg.damping,), layout)
   return _materialize(grams, W0, pareto, prefs, damping, pattern=pattern,
-                      alpha=cfg.alpha, pcg_iters=cfg.pcg_iters)
+                      alpha=cfg.alpha, pcg_iters=cfg.pcg_iters,
+                      layout=layout)
 
 
 def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
                pattern: projection.Pattern,
-               cfg: SolverConfig = PAPER) -> MospResult:
+               cfg: SolverConfig = PAPER,
+               mesh: Mesh | None = None) -> MospResult:
   """Prunes one layer for `m` tasks: `mosp_pareto` then `mosp_materialize`
   of the task vertices `e_i` followed by `prefs (K, m)` (may be `(0, m)`).
 
   Returns:
-    `MospResult` with `m + K` models: the task vertices, then `prefs`.
+    `MospResult` with `m + K` models: the task vertices, then `prefs`
+    (split over `mesh` if one is given, see `mosp_pareto`).
   """
   _check_shapes(grams, W0, prefs)
-  pareto, (info1, info2) = mosp_pareto(grams, W0, pattern=pattern, cfg=cfg)
+  layout, grams, W0 = _on_mesh(mesh, grams, W0)
+  if layout is not None:
+    prefs = sharding_lib.place(prefs, layout.replicated)
+  pareto, (info1, info2) = mosp_pareto(grams, W0, pattern=pattern, cfg=cfg,
+                                       mesh=mesh)
   all_prefs = with_vertices(prefs)
   weights, masks, pinfo = mosp_materialize(grams, W0, pareto, all_prefs,
-                                           pattern=pattern, cfg=cfg)
+                                           pattern=pattern, cfg=cfg,
+                                           mesh=mesh)
   return MospResult(prefs=all_prefs, masks=masks, weights=weights,
                     pareto=pareto, info=MospInfo(info1, info2, pinfo))

@@ -19,6 +19,8 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from mosp_jax.solvers.scaling import Replicate, weight_sum
+
 
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
@@ -102,12 +104,18 @@ def topk_mask(scores: jax.Array, k: int,
 
   The k-th value is found by a 31-step bisection on the int32 bit patterns
   (each step one pass over the scores) instead of a full sort, so the cost is
-  linear in the number of weights.
+  linear in the number of weights. The matrix is never flattened: counts
+  are plain sums, and the ties are cut in row-major order from per-row
+  counts and the cumulative count along the one row where the cut falls.
+  On a device mesh with the last axis (output columns) sharded, everything
+  but that one row stays sharded; the sums become all-reduces of integers,
+  so the mask is exact there too.
   """
   shape = scores.shape
-  bits = _as_bits(scores).reshape(-1)
+  rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+  bits = _as_bits(scores).reshape(rows, shape[-1] if shape else 1)
   if eligible is not None:
-    bits = jnp.where(eligible.reshape(-1), bits, -1)
+    bits = jnp.where(eligible.reshape(bits.shape), bits, -1)
   if k <= 0:
     return jnp.zeros(shape, bool)
   if k >= bits.size:
@@ -123,11 +131,22 @@ def topk_mask(scores: jax.Array, k: int,
 
   lo, _ = jax.lax.fori_loop(0, 32, body,
                             (jnp.int32(0), jnp.int32(0x7F800000)))
-  above = bits > lo
-  ties = bits == lo
-  room = k - jnp.sum(above)
-  take_tie = ties & (jnp.cumsum(ties) <= room)
-  return (above | take_tie).reshape(shape)
+  return (bits > lo) | _first_ties(bits == lo, k - jnp.sum(bits > lo)
+                                   ).reshape(shape)
+
+
+def _first_ties(ties: jax.Array, room: jax.Array) -> jax.Array:
+  """The first `room` True entries of `ties (rows, cols)` in row-major
+  order (the flat `cumsum(ties) <= room` without flattening)."""
+  per_row = jnp.sum(ties, axis=1, dtype=jnp.int32)
+  before = jnp.cumsum(per_row) - per_row        # ties in earlier rows
+  # The row where the cut falls: the last row whose earlier ties fit.
+  cut = jnp.sum(before < room) - 1
+  row = jnp.arange(ties.shape[0])[:, None]
+  in_cut_row = jnp.cumsum(jax.lax.dynamic_index_in_dim(
+      ties, jnp.maximum(cut, 0), axis=0, keepdims=False), dtype=jnp.int32)
+  take_cut = in_cut_row[None, :] <= room - before[jnp.maximum(cut, 0)]
+  return ties & ((row < cut) | ((row == cut) & take_cut))
 
 
 def nm_mask(scores: jax.Array, n: int, m: int,
@@ -197,17 +216,19 @@ def core_score(Z: jax.Array, p: float) -> jax.Array:
   return jnp.mean(r ** p, axis=0) ** (1.0 / p)
 
 
-def _core_rank(Z: jax.Array, p: float) -> jax.Array:
+def _core_rank(Z: jax.Array, p: float,
+               replicate: Replicate | None = None) -> jax.Array:
   """A strictly increasing function of `core_score`, cheaper to compute.
 
   Selection only needs the order, so the outer `^(1/p)` (for p = 0 the
   exp) is dropped and `(Z^2 / sigma)^p` is taken as `|Z|^(2p) sigma^-p`:
   for the default p = 0.5 a plain `|Z| / sqrt(sigma)`. The task mean is a
   contraction (einsum) because XLA:CPU runs a broadcast-then-reduce over
-  the task axis some 40x slower.
+  the task axis some 40x slower. `sigma` is a `weight_sum`, exact on a
+  device mesh (`replicate`).
   """
-  m = Z.shape[0]
-  sigma = jnp.mean(jnp.square(Z), axis=(1, 2))
+  m, n_in, n_out = Z.shape
+  sigma = weight_sum(jnp.square(Z), replicate) / (n_in * n_out)
   sigma = jnp.where(sigma > 0, sigma, 1.0)
   a = jnp.abs(Z)
   if p == 0:
@@ -234,7 +255,8 @@ def task_masks(Z: jax.Array, core: jax.Array, pattern: Pattern,
 
 
 def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
-               p: float) -> tuple[jax.Array, jax.Array]:
+               p: float, replicate: Replicate | None = None
+               ) -> tuple[jax.Array, jax.Array]:
   """MOSP's coupled projection (METHOD.md section 2).
 
   Args:
@@ -242,6 +264,8 @@ def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
     pattern: budget per matrix or per N:M group.
     alpha: fraction of the budget given to the shared core.
     p: power-mean exponent of the core score.
+    replicate: see `scaling.weight_sum`; on a device mesh, gathers the
+      per-column sums of the score's normaliser so the masks are exact.
 
   Returns:
     `(core, masks)`: `core (n_in, n_out)` bool with `floor(alpha k)` True per
@@ -251,6 +275,6 @@ def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
   _, n_in, n_out = Z.shape
   k = pattern.unit_keep(n_in, n_out)
   k0 = core_count(pattern, n_in, n_out, alpha)
-  core = select(_core_rank(Z, p), pattern, k0)
+  core = select(_core_rank(Z, p, replicate), pattern, k0)
   own = task_masks(Z, core, pattern, k - k0)
   return core, own | core[None]

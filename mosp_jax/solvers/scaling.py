@@ -8,10 +8,30 @@ mean the same thing for every layer and task (ALPS's convention).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+Replicate = Callable[[jax.Array], jax.Array]
+
+
+def weight_sum(x: jax.Array, replicate: Replicate | None = None
+               ) -> jax.Array:
+  """Sum of `x (..., n_in, n_out)` over its last two axes, the same to
+  the bit whether or not the output columns are split over devices.
+
+  Rows are summed per column by a contraction with ones (a matmul: the
+  same per column at any column split), the `(..., n_out)` column sums
+  are passed through `replicate` (on a device mesh: gathered onto every
+  device) and then summed. A plain `sum` would add per-device partial
+  sums, in an order that differs from one device's.
+  """
+  col = jnp.einsum("...io,i->...o", x, jnp.ones(x.shape[-2], x.dtype))
+  if replicate is not None:
+    col = replicate(col)
+  return jnp.sum(col, axis=-1)
 
 
 def damp(G: jax.Array, damping: float | jax.Array) -> jax.Array:
@@ -54,13 +74,15 @@ class Scaled(NamedTuple):
 
 
 def scale_problem(grams: jax.Array, W0: jax.Array, *,
-                  damping: float | jax.Array) -> Scaled:
+                  damping: float | jax.Array,
+                  replicate: Replicate | None = None) -> Scaled:
   """Damps, scales and normalises the task Grams of one layer.
 
   Args:
     grams: `(m, n_in, n_in)` per-token mean Grams `X_i^T X_i / N_i`.
     W0: `(n_in, n_out)` dense weights.
     damping: ridge relative to the mean diagonal (paper: 0.01).
+    replicate: see `weight_sum` (on a mesh: makes `energy` exact).
   """
   G = jax.vmap(lambda g: damp(g, damping))(grams.astype(jnp.float32))
   diag = jnp.diagonal(jnp.mean(G, axis=0))
@@ -69,7 +91,7 @@ def scale_problem(grams: jax.Array, W0: jax.Array, *,
   unit = jnp.mean(jnp.diagonal(G, axis1=1, axis2=2), axis=1)
   G = G / unit[:, None, None]
   B0 = d[:, None] * W0.astype(jnp.float32)
-  energy = jnp.einsum("io,mij,jo->m", B0, G, B0)
+  energy = weight_sum((G @ B0) * B0[None], replicate)
   energy = jnp.where(energy > 0, energy, 1.0)
   return Scaled(G=G, B0=B0, d=d, energy=energy)
 
