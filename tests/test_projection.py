@@ -31,7 +31,8 @@ def np_nm(scores, n, m):
   return out
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (64, 48), (1, 9), (33, 1)])
+@pytest.mark.parametrize("shape", [(7, 5), (64, 48), (1, 9), (33, 1), (50,),
+                                   (3, 8, 6)])
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.3, 0.5, 0.99, 1.0])
 def test_topk_matches_stable_sort(rng, shape, frac):
   s = rng.random(shape).astype(np.float32)

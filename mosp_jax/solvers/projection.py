@@ -131,8 +131,8 @@ def topk_mask(scores: jax.Array, k: int,
 
   lo, _ = jax.lax.fori_loop(0, 32, body,
                             (jnp.int32(0), jnp.int32(0x7F800000)))
-  return (bits > lo) | _first_ties(bits == lo, k - jnp.sum(bits > lo)
-                                   ).reshape(shape)
+  mask = (bits > lo) | _first_ties(bits == lo, k - jnp.sum(bits > lo))
+  return mask.reshape(shape)
 
 
 def _first_ties(ties: jax.Array, room: jax.Array) -> jax.Array:
