@@ -84,6 +84,15 @@ flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
                      "Stage-2 ADMM cap.")
 flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag.")
 flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations.")
+flags.DEFINE_integer("pref_admm_iters", _D.pref_admm_iters,
+                     "ADMM iterations on H_lam re-choosing each preference "
+                     "model's support outside the core [ours]; 0 = the "
+                     "paper's assembly.")
+flags.DEFINE_integer("pref_swap_rounds", _D.pref_swap_rounds,
+                     "Support-swap rounds per preference model after the "
+                     "assembly [ours]: gradient step, re-pick the top "
+                     "outside the core, PCG, keep the best; 0 = the paper's "
+                     "assembly.")
 # Devices: the mesh the per-layer solvers run on, and multi-host setup.
 flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
                     "(one device), 'C' (output columns split over C "

@@ -29,6 +29,14 @@ class SolverConfig:
     damping: ridge added to each Gram, relative to its mean diagonal
       [paper 0.01].
     pcg_iters: PCG refinement iterations [paper 10].
+    pref_admm_iters: ADMM iterations on `H_lam` that re-choose each
+      preference model's support outside the core after METHOD.md section
+      5's assembly [ours; 0 = the paper's assembly]; see
+      `solvers.mosp.assemble` and docs/METHOD_NOTES.md.
+    pref_swap_rounds: support-swap rounds per preference model after the
+      assembly [ours; 0 = the paper's]: a Jacobi-scaled gradient step on
+      `H_lam`, the top of its saliency outside the core, PCG; the best
+      model seen is kept, so never worse than the paper's assembly.
   """
   alpha: float = 0.5
   p: float = 0.5
@@ -40,6 +48,8 @@ class SolverConfig:
   stage2_max_iter: int = 300
   damping: float = 0.01
   pcg_iters: int = 10
+  pref_admm_iters: int = 0
+  pref_swap_rounds: int = 0
 
   def __post_init__(self):
     checks = [
@@ -52,6 +62,8 @@ class SolverConfig:
         ("stage2_max_iter", self.stage2_max_iter >= 1, ">= 1"),
         ("damping", self.damping >= 0.0, ">= 0"),
         ("pcg_iters", self.pcg_iters >= 0, ">= 0"),
+        ("pref_admm_iters", self.pref_admm_iters >= 0, ">= 0"),
+        ("pref_swap_rounds", self.pref_swap_rounds >= 0, ">= 0"),
     ]
     for name, ok, expected in checks:
       if not ok:

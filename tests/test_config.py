@@ -21,7 +21,8 @@ def test_frozen():
 @pytest.mark.parametrize("field,value", [
     ("alpha", 1.5), ("p", -1.0), ("rho0", 0.0), ("update_every", 0),
     ("max_iter", 0), ("stage2_rho", -0.5), ("stage2_max_iter", 0),
-    ("damping", -0.01), ("pcg_iters", -1)])
+    ("damping", -0.01), ("pcg_iters", -1),
+    ("pref_admm_iters", -1), ("pref_swap_rounds", -2)])
 def test_bad_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"^{field} must be"):
     SolverConfig(**{field: value})

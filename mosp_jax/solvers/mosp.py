@@ -120,12 +120,20 @@ def stage2(sc: Scaled, Q: jax.Array, L: jax.Array, core: jax.Array,
 
 
 def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
-             pattern: projection.Pattern, alpha: float, pcg_iters: int):
+             pattern: projection.Pattern, alpha: float, pcg_iters: int,
+             admm_iters: int = 0, rho: jax.Array | float = 0.5,
+             update_every: int = 3, swap_rounds: int = 0):
   """Models for preferences `prefs (P, m)` from the stage-2 iterates.
 
   Support: core | top of `sum_i lam_i D_i^2 G_i[jj] / energy_i` outside the
   core; warm start `sum_i lam_i D_i`; `pcg_iters` PCG steps on
-  `H_lam = sum_i lam_i G_i / energy_i`. Returns scaled `(X, masks, info)`.
+  `H_lam = sum_i lam_i G_i / energy_i`. With `admm_iters > 0` [ours] the
+  support outside the core is then re-chosen by at most that many ADMM
+  iterations on `H_lam` (core frozen, as stage 2; starting penalty `rho`
+  relative to `H_lam`'s mean diagonal, the stage-2 schedule), started at
+  the PCG model with its own multiplier `H_lam (B0 - X)`, so the first
+  step is a gradient step; `pcg_iters` more PCG steps follow. Returns
+  scaled `(X, masks, info)` (info: the last PCG's).
   """
   _, n_in, n_out = D.shape
   count = pattern.unit_keep(n_in, n_out) - projection.core_count(
@@ -141,9 +149,70 @@ def assemble(sc: Scaled, core: jax.Array, D: jax.Array, prefs: jax.Array, *,
     H = jnp.tensordot(wl, sc.G, axes=1)
     X0 = jnp.tensordot(lam, D, axes=1)
     X, info = pcg_lib.masked_pcg(H, sc.B0, mask, X0, iters=pcg_iters)
+    if admm_iters > 0:
+      X, mask, info = _refine_support(H, sc.B0, core, X, pattern=pattern,
+                                      count=count, rho=rho,
+                                      update_every=update_every,
+                                      admm_iters=admm_iters,
+                                      pcg_iters=pcg_iters)
+    if swap_rounds > 0:
+      X, mask, info = _swap_support(H, sc.B0, core, X, mask, info,
+                                    pattern=pattern, count=count,
+                                    rounds=swap_rounds, pcg_iters=pcg_iters)
     return X, mask, info
 
   return jax.vmap(one)(prefs, w)
+
+
+def _swap_support(H, B0, core, X, mask, info, *, pattern, count, rounds,
+                  pcg_iters):
+  """Support swaps on one Gram: each round takes a Jacobi-scaled gradient
+  step from `X`, keeps the core and the top `count` of its saliency
+  outside it, and re-solves that support with PCG; returns the best
+  model seen."""
+  diag = jnp.diagonal(H)
+  outside = jnp.logical_not(core)
+
+  def objective(X):
+    E = X - B0
+    return jnp.sum(E * (H @ E))
+
+  def body(_, carry):
+    X, mask, best = carry
+    Z = X + (H @ (B0 - X)) * (1.0 / diag)[:, None]
+    new = core | projection.select(jnp.square(Z) * diag[:, None], pattern,
+                                   count, outside)
+    Xn, info = pcg_lib.masked_pcg(H, B0, new, jnp.where(new, Z, 0.0),
+                                  iters=pcg_iters)
+    better = objective(Xn) < objective(best[0])
+    best = jax.tree.map(lambda a, b: jnp.where(better, a, b),
+                        (Xn, new, info), best)
+    return Xn, new, best
+
+  _, _, best = jax.lax.fori_loop(0, rounds, body,
+                                 (X, mask, (X, mask, info)))
+  return best
+
+
+def _refine_support(H, B0, core, X, *, pattern, count, rho, update_every,
+                    admm_iters, pcg_iters):
+  """ADMM on one Gram `H (n_in, n_in)` with `core` frozen, warm-started at
+  `X` (optimal on its support), then PCG. See `assemble`."""
+  n_in, n_out = B0.shape
+  # rho is relative to a unit mean diagonal; H_lam's is sum_i w_i.
+  Hn = H * (1.0 / jnp.mean(jnp.diagonal(H)))
+  Q, L = admm_lib.eig(Hn[None])
+
+  def project(Z):
+    return projection.task_masks(Z, core, pattern, count) | core[None], ()
+
+  V = Hn @ (B0 - X)  # The multiplier at which X is an ADMM fixed point.
+  it, _, _ = admm_lib.run_admm(
+      Q, L, (Hn @ B0)[None], (X[None], X[None], V[None]), project,
+      k=pattern.keep(n_in, n_out), rho0=rho, adaptive=True,
+      update_every=update_every, max_iter=admm_iters)
+  X, info = pcg_lib.masked_pcg(Hn, B0, it.mask[0], it.D[0], iters=pcg_iters)
+  return X, it.mask[0], info
 
 
 @functools.partial(
@@ -183,14 +252,19 @@ def _scaled(grams, W0, damping, layout) -> Scaled:
 
 @functools.partial(jax.jit,
                    static_argnames=("pattern", "alpha", "pcg_iters",
+                                    "admm_iters", "update_every",
+                                    "swap_rounds",
                                     "layout"))
-def _materialize(grams, W0, pareto, prefs, damping, *, pattern, alpha,
-                 pcg_iters, layout=None):
+def _materialize(grams, W0, pareto, prefs, damping, rho, *, pattern, alpha,
+                 pcg_iters, admm_iters, update_every, swap_rounds,
+                 layout=None):
   sc = _scaled(grams, W0, damping, layout)
   D = pareto.task_sparse * sc.d[None, :, None]
   X, masks, info = assemble(sc, pareto.core, D, prefs.astype(jnp.float32),
                             pattern=pattern, alpha=alpha,
-                            pcg_iters=pcg_iters)
+                            pcg_iters=pcg_iters, admm_iters=admm_iters,
+                            rho=rho, update_every=update_every,
+                            swap_rounds=swap_rounds)
   X = X * (1.0 / sc.d)[None, :, None]
   if layout is not None:
     X = layout.constrain(X, layout.per_model)
@@ -280,10 +354,13 @@ def mosp_materialize(grams: jax.Array, W0: jax.Array, pareto: ParetoLayer,
         task_sparse=sharding_lib.place(pareto.task_sparse,
                                        layout.per_task))
     prefs = sharding_lib.place(prefs, layout.replicated)
-  (damping,) = sharding_lib.scalars((cfg.damping,), layout)
-  return _materialize(grams, W0, pareto, prefs, damping, pattern=pattern,
-                      alpha=cfg.alpha, pcg_iters=cfg.pcg_iters,
-                      layout=layout)
+  damping, rho = sharding_lib.scalars((cfg.damping, cfg.stage2_rho), layout)
+  return _materialize(grams, W0, pareto, prefs, damping, rho,
+                      pattern=pattern, alpha=cfg.alpha,
+                      pcg_iters=cfg.pcg_iters,
+                      admm_iters=cfg.pref_admm_iters,
+                      update_every=cfg.update_every,
+                      swap_rounds=cfg.pref_swap_rounds, layout=layout)
 
 
 def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
