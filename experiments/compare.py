@@ -211,7 +211,7 @@ def compare_model(run: RunConfig, solver: SolverConfig,
            f"{run.seqlen} per task, seed {run.seed}. Baselines: one model "
            "per preference, pruned on the mixed Gram H_lam (the vertices "
            "are the single-task runs); magnitude uses no data (one model).",
-           "", "## Summary", "",
+           "", _solver_note(solver), "", "## Summary", "",
            f"Hypervolume of (log PPL per task), reference "
            f"{_pref(np.asarray(summary['reference']))} (shared); higher is "
            "better. Time: wall and process CPU seconds of the whole walk "
@@ -226,6 +226,17 @@ def compare_model(run: RunConfig, solver: SolverConfig,
                      title=f"{run.model}, {run.pattern}",
                      extra={k: v for k, v in ppl.items() if k != "mosp"})
   return results
+
+
+def _solver_note(solver: SolverConfig) -> str:
+  """One line naming the solver settings that differ from the defaults."""
+  changed = [f"{f.name}={getattr(solver, f.name)}"
+             for f in dataclasses.fields(solver)
+             if getattr(solver, f.name) != f.default]
+  if not changed:
+    return "Solver settings: the defaults (SolverConfig)."
+  return ("Solver settings that differ from the defaults (SolverConfig): "
+          + ", ".join(changed) + ".")
 
 
 def compare_layer(run: RunConfig, solver: SolverConfig,
@@ -278,7 +289,8 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
            "tokens per task. A point is the relative reconstruction error "
            "per task, averaged over the linears. Baselines: one solve per "
            "preference on the mixed Gram H_lam (vertices = single task).",
-           "", "## Summary (calibration Grams, the objective)", "",
+           "", _solver_note(solver), "",
+           "## Summary (calibration Grams, the objective)", "",
            f"Hypervolume of (log relative error per task), shared reference "
            f"{_pref(np.asarray(summary['reference']))}; higher is better. "
            "Time: wall and process CPU seconds of the solves over the "

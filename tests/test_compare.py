@@ -73,13 +73,15 @@ def test_whole_model_compare_outputs(model_run):
   assert list(on_disk["dense_ppl"]) == list(run.tasks)
   md = (out / "compare.md").read_text()
   assert "| magnitude |" in md and "hypervolume" in md
+  assert "Solver settings" in md
   assert (out / "compare.png").stat().st_size > 10_000
 
 
 @flagsaver.flagsaver
 def test_layer_level_compare(model_run, tmp_path):
   run, solver, methods = parse(f"--out_dir={tmp_path}", "--layer=1",
-                               "--methods=sparsegpt,magnitude")
+                               "--methods=sparsegpt,magnitude",
+                               "--pref_swap_rounds=1")
   res = compare.compare_layer(run, solver, methods, layer=1,
                               linears=["self_attn.q_proj", "mlp.down_proj"],
                               use_cache=False, log=lambda s: None)
@@ -95,5 +97,7 @@ def test_layer_level_compare(model_run, tmp_path):
   for i in range(3):
     assert res["rel_error"]["mosp"][i][i] < res["rel_error"]["magnitude"][
         i][i]
-  assert (tmp_path / "compare.md").read_text().startswith(
-      "# MOSP vs baselines on one layer")
+  md = (tmp_path / "compare.md").read_text()
+  assert md.startswith("# MOSP vs baselines on one layer")
+  assert "differ from the defaults (SolverConfig): pref_swap_rounds=1." in md
+  assert res["solver"]["pref_swap_rounds"] == 1
