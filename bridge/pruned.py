@@ -261,7 +261,10 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
                                      prefs_dev, pattern=run.pattern,
                                      cfg=run.solver)
           W, M = jax.device_get((W, M))
-          w, mask = np.asarray(W[row]), np.asarray(M[row])
+          # Copies: a view of row `row` would keep all the batch's rows
+          # alive (the batch is every run preference when `pref` is one,
+          # so the model is bitwise the one the run evaluated).
+          w, mask = np.array(W[row]), np.array(M[row])
           if np.any(w[~mask] != 0):
             raise AssertionError(f"layer {layer} {name}: weights off the "
                                  "mask are not zero")

@@ -189,6 +189,20 @@ def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
   assert all(r.run is None for r in report.ppl)
 
 
+def test_materialized_model_owns_its_arrays(tiny_run):
+  # A run preference is materialised with every run preference in one
+  # batch (bitwise the run's model); the model must keep its own row, not
+  # a view that holds the whole (P, out, in) batch alive.
+  run = pruned.read_run(tiny_run)
+  model = pruned.materialize(run, run.prefs[6])
+  assert model.run_index == 6 and len(model.masks) == 14
+  for (layer, name), mask in model.masks.items():
+    assert mask.base is None, (layer, name)
+    kernel = np.asarray(model.adapter.get_kernel(model.params, layer, name))
+    assert kernel.nbytes == mask.size * 4  # One float32 row, not P rows.
+    np.testing.assert_array_equal(kernel != 0, mask)
+
+
 def test_runner_export_pref_records_parity(tiny_run):
   run_lib.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
   res = json.loads((tiny_run / "results.json").read_text())
