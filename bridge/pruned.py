@@ -11,10 +11,11 @@ rebuilds, for any preference, exactly the model the run evaluated:
 
 `materialize` loads the dense model the run loaded (checked against the
 run's fingerprint when it recorded one), and for every linear calls
-`mosp_materialize` on the stored core, task weights and Grams. A preference
-the run evaluated is materialised in the run's own batch of preferences, so
-its weights are bitwise those the run evaluated (same inputs, same jitted
-program); any other preference is materialised alone.
+`mosp_materialize` on the stored Pareto set `(S_c, W, W_i, d)`: a weighted
+sum and a projection, no Gram and no solve. A preference the run
+evaluated is materialised in the run's own batch of preferences, so its
+weights are bitwise those the run evaluated (XLA may round a batch of
+another size differently in the last bit); any other one alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from mosp_jax import data as data_lib
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact, pareto
-from mosp_jax.solvers import NM, ParetoLayer, Unstructured, mosp_materialize
+from mosp_jax.solvers import NM, Unstructured, mosp_materialize
 
 CENTROID = "centroid"
 _PATTERNS = {"Unstructured": Unstructured, "NM": NM}
@@ -242,35 +243,25 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
   row = index if index is not None else 0
   root = run.run_dir / "pareto"
   masks, budgets, kernels = {}, {}, {}
+  names = [name for group in run.groups for name in group]
   with jax.transfer_guard("disallow"):
-    prefs_dev = jax.device_put(batch)
+    pref_dev = jax.device_put(batch)
     for layer in range(run.num_layers):
-      linears, grams = artifact.load_layer(root, layer)
-      for group in run.groups:
-        if group[0] not in grams:
-          raise RunDirError(f"{root}: layer {layer} has no Gram for "
-                            f"{group[0]!r}")
-        G = jax.device_put(grams[group[0]])
-        for name in group:
-          if name not in linears:
-            raise RunDirError(f"{root}: layer {layer} has no {name!r}")
-          core, task_sparse = linears[name]
-          W0 = adapter.get_kernel(params, layer, name)
-          layer_set = ParetoLayer(*jax.device_put((core, task_sparse)))
-          W, M, _ = mosp_materialize(G, jax.device_put(W0), layer_set,
-                                     prefs_dev, pattern=run.pattern,
-                                     cfg=run.solver)
-          W, M = jax.device_get((W, M))
-          # Copies: a view of row `row` would keep all the batch's rows
-          # alive (the batch is every run preference when `pref` is one,
-          # so the model is bitwise the one the run evaluated).
-          w, mask = np.array(W[row]), np.array(M[row])
-          if np.any(w[~mask] != 0):
-            raise AssertionError(f"layer {layer} {name}: weights off the "
-                                 "mask are not zero")
-          masks[(layer, name)] = mask
-          budgets[(layer, name)] = run.pattern.keep(*w.shape)
-          kernels[(layer, name)] = w
+      linears = artifact.load_layer(root, layer)
+      for name in names:
+        if name not in linears:
+          raise RunDirError(f"{root}: layer {layer} has no {name!r}")
+        W, M = mosp_materialize(jax.device_put(linears[name]), pref_dev,
+                                pattern=run.pattern, cfg=run.solver)
+        W, M = jax.device_get((W, M))
+        # Copies: a view of row `row` would keep the whole batch alive.
+        w, mask = np.array(W[row]), np.array(M[row])
+        if np.any(w[~mask] != 0):
+          raise AssertionError(f"layer {layer} {name}: weights off the "
+                               "mask are not zero")
+        masks[(layer, name)] = mask
+        budgets[(layer, name)] = run.pattern.keep(*w.shape)
+        kernels[(layer, name)] = w
       log(f"materialised layer {layer + 1}/{run.num_layers}")
   for (layer, name), w in kernels.items():  # Not under the guard: set_kernel
     params = adapter.set_kernel(params, layer, name, w)  # makes jax arrays.

@@ -6,10 +6,14 @@ r"""Benchmark of the per-layer solvers; ratios are measured in one run.
 
 For each shape it times (after compilation) a fixed number of ADMM
 iterations and a plain jitted matmul of the same shapes, and reports the
-FLOP rate ADMM achieves relative to that matmul. It then times MOSP with
-m tasks and K preferences against one ALPS solve on the same layer (the
-naive front costs K ALPS solves). Inputs are random correlated Grams with
-uneven channel scales (shapes of SmolLM2-135M: 576 hidden, 1536 MLP).
+FLOP rate ADMM achieves relative to that matmul (the two products of the
+eigenbasis step; with the explicit inverse one ADMM iteration does half
+of them, so the ratio can exceed 1). It then times MOSP with m tasks and
+K preferences (its Pareto set, then the K models) against one ALPS solve
+on the concatenated Gram of the same layer (the paper's baseline; a naive
+front costs K ALPS solves), with a per-stage breakdown. Inputs are random
+correlated Grams with uneven channel scales (shapes of SmolLM2-135M: 576
+hidden, 1536 MLP).
 
 With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks)
 and records under "mesh": the per-device bytes of the ADMM iterates and
@@ -35,15 +39,20 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.solvers import (
   Unstructured,
   alps_prune,
+  concat_gram,
+  mosp_materialize,
+  mosp_pareto,
   mosp_prune,
   projection,
   prune_mask,
   relative_error,
   sharding,
 )
+from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers import mosp as mosp_lib
-from mosp_jax.solvers.admm import apply_inverse, eig, run_admm
-from mosp_jax.solvers.scaling import scale_problem
+from mosp_jax.solvers import pcg as pcg_lib
+from mosp_jax.solvers.admm import eig, eig_solve, run_admm
+from mosp_jax.solvers.scaling import Scaled, scale_problem, scale_tasks
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _LARGE = flags.DEFINE_bool(
@@ -102,12 +111,12 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
   grams = jax.device_put(_grams(rng, 1, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
   cfg = SolverConfig()
-  sc = jax.jit(lambda g, w: scale_problem(g, w, damping=cfg.damping))(
+  sc = jax.jit(lambda g, w: scale_problem(g[0], w, damping=cfg.damping))(
       grams, W0)
   Q, L = jax.jit(eig)(sc.G)
 
   def project(Z):
-    return jax.vmap(lambda z: prune_mask(jnp.square(z), pattern))(Z), ()
+    return jax.vmap(lambda z: prune_mask(jnp.abs(z), pattern))(Z), ()
 
   @jax.jit
   def admm_fixed(Q, L, G, B0):
@@ -115,19 +124,21 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
     mask, _ = project(B)
     # update_every > max_iter: no support check, exactly `iters` iterations.
     it, _, info = run_admm(
-        Q, L, G @ B0, (B, jnp.where(mask, B, 0.0), jnp.zeros_like(B)),
-        project, k=pattern.keep(n_in, n_out), rho0=cfg.rho0, adaptive=False,
+        eig_solve(Q, L, n_out, cfg.update_every), G @ B0,
+        (B, jnp.where(mask, B, 0.0), jnp.zeros_like(B)), project,
+        k=pattern.keep(n_in, n_out), rho0=cfg.rho0, adaptive=False,
         update_every=iters + 1, max_iter=iters)
     return it.D, info.iters
 
   @jax.jit
   def matmuls(Q, L, R):
-    # The same two products one ADMM iteration does, nothing else.
-    return apply_inverse(Q, L, jnp.float32(0.1), R)
+    # The two products of one eigenbasis step, nothing else.
+    QtR = Q.T @ R
+    return Q @ (QtR * (1.0 / (L + 0.1))[:, None])
 
   t_admm, t_mm = _best_times(
       [lambda: admm_fixed(Q, L, sc.G, sc.B0),
-       lambda: matmuls(Q, L, sc.B0[None])], repeats)
+       lambda: matmuls(Q, L, sc.B0)], repeats)
   flops_iter = 4.0 * n_in * n_in * n_out
   admm_gflops = flops_iter * iters / t_admm / 1e9
   mm_gflops = flops_iter / t_mm / 1e9
@@ -141,9 +152,8 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
                        repeats: int, pattern) -> dict:
   grams = jax.device_put(_grams(rng, m, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
-  prefs_np = rng.dirichlet(np.ones(m), K).astype(np.float32)
-  prefs = jax.device_put(prefs_np)
-  H = jax.device_put(np.einsum("k,kij->ij", prefs_np[0], _np(grams)))
+  prefs = jax.device_put(rng.dirichlet(np.ones(m), K).astype(np.float32))
+  H = jax.jit(concat_gram)(grams)
   with jax.transfer_guard("disallow"):
     t_alps, t_mosp = _best_times(
         [lambda: alps_prune(H, W0, pattern=pattern),
@@ -163,26 +173,34 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
 def _mosp_breakdown(grams, W0, prefs, pattern, repeats: int) -> dict:
   """Seconds spent in each MOSP stage (each jitted alone)."""
   cfg = SolverConfig()
-  m = grams.shape[0]
+  n_in, n_out = W0.shape
   prep = jax.jit(lambda g, w: (lambda sc: (sc, eig(sc.G)))(
-      scale_problem(g, w, damping=cfg.damping)))
+      scale_problem(concat_gram(g), w, damping=cfg.damping)))
   sc, (Q, L) = prep(grams, W0)
-  s1 = jax.jit(lambda: mosp_lib.stage1(
-      sc, Q, L, pattern=pattern, alpha=cfg.alpha, p=cfg.p, rho0=cfg.rho0,
-      update_every=cfg.update_every, max_iter=cfg.max_iter))
-  core, it1, _ = s1()
+  core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
+  s1 = jax.jit(lambda: alps_lib.admm_support(
+      sc, Q, L, pattern=pattern, rho0=cfg.rho0,
+      update_every=cfg.update_every, max_iter=cfg.max_iter,
+      core_count=core_count))
+  sup, _ = s1()
+  pcg = jax.jit(lambda: pcg_lib.masked_pcg(sc.G, sc.B0, sup.mask, sup.D,
+                                           iters=cfg.pcg_iters))
+  X, _ = pcg()
+  G = jax.jit(lambda g: scale_tasks(g, sc.d, damping=cfg.damping))(grams)
   s2 = jax.jit(lambda: mosp_lib.stage2(
-      sc, Q, L, core, it1, pattern=pattern, alpha=cfg.alpha,
-      rho=cfg.stage2_rho, adaptive=cfg.stage2_adaptive,
-      update_every=cfg.update_every, max_iter=cfg.stage2_max_iter))
+      G, sc.B0, sup.core, X, pattern=pattern, alpha=cfg.alpha,
+      rho=jnp.float32(cfg.stage2_rho), max_iter=cfg.stage2_max_iter))
   it2, _ = s2()
-  all_prefs = jnp.concatenate([jnp.eye(m), prefs])
-  asm = jax.jit(lambda: mosp_lib.assemble(
-      sc, core, it2.D, all_prefs, pattern=pattern, alpha=cfg.alpha,
-      pcg_iters=cfg.pcg_iters))
-  times = _best_times([lambda: prep(grams, W0), s1, s2, asm], repeats)
-  return dict(zip(["scale_eig", "stage1", "stage2", "assemble_pcg"], times,
-                  strict=True))
+  s3 = jax.jit(lambda: jax.vmap(
+      lambda g, mask, D: pcg_lib.masked_pcg(g, sc.B0, mask, D,
+                                            iters=cfg.pcg_iters))(
+      G, it2.mask, it2.D))
+  par, _ = mosp_pareto(grams, W0, pattern=pattern)
+  mat = lambda: mosp_materialize(par, prefs, pattern=pattern)  # noqa: E731
+  times = _best_times([lambda: prep(grams, W0), s1, pcg, s2, s3, mat],
+                      repeats)
+  return dict(zip(["scale_eig", "stage1_admm", "stage1_pcg", "stage2",
+                   "stage3_pcg", "materialize"], times, strict=True))
 
 
 def _memory(compiled) -> dict:
@@ -204,23 +222,21 @@ def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
   grams_np = _grams(rng, m, n_in)
   W0_np = rng.standard_normal((n_in, n_out), np.float32)
   prefs_np = rng.dirichlet(np.ones(m), K).astype(np.float32)
-  sc = jax.jit(lambda g, w: scale_problem(g, w, damping=cfg.damping))(
+  sc = jax.jit(lambda g, w: scale_problem(concat_gram(g), w,
+                                          damping=cfg.damping))(
       *jax.device_put((grams_np, W0_np)))
   Q, L = jax.jit(eig)(sc.G)
 
-  def project(Z):
-    core, masks = projection.mosp_masks(Z, pattern, alpha=cfg.alpha, p=cfg.p)
-    return masks, core
+  core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
 
   def admm_fixed(Q, L, G, B0):
-    """`iters` stage-1 ADMM iterations (coupled projection), no checks."""
-    B = jnp.broadcast_to(B0, (m, n_in, n_out))
-    mask, _ = project(B)
-    it, core, _ = run_admm(
-        Q, L, G @ B0, (B, jnp.where(mask, B, 0.0), jnp.zeros_like(B)),
-        project, k=pattern.keep(n_in, n_out), rho0=cfg.rho0,
-        adaptive=False, update_every=iters + 1, max_iter=iters)
-    return it, core
+    """`iters` stage-1 ADMM iterations (the global model and the core),
+    no support checks."""
+    scaled = Scaled(G=G, B0=B0, d=jnp.ones(n_in))
+    sup, _ = alps_lib.admm_support(
+        scaled, Q, L, pattern=pattern, rho0=cfg.rho0,
+        update_every=iters + 1, max_iter=iters, core_count=core_count)
+    return sup
 
   one_args = (Q, L, sc.G, sc.B0)
   put = sharding.place

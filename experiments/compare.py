@@ -1,24 +1,40 @@
 r"""MOSP against the single-objective baselines on identical inputs.
 
+Two protocols for the baselines (`--baselines`, either or both):
+
+- `concat` [paper-summary, the paper's protocol]: ONE model per baseline,
+  calibrated on the concatenated data of all tasks (Gram `mean_i G_i`);
+- `mixed` [ours, stricter]: one model per preference, each pruned on the
+  preference-mixed Gram `H_lam` (a whole front per baseline, K times the
+  cost).
+
 Whole model (every method through the same layer walk, same model, data,
-seed and sparsity; each baseline once per preference with the mixed Gram):
+seed and sparsity):
 
   python -m experiments.compare --flagfile=experiments/configs/quick.flags \
-      --out_dir=runs/compare
+      --out_dir=runs/compare [--baselines=concat,mixed]
 
 One real layer, in about a minute (relative reconstruction error per task
 instead of perplexity; the captured Grams are cached, so a second run only
-solves):
+solves), with MOSP ablations beside the default:
 
   python -m experiments.compare --layer_level \
-      --flagfile=experiments/configs/quick.flags --out_dir=runs/layer
+      --flagfile=experiments/configs/quick.flags --out_dir=runs/layer \
+      --mosp_variants='alpha=0;alpha=1;p=1'
 
 Writes compare.json, compare.md and compare.png into --out_dir. Fronts are
-compared in log space (log PPL, or log relative error per task): the
-hypervolume of each method's points against one reference point shared by
-all methods (the worst value of each task over every point, 10% worse),
-and how many of each baseline's points some MOSP point dominates. Every
-run flag of `experiments.run` applies.
+compared in log space (log PPL, or log relative error per task) by their
+hypervolume against two reference points:
+
+- `paper`: SparseGPT-concat's model, 10% worse on every task (log value
+  + log 1.1) [ours: the summary ties the paper's reference to SparseGPT's
+  performance without giving the offset]; needs `--baselines=concat`;
+- `shared`: the worst value of each task over every point of every
+  entry, 10% worse, so every point contributes.
+
+`mosp:W` is MOSP's stage-1 global model (ALPS on the concatenated Gram,
+part of the Pareto set on disk); `mosp+W` is the preference models with
+it. Every run flag of `experiments.run` applies.
 """
 
 from __future__ import annotations
@@ -35,7 +51,8 @@ from absl import app, flags
 
 from experiments import layer_compare
 from experiments import run as run_lib
-from mosp_jax.baselines import METHODS
+from experiments.layer_compare import Entry
+from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
 from mosp_jax.pipeline import prune as prune_lib
@@ -43,11 +60,20 @@ from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single import baseline_walk
 
-ALL_METHODS = ("mosp", *METHODS)
+PROTOCOLS = ("concat", "mixed")
+PAPER_REFERENCE = "sparsegpt-concat"
+MARGIN = float(np.log(1.1))
 
-flags.DEFINE_list("methods", list(ALL_METHODS), "Methods to compare; "
-                  "mosp is always run (it is the reference of the "
-                  "dominance counts).")
+flags.DEFINE_list("methods", list(METHODS), "Baselines to compare with "
+                  f"MOSP (of {', '.join(METHODS)}); sparsegpt is added "
+                  "under --baselines=concat (the paper's reference).")
+flags.DEFINE_list("baselines", ["concat"], "Baseline protocols: concat "
+                  "(one model on the concatenated data, the paper's "
+                  "[paper-summary]) and/or mixed (one model per preference "
+                  "on H_lam [ours]).")
+flags.DEFINE_string("mosp_variants", "", "Extra MOSP entries, ';'-"
+                    "separated, each ','-separated SolverConfig overrides, "
+                    "e.g. 'alpha=0;p=1,pref_map=normalized'.")
 flags.DEFINE_bool("layer_level", False, "Compare on one real layer "
                   "(relative errors) instead of the whole model (PPL).")
 flags.DEFINE_integer("layer", -1, "Layer of --layer_level; -1: the middle "
@@ -69,27 +95,80 @@ def prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
   return out
 
 
-def methods_from_flags(f=FLAGS) -> tuple[str, ...]:
-  """The methods to run, mosp first; raises naming --methods."""
+def _variant(text: str, solver: SolverConfig) -> tuple[str, SolverConfig]:
+  """'alpha=0,p=1' -> ('mosp[alpha=0,p=1]', the overridden config)."""
+  fields = {f.name: f.type for f in dataclasses.fields(SolverConfig)}
+  changes = {}
+  for item in text.split(","):
+    name, _, value = item.strip().partition("=")
+    if name not in fields or not value:
+      raise ValueError(f"--mosp_variants: expected field=value with a "
+                       f"SolverConfig field ({', '.join(fields)}), got "
+                       f"{item.strip()!r}")
+    default = getattr(solver, name)
+    try:
+      changes[name] = (value if isinstance(default, str)
+                       else type(default)(float(value)))
+    except ValueError as e:
+      raise ValueError(f"--mosp_variants: {name}={value!r} is not a "
+                       "number") from e
+  try:
+    cfg = dataclasses.replace(solver, **changes)
+  except ValueError as e:
+    raise ValueError(f"--mosp_variants: {e}") from e
+  return f"mosp[{text.strip()}]", cfg
+
+
+def entries_from_flags(solver: SolverConfig, f=FLAGS) -> tuple[Entry, ...]:
+  """MOSP (and its variants) first, then each baseline under each
+  protocol; raises ValueError naming the flag."""
   names = [m.strip() for m in f.methods if m.strip()]
-  bad = [m for m in names if m not in ALL_METHODS]
+  bad = [m for m in names if m not in METHODS]
   if bad:
     raise ValueError(f"--methods: unknown {bad}; choose from "
-                     f"{list(ALL_METHODS)}")
-  return ("mosp", *[m for m in ALL_METHODS[1:] if m in names])
+                     f"{list(METHODS)}")
+  protocols = [p.strip() for p in f.baselines if p.strip()]
+  bad = [p for p in protocols if p not in PROTOCOLS]
+  if bad or not protocols:
+    raise ValueError(f"--baselines: expected one or both of "
+                     f"{list(PROTOCOLS)}, got {list(f.baselines)}")
+  out = [Entry("mosp", "mosp", "pareto", solver)]
+  for text in filter(str.strip, f.mosp_variants.split(";")):
+    name, cfg = _variant(text, solver)
+    out.append(Entry(name, "mosp", "pareto", cfg))
+  if "concat" in protocols and "sparsegpt" not in names:
+    names.append("sparsegpt")
+  for method in METHODS:
+    if method not in names:
+      continue
+    if method in DATA_FREE:
+      out.append(Entry(method, method, "data-free", solver))
+      continue
+    out += [Entry(f"{method}-{p}", method, p, solver)
+            for p in PROTOCOLS if p in protocols]
+  return tuple(out)
+
+
+def with_global(points: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Adds 'mosp+W' (MOSP's preference models and its global model)."""
+  if "mosp" in points and "mosp:W" in points:
+    return {**points, "mosp+W": np.concatenate([points["mosp"],
+                                                points["mosp:W"]])}
+  return points
 
 
 def summarize(points: dict[str, np.ndarray]) -> dict:
-  """Front metrics of each method's `(P, m)` points (minimisation, values
-  > 0), compared in log space against one shared reference point."""
+  """Front metrics of each entry's `(points, m)` values (minimisation,
+  values > 0) in log space, under the shared reference and, when
+  SparseGPT-concat is among them, the paper's."""
   logs = {k: np.log(np.asarray(v, np.float64)) for k, v in points.items()}
-  ref = pareto.reference_point(list(logs.values()))
+  shared = pareto.reference_point(list(logs.values()), margin=MARGIN)
   mosp = logs["mosp"]
-  others = [k for k in logs if k != "mosp"]
-  return {
+  others = [k for k in logs if not k.startswith("mosp")]
+  out = {
       "space": "log",
-      "reference": ref.tolist(),
-      "hypervolume": {k: pareto.hypervolume(v, ref)
+      "reference": shared.tolist(),
+      "hypervolume": {k: pareto.hypervolume(v, shared)
                       for k, v in logs.items()},
       "mosp_dominates": {k: pareto.dominated_count(mosp, logs[k])
                          for k in others},
@@ -97,6 +176,12 @@ def summarize(points: dict[str, np.ndarray]) -> dict:
                          for k in others},
       "points": {k: int(v.shape[0]) for k, v in logs.items()},
   }
+  if PAPER_REFERENCE in logs:
+    ref = logs[PAPER_REFERENCE][0] + MARGIN
+    out["paper_reference"] = ref.tolist()
+    out["paper_hypervolume"] = {k: pareto.hypervolume(v, ref)
+                                for k, v in logs.items()}
+  return out
 
 
 def _pref(p: np.ndarray) -> str:
@@ -106,37 +191,58 @@ def _pref(p: np.ndarray) -> str:
 def _value_table(tasks: list[str], prefs: np.ndarray,
                  values: dict[str, np.ndarray], fmt: str,
                  dense: np.ndarray | None = None) -> list[str]:
-  """Rows method x preference, columns tasks; bold = best per preference
-  and task."""
-  lines = ["| method | preference | " + " | ".join(tasks) + " |",
+  """Rows entry x model, columns tasks; bold = best per task over every
+  point of every entry."""
+  lines = ["| entry | preference | " + " | ".join(tasks) + " |",
            "|---|---|" + "---|" * len(tasks)]
   if dense is not None:
     lines.append("| dense | | " + " | ".join(format(x, fmt) for x in dense)
                  + " |")
-  stack = np.stack(list(values.values()))            # (methods, P, m)
-  best = stack.min(axis=0)
+  best = np.concatenate(list(values.values())).min(axis=0)
   for name, v in values.items():
-    for p, pref in enumerate(prefs):
-      cells = [f"**{x:{fmt}}**" if x == best[p, t] else format(x, fmt)
-               for t, x in enumerate(v[p])]
-      lines.append(f"| {name} | {_pref(pref)} | " + " | ".join(cells) + " |")
+    labels = ([_pref(p) for p in prefs] if v.shape[0] == prefs.shape[0]
+              else ["(one model)"] * v.shape[0])
+    for label, row in zip(labels, v, strict=True):
+      cells = [f"**{x:{fmt}}**" if x == best[t] else format(x, fmt)
+               for t, x in enumerate(row)]
+      lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
   return lines
 
 
 def _summary_table(summary: dict, time_s: dict[str, float],
                    cpu_s: dict[str, float]) -> list[str]:
   hv = summary["hypervolume"]
-  lines = ["| method | hypervolume | points MOSP dominates | MOSP points "
-           "it dominates | wall (s) | CPU (s) |", "|---|---|---|---|---|---|"]
+  paper = summary.get("paper_hypervolume")
+  head = "| entry | points | hypervolume (shared ref) |"
+  if paper is not None:
+    head += " hypervolume (paper ref) |"
+  head += (" points MOSP dominates | MOSP points it dominates | wall (s) |"
+           " CPU (s) |")
+  lines = [head, "|---" * (head.count("|") - 1) + "|"]
+  n_mosp = summary["points"]["mosp"]
   for k in hv:
-    n = summary["points"][k]
-    dom = ("" if k == "mosp" else
-           f"{summary['mosp_dominates'][k]} / {n}")
-    rev = ("" if k == "mosp" else
-           f"{summary['dominates_mosp'][k]} / {summary['points']['mosp']}")
-    lines.append(f"| {k} | {hv[k]:.4g} | {dom} | {rev} | "
-                 f"{time_s[k]:.1f} | {cpu_s[k]:.1f} |")
+    cells = [k, str(summary["points"][k]), f"{hv[k]:.4g}"]
+    if paper is not None:
+      cells.append(f"{paper[k]:.4g}")
+    if k in summary["mosp_dominates"]:
+      cells += [f"{summary['mosp_dominates'][k]} / {summary['points'][k]}",
+                f"{summary['dominates_mosp'][k]} / {n_mosp}"]
+    else:
+      cells += ["", ""]
+    cells += ([f"{time_s[k]:.1f}", f"{cpu_s[k]:.1f}"] if k in time_s
+              else ["", ""])
+    lines.append("| " + " | ".join(cells) + " |")
   return lines
+
+
+def _reference_note(summary: dict) -> str:
+  note = (f"Hypervolume in log space; higher is better. Shared reference "
+          f"{_pref(np.asarray(summary['reference']))} (the worst value "
+          "per task over every point, 10% worse).")
+  if "paper_reference" in summary:
+    note += (f" Paper reference {_pref(np.asarray(summary['paper_reference']))}"
+             " (SparseGPT-concat's model, 10% worse per task).")
+  return note
 
 
 def _warm_shared(adapter, params, segments: list[np.ndarray],
@@ -155,9 +261,9 @@ def _warm_shared(adapter, params, segments: list[np.ndarray],
     jax.block_until_ready(prune_lib._nll(adapter, params, h, ids))
 
 
-def compare_model(run: RunConfig, solver: SolverConfig,
-                  methods: tuple[str, ...], *, log=print) -> dict:
-  """Runs every method through the whole-model walk; returns the results
+def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
+                  log=print) -> dict:
+  """Runs every entry through the whole-model walk; returns the results
   written to compare.json (and writes compare.md, compare.png)."""
   out = prepare_out_dir(run, overwrite=True)
   adapter, params, calib, test, (t_model, t_data) = \
@@ -165,101 +271,132 @@ def compare_model(run: RunConfig, solver: SolverConfig,
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
   log(f"compare {run.model}, {run.pattern}: {len(tasks)} tasks, "
-      f"{prefs.shape[0]} preferences, methods {', '.join(methods)}")
+      f"{prefs.shape[0]} preferences, entries "
+      f"{', '.join(e.name for e in entries)}")
   walks, cpu_s = {}, {}
   with jax.transfer_guard("disallow"):
     _warm_shared(adapter, params, calib + test, run.batch_size)
-    for name in methods:
+    for entry in entries:
       c0 = time.process_time()
-      if name == "mosp":
-        walks[name] = prune_and_evaluate(
+      if entry.method == "mosp":
+        walks[entry.name] = prune_and_evaluate(
             adapter, params, calib, test, prefs, pattern=run.pattern,
-            cfg=solver, batch_size=run.batch_size, artifact_dir=None,
+            cfg=entry.cfg, batch_size=run.batch_size, artifact_dir=None,
             log=log)
       else:
-        walks[name] = baseline_walk(
-            adapter, params, calib, test, prefs, method=name,
-            pattern=run.pattern, cfg=solver, batch_size=run.batch_size,
-            log=log)
-      cpu_s[name] = time.process_time() - c0
+        walks[entry.name] = baseline_walk(
+            adapter, params, calib, test, prefs, method=entry.method,
+            protocol=entry.protocol, pattern=run.pattern, cfg=entry.cfg,
+            batch_size=run.batch_size, log=log)
+      cpu_s[entry.name] = time.process_time() - c0
   dense = walks["mosp"].dense_ppl
   for name, w in walks.items():  # identical inputs -> identical dense
     if not np.allclose(w.dense_ppl, dense, rtol=1e-4):
       raise RuntimeError(f"{name}: dense PPL {w.dense_ppl} differs from "
                          f"MOSP's {dense}; inputs are not identical")
   ppl = {k: w.ppl for k, w in walks.items()}
+  for e in entries:
+    if e.method == "mosp":
+      ppl[f"{e.name}:W"] = walks[e.name].global_ppl[None]
+  ppl = with_global(ppl)
   summary = summarize(ppl)
   time_s = {k: w.seconds["total"] for k, w in walks.items()}
+  walk_s = {k: w.seconds["walk"] for k, w in walks.items()}
   results = {
       "mode": "model", "model": run.model, "pattern": str(run.pattern),
       "sparsity": run.pattern.sparsity, "tasks": tasks,
       "prefs": prefs.tolist(), "dense_ppl": dict(zip(tasks, dense.tolist(),
                                                      strict=True)),
+      "entries": [{"name": e.name, "method": e.method,
+                   "protocol": e.protocol} for e in entries],
       "ppl": {k: v.tolist() for k, v in ppl.items()},
       "model_sparsity": {k: w.sparsity.tolist() for k, w in walks.items()},
-      **summary, "time_s": time_s, "cpu_s": cpu_s,
+      **summary, "time_s": time_s, "walk_s": walk_s, "cpu_s": cpu_s,
       "seconds": {k: w.seconds for k, w in walks.items()},
       "load_s": {"model": t_model, "data": t_data},
       "calibration": {"nsamples": run.nsamples, "seqlen": run.seqlen,
                       "test_segments": int(test[0].shape[0]),
                       "seed": run.seed},
-      "solver": dataclasses.asdict(solver)}
+      "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
+                 if e.method == "mosp"}}
   artifact.write_json(out / "compare.json", results)
   lines = [f"# MOSP vs baselines: {run.model}, {run.pattern}", "",
            f"Tasks {', '.join(tasks)}; calibration {run.nsamples} x "
            f"{run.seqlen} tokens per task, test {test[0].shape[0]} x "
-           f"{run.seqlen} per task, seed {run.seed}. Baselines: one model "
-           "per preference, pruned on the mixed Gram H_lam (the vertices "
-           "are the single-task runs); magnitude uses no data (one model).",
-           "", _solver_note(solver), "", "## Summary", "",
-           f"Hypervolume of (log PPL per task), reference "
-           f"{_pref(np.asarray(summary['reference']))} (shared); higher is "
-           "better. Time: wall and process CPU seconds of the whole walk "
-           "(capture, solve, propagate, evaluate), including the "
-           "compilation of the method's own solver.", "",
+           f"{run.seqlen} per task, seed {run.seed}. "
+           + _protocol_note(entries), "", _solver_note(entries), "",
+           "## Summary", "", _reference_note(summary) + " Time: wall and "
+           "process CPU seconds of the whole walk (capture, solve, "
+           "propagate, evaluate), including the compilation of the "
+           "entry's own solver; the walk alone (capture, solve, "
+           "calibration propagation) in compare.json `walk_s`.", "",
            *_summary_table(summary, time_s, cpu_s), "",
-           "## Perplexity (lower is better; bold = best per preference)", "",
+           "## Perplexity (lower is better; bold = best per task)", "",
            *_value_table(tasks, prefs, ppl, ".2f", dense), "",
            "![fronts](compare.png)", ""]
   artifact.write_text(out / "compare.md", "\n".join(lines))
-  pareto.plot_fronts(out / "compare.png", tasks, prefs, ppl["mosp"], dense,
-                     title=f"{run.model}, {run.pattern}",
-                     extra={k: v for k, v in ppl.items() if k != "mosp"})
+  _plot(out / "compare.png", tasks, prefs, ppl, dense,
+        title=f"{run.model}, {run.pattern}", metric="PPL")
   return results
 
 
-def _solver_note(solver: SolverConfig) -> str:
+def _plot(path, tasks, prefs, values, dense, *, title, metric):
+  pareto.plot_fronts(path, tasks, prefs, values["mosp"], dense, title=title,
+                     extra={k: v for k, v in values.items()
+                            if k not in ("mosp", "mosp+W")},
+                     metric=metric)
+
+
+def _protocol_note(entries: tuple[Entry, ...]) -> str:
+  protocols = {e.protocol for e in entries}
+  parts = []
+  if "concat" in protocols:
+    parts.append("'-concat' baselines: one model each, calibrated on the "
+                 "concatenated data of all tasks (the paper's protocol)")
+  if "mixed" in protocols:
+    parts.append("'-mixed' baselines: one model per preference, pruned on "
+                 "the mixed Gram H_lam (the vertices are single-task runs)")
+  if "data-free" in protocols:
+    parts.append("magnitude uses no data (one model)")
+  parts.append("'mosp:W' is MOSP's global model (stage 1), 'mosp+W' its "
+               "preference models together with it")
+  return "; ".join(parts) + "."
+
+
+def _solver_note(entries: tuple[Entry, ...]) -> str:
   """One line naming the solver settings that differ from the defaults."""
-  changed = [f"{f.name}={getattr(solver, f.name)}"
-             for f in dataclasses.fields(solver)
-             if getattr(solver, f.name) != f.default]
-  if not changed:
+  parts = []
+  for e in entries:
+    changed = [f"{f.name}={getattr(e.cfg, f.name)}"
+               for f in dataclasses.fields(e.cfg)
+               if getattr(e.cfg, f.name) != f.default]
+    if changed and e.method == "mosp":  # Baselines share mosp's.
+      parts.append(f"{e.name}: " + ", ".join(changed))
+  if not parts:
     return "Solver settings: the defaults (SolverConfig)."
   return ("Solver settings that differ from the defaults (SolverConfig): "
-          + ", ".join(changed) + ".")
+          + "; ".join(parts) + ".")
 
 
-def compare_layer(run: RunConfig, solver: SolverConfig,
-                  methods: tuple[str, ...], *, layer: int = -1,
-                  linears: list[str] | tuple[str, ...] = (),
+def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
+                  layer: int = -1, linears: list[str] | tuple[str, ...] = (),
                   use_cache: bool = True, log=print) -> dict:
-  """Every method on one real layer; returns the results written to
-  compare.json (and writes compare.md, compare.png). A method's point
-  for a preference is its relative error per task averaged over the
-  layer's linears."""
+  """Every entry on one real layer; returns the results written to
+  compare.json (and writes compare.md, compare.png). A point is an
+  entry's model's relative error per task averaged over the layer's
+  linears."""
   out = prepare_out_dir(run, overwrite=True)
   prob = layer_compare.capture_layer(run, layer, use_cache=use_cache,
                                      log=log)
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
-  res = layer_compare.solve_layer(prob, prefs, methods,
-                                  pattern=run.pattern, cfg=solver,
+  res = layer_compare.solve_layer(prob, prefs, entries, pattern=run.pattern,
                                   linears=linears, log=log)
   names = list(res.errors["mosp"])
-  mean = {k: np.mean(np.stack(list(v.values())), axis=0)
-          for k, v in res.errors.items()}
-  mean_ho = {k: np.mean(np.stack(list(v.values())), axis=0)
-             for k, v in res.heldout.items()}
+  mean = with_global({k: np.mean(np.stack(list(v.values())), axis=0)
+                      for k, v in res.errors.items()})
+  mean_ho = with_global({k: np.mean(np.stack(list(v.values())), axis=0)
+                         for k, v in res.heldout.items()})
   summary = summarize(mean)
   summary_ho = summarize(mean_ho)
   results = {
@@ -267,17 +404,19 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
       "num_layers": prob.num_layers, "linears": names,
       "pattern": str(run.pattern), "sparsity": run.pattern.sparsity,
       "tasks": tasks, "prefs": prefs.tolist(),
+      "entries": [{"name": e.name, "method": e.method,
+                   "protocol": e.protocol} for e in entries],
       "rel_error": {k: v.tolist() for k, v in mean.items()},
       "rel_error_heldout": {k: v.tolist() for k, v in mean_ho.items()},
       "rel_error_per_linear": {k: {n: e.tolist() for n, e in v.items()}
                                for k, v in res.errors.items()},
       **summary, "time_s": res.seconds, "cpu_s": res.cpu_seconds,
-      "heldout": {k: summary_ho[k] for k in ("reference", "hypervolume",
-                                             "mosp_dominates",
-                                             "dominates_mosp")},
+      "heldout": {k: summary_ho[k] for k in summary_ho
+                  if k not in ("space", "points")},
       "calibration": {"nsamples": run.nsamples, "seqlen": run.seqlen,
                       "test_tokens": run.test_tokens, "seed": run.seed},
-      "solver": dataclasses.asdict(solver)}
+      "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
+                 if e.method == "mosp"}}
   artifact.write_json(out / "compare.json", results)
   shapes = ", ".join(f"{n} {prob.kernels[n].shape[0]}x"
                      f"{prob.kernels[n].shape[1]}" for n in names)
@@ -287,29 +426,27 @@ def compare_layer(run: RunConfig, solver: SolverConfig,
            f"calibration tokens per task ({', '.join(tasks)}), seed "
            f"{run.seed}; held-out Grams from up to {run.test_tokens} test "
            "tokens per task. A point is the relative reconstruction error "
-           "per task, averaged over the linears. Baselines: one solve per "
-           "preference on the mixed Gram H_lam (vertices = single task).",
-           "", _solver_note(solver), "",
+           "per task, averaged over the linears. "
+           + _protocol_note(entries), "", _solver_note(entries), "",
            "## Summary (calibration Grams, the objective)", "",
-           f"Hypervolume of (log relative error per task), shared reference "
-           f"{_pref(np.asarray(summary['reference']))}; higher is better. "
-           "Time: wall and process CPU seconds of the solves over the "
-           "linears, compilation excluded. On a shared machine both vary "
-           "with the load: compare methods within one run.", "",
+           _reference_note(summary) + " Time: wall and process CPU "
+           "seconds of the solves over the linears, compilation excluded "
+           "(a MOSP entry's time includes materialising its "
+           f"{prefs.shape[0]} preference models). On a shared machine "
+           "both vary with the load: compare entries within one run.", "",
            *_summary_table(summary, res.seconds, res.cpu_seconds), "",
-           "## Summary (held-out Grams)", "",
-           *_summary_table(summary_ho, res.seconds, res.cpu_seconds), "",
-           "## Relative error on the calibration Grams "
-           "(bold = best per preference)", "",
+           "## Summary (held-out Grams)", "", _reference_note(summary_ho),
+           "", *_summary_table(summary_ho, res.seconds, res.cpu_seconds),
+           "", "## Relative error on the calibration Grams "
+           "(bold = best per task)", "",
            *_value_table(tasks, prefs, mean, ".4f"), "",
            "## Relative error on the held-out Grams", "",
            *_value_table(tasks, prefs, mean_ho, ".4f"), "",
            "![fronts](compare.png)", ""]
   artifact.write_text(out / "compare.md", "\n".join(lines))
-  pareto.plot_fronts(out / "compare.png", tasks, prefs, mean["mosp"], None,
-                     title=f"{run.model} layer {prob.layer}, {run.pattern}",
-                     extra={k: v for k, v in mean.items() if k != "mosp"},
-                     metric="rel. error")
+  _plot(out / "compare.png", tasks, prefs, mean, None,
+        title=f"{run.model} layer {prob.layer}, {run.pattern}",
+        metric="rel. error")
   return results
 
 
@@ -318,7 +455,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
     run, solver = run_lib.configs_from_flags()
-    methods = methods_from_flags()
+    entries = entries_from_flags(solver)
     out = prepare_out_dir(run, FLAGS.overwrite)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -326,13 +463,12 @@ def main(argv):
   artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   t0 = time.perf_counter()
   if FLAGS.layer_level:
-    res = compare_layer(
-        run, solver, methods, layer=FLAGS.layer, linears=FLAGS.linears,
-        use_cache=FLAGS.gram_cache)
+    res = compare_layer(run, entries, layer=FLAGS.layer,
+                        linears=FLAGS.linears, use_cache=FLAGS.gram_cache)
   else:
-    res = compare_model(run, solver, methods)
-  print(json.dumps({k: res[k] for k in ("hypervolume", "mosp_dominates",
-                                        "time_s")}, indent=1))
+    res = compare_model(run, entries)
+  keys = ["hypervolume", "paper_hypervolume", "mosp_dominates", "time_s"]
+  print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
   print(f"wrote {out}/compare.json, compare.md, compare.png "
         f"({time.perf_counter() - t0:.0f}s)")
 

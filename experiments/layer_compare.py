@@ -36,6 +36,7 @@ from mosp_jax.pipeline.prune import (
 )
 from mosp_jax.solvers import (
   Pattern,
+  concat_gram,
   mixed_gram,
   mosp_materialize,
   mosp_pareto,
@@ -43,6 +44,7 @@ from mosp_jax.solvers import (
 
 _CACHE_VERSION = 1
 _mix = jax.jit(mixed_gram)
+_concat = jax.jit(concat_gram)
 
 
 class LayerProblem(NamedTuple):
@@ -166,50 +168,79 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
   return prob
 
 
+class Entry(NamedTuple):
+  """One set of points in a comparison.
+
+  name: its label ('mosp', 'mosp[alpha=0]', 'mosp:W', 'alps-concat',
+    'sparsegpt-mixed', 'magnitude').
+  method: 'mosp' or one of `baselines.METHODS`.
+  protocol: 'pareto' (MOSP's preference models), 'global' (MOSP's stage-1
+    model W), 'concat' (one model on the concatenated calibration
+    [paper-summary]), 'mixed' (one model per preference on `H_lam`
+    [ours]) or 'data-free' (one model, no calibration).
+  cfg: the solver hyperparameters of this entry.
+  """
+  name: str
+  method: str
+  protocol: str
+  cfg: SolverConfig
+
+  def points(self, n_prefs: int) -> int:
+    """How many models (points) the entry has for `n_prefs` preferences."""
+    return n_prefs if self.protocol in ("pareto", "mixed") else 1
+
+
 class LayerResult(NamedTuple):
-  """Per method: `errors[method][linear]` `(P, m)` relative errors on the
-  calibration Grams, `heldout[method][linear]` on the test Grams,
-  `seconds[method]` wall and `cpu_seconds[method]` process CPU time of
-  the solves over all linears (compilation excluded). On a shared
-  machine both vary with the load (measured here: up to 4x between
-  runs, the MOSP/ALPS ratio much less), so compare within one run."""
+  """Per entry name: `errors[name][linear]` `(points, m)` relative errors
+  on the calibration Grams, `heldout[name][linear]` on the test Grams,
+  `seconds[name]` wall and `cpu_seconds[name]` process CPU time of the
+  solves over all linears (compilation excluded; a MOSP entry's ':W'
+  companion shares its time). On a shared machine both vary with the
+  load (measured here: up to 4x between runs, ratios much less), so
+  compare within one run."""
   errors: dict[str, dict[str, np.ndarray]]
   heldout: dict[str, dict[str, np.ndarray]]
   seconds: dict[str, float]
   cpu_seconds: dict[str, float]
 
 
-def _solve(method: str, G, W0, prefs_dev, lams, *, pattern: Pattern,
-           cfg: SolverConfig):
-  """`(P, n_in, n_out)` pruned weights of one method for every preference."""
-  if method == "mosp":
+def _solve(entry: Entry, G, W0, prefs_dev, lams, *, pattern: Pattern
+           ) -> dict[str, jax.Array]:
+  """`{name: (points, n_in, n_out)}` pruned weights of one entry (a MOSP
+  entry also returns its global model under `name + ':W'`)."""
+  cfg = entry.cfg
+  if entry.method == "mosp":
     par, _ = mosp_pareto(G, W0, pattern=pattern, cfg=cfg)
-    return mosp_materialize(G, W0, par, prefs_dev, pattern=pattern,
-                            cfg=cfg)[0]
-  if method in baselines.DATA_FREE:
-    W = baselines.prune_single(method, None, W0, pattern=pattern, cfg=cfg)
-    return [W] * len(lams)
-  return [baselines.prune_single(method, _mix(G, W0, lam), W0,
+    W = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg)[0]
+    return {entry.name: W, f"{entry.name}:W": _stack([par.W])}
+  if entry.protocol == "data-free":
+    Ws = [baselines.prune_single(entry.method, None, W0, pattern=pattern,
+                                 cfg=cfg)]
+  elif entry.protocol == "concat":
+    Ws = [baselines.prune_single(entry.method, _concat(G), W0,
+                                 pattern=pattern, cfg=cfg)]
+  else:
+    Ws = [baselines.prune_single(entry.method, _mix(G, W0, lam), W0,
                                  pattern=pattern, cfg=cfg) for lam in lams]
+  return {entry.name: _stack(Ws)}
 
 
 @jax.jit
 def _stack(ws):
-  return ws if isinstance(ws, jax.Array) else jax.numpy.stack(ws)
+  return jax.numpy.stack(ws)
 
 
-def _timed_solve(*args, pattern: Pattern, cfg: SolverConfig) -> jax.Array:
-  return jax.block_until_ready(_stack(_solve(*args, pattern=pattern,
-                                             cfg=cfg)))
+def _timed_solve(*args, pattern: Pattern) -> dict[str, jax.Array]:
+  return jax.block_until_ready(_solve(*args, pattern=pattern))
 
 
 def solve_layer(prob: LayerProblem, prefs: np.ndarray,
-                methods: Sequence[str], *, pattern: Pattern,
-                cfg: SolverConfig, linears: Sequence[str] = (),
+                entries: Sequence[Entry], *, pattern: Pattern,
+                linears: Sequence[str] = (),
                 log: Callable[[str], None] = print) -> LayerResult:
-  """Prunes the linears of `prob` with each method for every preference.
+  """Prunes the linears of `prob` with every entry.
 
-  Before the first linear of each shape, each method is compiled on an
+  Before the first linear of each shape, each entry is compiled on an
   easy problem of that shape (identity Grams), so the times exclude
   compilation (in a whole-model walk it is amortised over the layers).
   """
@@ -219,10 +250,11 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
     raise ValueError(f"--linears: unknown {unknown}; the layer has "
                      f"{list(prob.kernels)}")
   prefs = np.asarray(prefs, np.float32)
-  errors = {m: {} for m in methods}
-  heldout = {m: {} for m in methods}
-  seconds = dict.fromkeys(methods, 0.0)
-  cpu = dict.fromkeys(methods, 0.0)
+  errors: dict[str, dict[str, np.ndarray]] = {}
+  heldout: dict[str, dict[str, np.ndarray]] = {}
+  seconds = {e.name: 0.0 for e in entries}
+  cpu = {e.name: 0.0 for e in entries}
+  compiled: set[tuple[str, tuple[int, ...]]] = set()
   with jax.transfer_guard("disallow"):
     prefs_dev = jax.device_put(prefs)
     lams = [jax.device_put(p) for p in prefs]
@@ -233,23 +265,22 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
       m, n_in = prob.calib[key].shape[:2]
       eye = jax.device_put(np.broadcast_to(np.eye(n_in, dtype=np.float32),
                                            (m, n_in, n_in)))
-      for method in methods:
-        if not any(prob.kernels[n].shape == W0.shape
-                   for n in errors[method]):
+      for entry in entries:
+        if (entry.name, W0.shape) not in compiled:
           # Compile on an easy problem of the same shapes (identity
           # Grams: ADMM settles in a few iterations).
-          _timed_solve(method, eye, W0, prefs_dev, lams, pattern=pattern,
-                       cfg=cfg)
+          _timed_solve(entry, eye, W0, prefs_dev, lams, pattern=pattern)
+          compiled.add((entry.name, W0.shape))
         t0, c0 = time.perf_counter(), time.process_time()
-        W = _timed_solve(method, G, W0, prefs_dev, lams, pattern=pattern,
-                         cfg=cfg)
+        out = _timed_solve(entry, G, W0, prefs_dev, lams, pattern=pattern)
         dt = time.perf_counter() - t0
-        seconds[method] += dt
-        cpu[method] += time.process_time() - c0
-        (e, _), (h, _) = jax.device_get((_model_stats(G, W0, W),
-                                         _model_stats(Gt, W0, W)))
-        errors[method][name] = np.asarray(e, np.float64)
-        heldout[method][name] = np.asarray(h, np.float64)
-        log(f"{name} {tuple(W0.shape)} {method}: {dt:.2f}s, mean rel. "
-            f"error {np.mean(e):.4g}")
+        seconds[entry.name] += dt
+        cpu[entry.name] += time.process_time() - c0
+        for label, W in out.items():
+          (e, _), (h, _) = jax.device_get((_model_stats(G, W0, W),
+                                           _model_stats(Gt, W0, W)))
+          errors.setdefault(label, {})[name] = np.asarray(e, np.float64)
+          heldout.setdefault(label, {})[name] = np.asarray(h, np.float64)
+        log(f"{name} {tuple(W0.shape)} {entry.name}: {dt:.2f}s, mean rel. "
+            f"error {np.mean(errors[entry.name][name]):.4g}")
   return LayerResult(errors, heldout, seconds, cpu)

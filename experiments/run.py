@@ -5,9 +5,10 @@ r"""Prune a model for several tasks with MOSP and evaluate its Pareto set.
       --out_dir=/tmp/smoke
 
 Writes into --out_dir: flags.txt (the resolved flags), results.json,
-report.md, pareto.png and pareto/ (the compact Pareto set: per layer the
-core masks, the task-specific weights and the task Grams, from which any
-preference can be materialised later, e.g. by `python -m bridge.export`).
+report.md, pareto.png and pareto/ (the compact Pareto set: per linear the
+core support, the global and the task models and the column scale, from
+which any preference is materialised later with no Gram and no solve, e.g.
+by `python -m bridge.export`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mosp_jax import data as data_lib
-from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.config import PREF_MAPS, RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError
@@ -55,6 +56,11 @@ flags.DEFINE_string("prefs", "", "Explicit preferences, ';'-separated, "
                     "each ','-separated weights (e.g. '0.5,0.25,0.25'); "
                     "replaces --pref_grid/--pref_centroid. Vertices are "
                     "always added.")
+flags.DEFINE_enum("streams", "global", ["global", "task"], "Which pruned "
+                  "model the calibration streams run through to the next "
+                  "layer: global (MOSP's global model W, the ALPS-concat "
+                  "baseline's own) or task (task i's stream through W_i) "
+                  "[ours: the paper does not say].")
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration windows.")
 flags.DEFINE_string("out_dir", None, "Run directory (created).")
@@ -71,28 +77,27 @@ flags.DEFINE_string("export_pref", "none", "After the run, export this "
                     "checkpoint and check its parity (bridge.verify); the "
                     "result goes to results.json['export'].")
 # Solver hyperparameters: defaults are SolverConfig's (the paper's).
-flags.DEFINE_float("alpha", _D.alpha, "Share of the budget in the core.")
-flags.DEFINE_float("p", _D.p, "Power-mean exponent of the core score.")
-flags.DEFINE_float("rho0", _D.rho0, "Initial ADMM penalty.")
+flags.DEFINE_float("alpha", _D.alpha, "Share of the budget k in the shared "
+                   "core S_c [paper 0.5].")
+flags.DEFINE_float("p", _D.p, "Temperature of the preference map "
+                   "lam' = T_p(lam) [paper 0.5]; 1 = plain interpolation.")
+flags.DEFINE_enum("pref_map", _D.pref_map, list(PREF_MAPS), "Form of T_p "
+                  "[ours; the paper's is not known]: power lam^(1/p), "
+                  "normalized lam^(1/p) / sum.")
+flags.DEFINE_float("rho0", _D.rho0, "Initial ADMM penalty of stage 1 and "
+                   "ALPS [paper 0.1].")
 flags.DEFINE_integer("update_every", _D.update_every,
-                     "ADMM iterations between rho updates.")
-flags.DEFINE_integer("max_iter", _D.max_iter, "Stage-1 ADMM cap.")
-flags.DEFINE_float("stage2_rho", _D.stage2_rho, "Stage-2 starting rho.")
-flags.DEFINE_bool("stage2_adaptive", _D.stage2_adaptive,
-                  "Stage 2 follows the rho schedule (False: paper's fixed).")
+                     "ADMM iterations between rho updates [paper 3].")
+flags.DEFINE_integer("max_iter", _D.max_iter, "Stage-1 / ALPS ADMM cap "
+                     "[ALPS 300].")
+flags.DEFINE_float("stage2_rho", _D.stage2_rho, "Fixed stage-2 penalty "
+                   "[paper 0.5].")
 flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
-                     "Stage-2 ADMM cap.")
-flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag.")
-flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations.")
-flags.DEFINE_integer("pref_admm_iters", _D.pref_admm_iters,
-                     "ADMM iterations on H_lam re-choosing each preference "
-                     "model's support outside the core [ours]; 0 = the "
-                     "paper's assembly.")
-flags.DEFINE_integer("pref_swap_rounds", _D.pref_swap_rounds,
-                     "Support-swap rounds per preference model after the "
-                     "assembly [ours]: gradient step, re-pick the top "
-                     "outside the core, PCG, keep the best; 0 = the paper's "
-                     "assembly.")
+                     "Stage-2 ADMM cap [paper-summary 10].")
+flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag "
+                   "[paper 0.01].")
+flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations [paper "
+                     "10].")
 # Devices: the mesh the per-layer solvers run on, and multi-host setup.
 flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
                     "(one device), 'C' (output columns split over C "
@@ -169,7 +174,8 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
       model=f.model, tasks=tasks, pattern=_pattern(f),
       nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
       prefs=tuple(tuple(float(x) for x in r) for r in prefs),
-      batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir)
+      batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir,
+      streams=f.streams)
   return run, solver
 
 
@@ -280,8 +286,9 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
            f"Tasks: {', '.join(tasks)}. Calibration {run.nsamples} x "
            f"{run.seqlen} tokens per task; test {info['test_segments']} "
            f"segments of {run.seqlen} tokens per task.", "",
-           "Perplexity (lower is better); bold = best pruned model on that "
-           "task.", "",
+           "Perplexity (lower is better); bold = best preference model on "
+           "that task. The global model W (stage 1: ALPS on the "
+           "concatenated calibration data) is part of the Pareto set.", "",
            "| preference | " + " | ".join(tasks) + " | sparsity |",
            "|---" * (len(tasks) + 2) + "|",
            "| dense | " + " | ".join(f"{x:.2f}" for x in res.dense_ppl)
@@ -292,6 +299,9 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
              for t, x in enumerate(row)]
     lines.append("| " + ", ".join(f"{x:.2f}" for x in pref) + " | "
                  + " | ".join(cells) + f" | {sparsity[p]:.3f} |")
+  lines.append("| global model W | " + " | ".join(
+      f"{x:.2f}" for x in res.global_ppl) + f" | {run.pattern.sparsity:.3f}"
+               " |")
   lines += ["", "Wall time (s): " + ", ".join(
       f"{k} {v:.1f}" for k, v in seconds.items()), "",
             "![fronts](pareto.png)", ""]
@@ -337,7 +347,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   with jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
         adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
-        batch_size=run.batch_size, artifact_dir=str(out / "pareto"),
+        batch_size=run.batch_size, streams=run.streams,
+        artifact_dir=str(out / "pareto"),
         checkpoint=checkpoint, log=log, on_layer_done=on_layer_done,
         mesh=mesh)
   sparsity = res.sparsity.tolist()
@@ -359,6 +370,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
                   "sparsity": s}
                  for pref, row, s in zip(res.prefs, res.ppl, sparsity,
                                          strict=True)],
+      "global_model": {"ppl": dict(zip(run.tasks, res.global_ppl.tolist(),
+                                       strict=True))},
       "timings": seconds, "layers": res.layers,
       "solver": dataclasses.asdict(solver),
       "test": {"segments": n_test, "seqlen": run.seqlen, "sha256": {

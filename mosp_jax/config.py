@@ -9,61 +9,59 @@ from __future__ import annotations
 
 import dataclasses
 
+PREF_MAPS = ("power", "normalized")
+
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-  """Hyperparameters of the per-layer solvers.
+  """Hyperparameters of the per-layer solvers (docs/METHOD_NOTES.md).
 
   Attributes:
-    alpha: fraction of the budget given to the shared core `S0` [paper 0.5].
-    p: power-mean exponent of the core score; 0 = geometric mean [paper 0.5].
-    rho0: initial ADMM penalty, relative to unit mean Gram diagonal
-      [paper 0.1].
-    update_every: iterations between support checks / rho updates [paper 3].
-    max_iter: iteration cap of single-task ALPS and MOSP stage 1 [ALPS 300].
-    stage2_rho: penalty MOSP stage 2 starts from [paper 0.5].
-    stage2_adaptive: stage 2 raises rho by the same support-change schedule
-      as stage 1 [ours, default]; False keeps it fixed at `stage2_rho` as
-      the paper states, which oscillates in these units (METHOD_NOTES.md).
-    stage2_max_iter: iteration cap of MOSP stage 2 [ours, = ALPS's cap].
+    alpha: fraction of the budget `k` in the shared core `S_c`
+      [paper 0.5].
+    p: temperature of the preference map `lam' = T_p(lam)` [paper 0.5];
+      `p = 1` is plain interpolation (the paper's ablation without it).
+    pref_map: the form of `T_p`, which the paper does not give [ours]:
+      'power' `lam'_i = lam_i^(1/p)` (default; interior preferences lean
+      toward the global model), 'normalized' `lam_i^(1/p) / sum_j
+      lam_j^(1/p)`.
+    rho0: initial ADMM penalty of stage 1 and ALPS, relative to the unit
+      diagonal of the scaled Gram [paper 0.1, = ALPS].
+    update_every: iterations between support checks and rho updates
+      [paper eq. 50: 3].
+    max_iter: iteration cap of stage 1 and ALPS [ALPS 300].
+    stage2_rho: the fixed penalty of stage 2, relative to each task
+      Gram's unit mean diagonal [paper 0.5].
+    stage2_max_iter: iteration cap of stage 2 [paper-summary 10].
     damping: ridge added to each Gram, relative to its mean diagonal
       [paper 0.01].
-    pcg_iters: PCG refinement iterations [paper 10].
-    pref_admm_iters: ADMM iterations on `H_lam` that re-choose each
-      preference model's support outside the core after METHOD.md section
-      5's assembly [ours; 0 = the paper's assembly]; see
-      `solvers.mosp.assemble` and docs/METHOD_NOTES.md.
-    pref_swap_rounds: support-swap rounds per preference model after the
-      assembly [ours; 0 = the paper's]: a Jacobi-scaled gradient step on
-      `H_lam`, the top of its saliency outside the core, PCG; the best
-      model seen is kept, so never worse than the paper's assembly.
+    pcg_iters: PCG iterations of the global and the task models
+      [paper 10].
   """
   alpha: float = 0.5
   p: float = 0.5
+  pref_map: str = "power"
   rho0: float = 0.1
   update_every: int = 3
   max_iter: int = 300
   stage2_rho: float = 0.5
-  stage2_adaptive: bool = True
-  stage2_max_iter: int = 300
+  stage2_max_iter: int = 10
   damping: float = 0.01
   pcg_iters: int = 10
-  pref_admm_iters: int = 0
-  pref_swap_rounds: int = 0
 
   def __post_init__(self):
     checks = [
         ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
-        ("p", self.p >= 0.0, ">= 0"),
+        ("p", self.p > 0.0, "> 0"),
+        ("pref_map", self.pref_map in PREF_MAPS,
+         f"one of {', '.join(PREF_MAPS)}"),
         ("rho0", self.rho0 > 0.0, "> 0"),
         ("update_every", self.update_every >= 1, ">= 1"),
         ("max_iter", self.max_iter >= 1, ">= 1"),
         ("stage2_rho", self.stage2_rho > 0.0, "> 0"),
-        ("stage2_max_iter", self.stage2_max_iter >= 1, ">= 1"),
+        ("stage2_max_iter", self.stage2_max_iter >= 0, ">= 0"),
         ("damping", self.damping >= 0.0, ">= 0"),
         ("pcg_iters", self.pcg_iters >= 0, ">= 0"),
-        ("pref_admm_iters", self.pref_admm_iters >= 0, ">= 0"),
-        ("pref_swap_rounds", self.pref_swap_rounds >= 0, ">= 0"),
     ]
     for name, ok, expected in checks:
       if not ok:
@@ -92,6 +90,9 @@ class RunConfig:
     batch_size: sequences per forward batch.
     seed: calibration-window seed (the split and test set use seed 0).
     out_dir: the run directory.
+    streams: which pruned model the calibration streams run through:
+      'global' (MOSP's `W`, the default [ours]) or 'task' (task i's
+      stream through `W_i`).
   """
   model: str
   tasks: tuple[str, ...]
@@ -103,6 +104,7 @@ class RunConfig:
   batch_size: int
   seed: int
   out_dir: str
+  streams: str = "global"
 
   def __post_init__(self):
     if len(self.tasks) < 1:
@@ -115,6 +117,9 @@ class RunConfig:
                         ("batch_size", self.batch_size)):
       if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if self.streams not in ("global", "task"):
+      raise ValueError(f"streams must be 'global' or 'task', got "
+                       f"{self.streams!r}")
     if self.test_tokens < self.seqlen:
       raise ValueError(f"test_tokens ({self.test_tokens}) must be at least "
                        f"seqlen ({self.seqlen})")

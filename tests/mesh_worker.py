@@ -65,7 +65,7 @@ def solver_cases() -> list[dict]:
                            pattern=pattern)
         a_shd = alps_prune(*jax.device_put((grams[0], W0)),
                            pattern=pattern, mesh=mesh)
-      spread = {"task_sparse": shd.pareto.task_sparse.sharding,
+      spread = {"W_tasks": shd.pareto.W_tasks.sharding,
                 "weights": shd.weights.sharding, "alps": a_shd[0].sharding}
       one, shd, a_one, a_shd = jax.device_get((one, shd, a_one, a_shd))
       out.append({
@@ -75,6 +75,8 @@ def solver_cases() -> list[dict]:
           "mosp_masks_equal": bool(np.array_equal(one.masks, shd.masks)),
           "core_equal": bool(np.array_equal(one.pareto.core,
                                             shd.pareto.core)),
+          "global_equal": bool(np.array_equal(one.pareto.W,
+                                              shd.pareto.W)),
           "budget": int(pattern.keep(N_IN, N_OUT)),
           "nnz": np.asarray(shd.masks.sum((1, 2))).tolist(),
           "mosp_rel_objective_diff": _rel_diff(
@@ -118,7 +120,8 @@ def pipeline_case() -> dict:
   return {"ppl": [one.ppl.tolist(), shd.ppl.tolist()],
           "sparsity": [one.sparsity.tolist(), shd.sparsity.tolist()],
           "rel_error": [[lin["rel_error"] for lin in r.layers[0]["linears"]
-                         .values()] for r in (one, shd)]}
+                         .values()] for r in (one, shd)],
+      "global_ppl": [one.global_ppl.tolist(), shd.global_ppl.tolist()]}
 
 
 def uneven_error() -> str:

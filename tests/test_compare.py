@@ -11,7 +11,7 @@ from experiments import compare
 from experiments import run as run_lib
 
 SMOKE = "experiments/configs/smoke.flags"
-# The three vertices only: each baseline builds 3 models.
+# The three vertices only: a mixed baseline builds 3 models.
 FEW = ("--pref_grid=1", "--nopref_centroid")
 
 
@@ -19,13 +19,13 @@ def parse(*args):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["compare", f"--flagfile={SMOKE}", *FEW, *args])
   run, solver = run_lib.configs_from_flags()
-  return run, solver, compare.methods_from_flags()
+  return run, solver, compare.entries_from_flags(solver)
 
 
 def test_summarize_shares_one_reference():
   pts = {"mosp": np.exp([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]),
-         "alps": np.exp([[1.0, 3.0], [3.5, 3.5]]),
-         "wanda": np.exp([[2.5, 2.5], [4.0, 0.5]])}
+         "alps-mixed": np.exp([[1.0, 3.0], [3.5, 3.5]]),
+         "wanda-mixed": np.exp([[2.5, 2.5], [4.0, 0.5]])}
   s = compare.summarize(pts)
   ref = np.array([4.0, 3.5]) + np.log(1.1)
   np.testing.assert_allclose(s["reference"], ref)
@@ -33,71 +33,110 @@ def test_summarize_shares_one_reference():
   r0, r1 = ref
   want = (1 * (r1 - 3) + 1 * (r1 - 2) + (r0 - 3) * (r1 - 1))
   assert s["hypervolume"]["mosp"] == pytest.approx(want)
-  assert s["mosp_dominates"] == {"alps": 1, "wanda": 1}
-  assert s["dominates_mosp"] == {"alps": 0, "wanda": 0}
+  assert s["mosp_dominates"] == {"alps-mixed": 1, "wanda-mixed": 1}
+  assert s["dominates_mosp"] == {"alps-mixed": 0, "wanda-mixed": 0}
+  assert "paper_hypervolume" not in s
+
+
+def test_paper_reference_is_sparsegpt_concat_ten_percent_worse():
+  pts = {"mosp": np.exp([[1.0, 3.0], [3.0, 1.0]]),
+         "sparsegpt-concat": np.exp([[2.5, 2.5]])}
+  s = compare.summarize(pts)
+  ref = np.array([2.5, 2.5]) + np.log(1.1)
+  np.testing.assert_allclose(s["paper_reference"], ref)
+  # Only the parts of MOSP's points inside the box count.
+  assert s["paper_hypervolume"]["mosp"] == pytest.approx(0.0)
+  assert s["paper_hypervolume"]["sparsegpt-concat"] == pytest.approx(
+      np.log(1.1) ** 2)
 
 
 @flagsaver.flagsaver
-def test_methods_flag(tmp_path):
-  _, _, methods = parse(f"--out_dir={tmp_path}", "--methods=wanda,alps")
-  assert methods == ("mosp", "alps", "wanda")
-  with pytest.raises(ValueError, match="--methods: unknown"):
-    parse(f"--out_dir={tmp_path}", "--methods=obs")
+def test_entries_flags(tmp_path):
+  _, _, entries = parse(f"--out_dir={tmp_path}", "--methods=wanda,alps",
+                        "--baselines=concat,mixed",
+                        "--mosp_variants=alpha=0;p=1,pref_map=normalized")
+  assert [e.name for e in entries] == [
+      "mosp", "mosp[alpha=0]", "mosp[p=1,pref_map=normalized]",
+      "alps-concat", "alps-mixed", "sparsegpt-concat", "sparsegpt-mixed",
+      "wanda-concat", "wanda-mixed"]
+  assert entries[1].cfg.alpha == 0.0 and entries[2].cfg.p == 1.0
+  assert entries[2].cfg.pref_map == "normalized"
+  for args, message in [(["--methods=obs"], "--methods: unknown"),
+                        (["--baselines=mixes"], "--baselines: expected"),
+                        (["--mosp_variants=beta=1"], "--mosp_variants: "
+                         "expected field=value"),
+                        (["--mosp_variants=alpha=2"], "--mosp_variants: "
+                         "alpha must be in")]:
+    with pytest.raises(ValueError, match=message):
+      parse(f"--out_dir={tmp_path}", *args)
 
 
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("compare")
   with flagsaver.flagsaver():
-    run, solver, methods = parse(f"--out_dir={out}")
-  return out, run, compare.compare_model(run, solver, methods,
-                                         log=lambda s: None)
+    run, _, entries = parse(f"--out_dir={out}", "--baselines=concat,mixed",
+                            "--methods=alps,sparsegpt,magnitude")
+  return out, run, compare.compare_model(run, entries, log=lambda s: None)
 
 
 def test_whole_model_compare_outputs(model_run):
   out, run, res = model_run
   on_disk = json.loads((out / "compare.json").read_text())
-  methods = ["mosp", "alps", "sparsegpt", "wanda", "magnitude"]
-  for key in ("hypervolume", "time_s", "cpu_s"):
-    assert list(on_disk[key]) == methods
+  walks = ["mosp", "alps-concat", "alps-mixed", "sparsegpt-concat",
+           "sparsegpt-mixed", "magnitude"]
+  for key in ("time_s", "walk_s", "cpu_s"):
+    assert list(on_disk[key]) == walks
     assert all(np.isfinite(v) and v > 0 for v in on_disk[key].values())
-  assert list(on_disk["mosp_dominates"]) == methods[1:]
-  for name in methods:
+  assert set(on_disk["hypervolume"]) == {*walks, "mosp:W", "mosp+W"}
+  assert set(on_disk["paper_hypervolume"]) == set(on_disk["hypervolume"])
+  points = {"mosp": 3, "alps-concat": 1, "alps-mixed": 3,
+            "sparsegpt-concat": 1, "sparsegpt-mixed": 3, "magnitude": 1,
+            "mosp:W": 1, "mosp+W": 4}
+  for name, n in points.items():
     ppl = np.asarray(on_disk["ppl"][name])
-    assert ppl.shape == (3, 3) and np.all(ppl > 1)
-    assert on_disk["model_sparsity"][name] == pytest.approx([0.5] * 3,
-                                                            abs=1e-6)
-  # Magnitude ignores the data: one model for every preference.
-  assert len({tuple(r) for r in on_disk["ppl"]["magnitude"]}) == 1
-  # Dense PPL is the same for every walk (checked inside) and reported.
+    assert ppl.shape == (n, 3) and np.all(ppl > 1)
+  for name in walks:
+    assert on_disk["model_sparsity"][name] == pytest.approx(
+        [0.5] * points[name], abs=1e-6)
+  # MOSP's global model is ALPS on the concatenated data, and the walk
+  # streams run through it: the ALPS-concat walk's model, to rounding.
+  np.testing.assert_allclose(on_disk["ppl"]["mosp:W"],
+                             on_disk["ppl"]["alps-concat"], rtol=1e-3)
+  # At a vertex e_i, the mixed baselines are single-task runs.
   assert list(on_disk["dense_ppl"]) == list(run.tasks)
   md = (out / "compare.md").read_text()
-  assert "| magnitude |" in md and "hypervolume" in md
+  assert "| magnitude |" in md and "paper ref" in md
   assert "Solver settings" in md
   assert (out / "compare.png").stat().st_size > 10_000
 
 
 @flagsaver.flagsaver
 def test_layer_level_compare(model_run, tmp_path):
-  run, solver, methods = parse(f"--out_dir={tmp_path}", "--layer=1",
-                               "--methods=sparsegpt,magnitude",
-                               "--pref_swap_rounds=1")
-  res = compare.compare_layer(run, solver, methods, layer=1,
+  run, _, entries = parse(f"--out_dir={tmp_path}", "--layer=1",
+                          "--methods=sparsegpt,magnitude",
+                          "--mosp_variants=alpha=1")
+  res = compare.compare_layer(run, entries, layer=1,
                               linears=["self_attn.q_proj", "mlp.down_proj"],
                               use_cache=False, log=lambda s: None)
   assert res["layer"] == 1 and res["num_layers"] == 2
-  assert set(res["hypervolume"]) == {"mosp", "sparsegpt", "magnitude"}
-  for name in methods:
+  assert set(res["hypervolume"]) == {
+      "mosp", "mosp:W", "mosp[alpha=1]", "mosp[alpha=1]:W", "mosp+W",
+      "sparsegpt-concat", "magnitude"}
+  for name, n in (("mosp", 3), ("mosp[alpha=1]", 3), ("sparsegpt-concat", 1),
+                  ("magnitude", 1)):
     err = np.asarray(res["rel_error"][name])
-    assert err.shape == (3, 3) and np.all((err > 0) & (err < 1))
+    assert err.shape == (n, 3) and np.all((err > 0) & (err < 1))
     assert list(res["rel_error_per_linear"][name]) == [
         "self_attn.q_proj", "mlp.down_proj"]
-  # At a vertex e_i, task i's error is the objective each method
-  # minimises (MOSP and SparseGPT both beat data-free magnitude there).
+  # Every MOSP vertex beats data-free magnitude on its own task, and the
+  # variant's global model is the default's (alpha does not feed back).
   for i in range(3):
     assert res["rel_error"]["mosp"][i][i] < res["rel_error"]["magnitude"][
-        i][i]
+        0][i]
+  np.testing.assert_allclose(res["rel_error"]["mosp[alpha=1]:W"],
+                             res["rel_error"]["mosp:W"], rtol=1e-6)
   md = (tmp_path / "compare.md").read_text()
   assert md.startswith("# MOSP vs baselines on one layer")
-  assert "differ from the defaults (SolverConfig): pref_swap_rounds=1." in md
-  assert res["solver"]["pref_swap_rounds"] == 1
+  assert "(SolverConfig): mosp[alpha=1]: alpha=1.0." in md
+  assert res["solver"]["mosp[alpha=1]"]["alpha"] == 1.0

@@ -49,10 +49,10 @@ def _case(worker: dict, spec: str, pattern: str) -> dict:
 def test_sharded_equals_single_device(worker, spec, pattern):
   c = _case(worker, spec, pattern)
   assert worker["device_count"] == 4
-  assert c["devices"] == {"task_sparse": 4, "weights": 4, "alps": 4}
+  assert c["devices"] == {"W_tasks": 4, "weights": 4, "alps": 4}
   # MOSP (pareto + materialize): identical masks, same iterations,
   # objectives (relative errors per model and task) to 1e-6.
-  assert c["mosp_masks_equal"] and c["core_equal"]
+  assert c["mosp_masks_equal"] and c["core_equal"] and c["global_equal"]
   assert c["nnz"] == [c["budget"]] * (c["m"] + 1)
   assert c["iters"][0] == c["iters"][1]
   assert c["stage2_iters"][0] == c["stage2_iters"][1]
@@ -67,9 +67,9 @@ def test_layouts(worker):
   cols = "P(None, None, 'cols')"
   both = "P(None, None, ('cols', 'tasks'))"
   assert _case(worker, "4", "2:4")["specs"] == {
-      "task_sparse": cols, "weights": cols, "alps": "P(None, 'cols')"}
+      "W_tasks": cols, "weights": cols, "alps": "P(None, 'cols')"}
   assert _case(worker, "2x2", "2:4")["specs"] == {
-      "task_sparse": both, "weights": "P('tasks', None, 'cols')",
+      "W_tasks": both, "weights": "P('tasks', None, 'cols')",
       "alps": "P(None, ('cols', 'tasks'))"}
 
 
@@ -80,6 +80,8 @@ def test_pipeline_on_mesh(worker):
   p = worker["pipeline"]
   assert p["sparsity"][0] == p["sparsity"][1] == [0.5] * 3
   np.testing.assert_allclose(p["ppl"][1], p["ppl"][0], rtol=1e-3)
+  np.testing.assert_allclose(p["global_ppl"][1], p["global_ppl"][0],
+                             rtol=1e-3)
   np.testing.assert_allclose(p["rel_error"][1], p["rel_error"][0],
                              rtol=0.05, atol=1e-4)
 

@@ -9,6 +9,7 @@ from bridge.hf_import import torch_to_flax
 from mosp_jax import models
 from mosp_jax.pipeline import artifact, pareto
 from mosp_jax.pipeline.grams import layer_grams
+from mosp_jax.solvers import ParetoLayer
 
 from .tiny_models import tiny_torch
 
@@ -48,18 +49,24 @@ def test_grams_equal_xtx_of_pytorch_inputs(family):
 
 def test_artifact_round_trip(tmp_path):
   rng = np.random.default_rng(0)
+
+  def sparse(*shape):
+    W = rng.standard_normal(shape).astype(np.float32)
+    return np.where(rng.random(shape) < 0.5, W, 0).astype(np.float32)
+
   core = rng.random((12, 5)) < 0.3
-  ts = np.where(rng.random((3, 12, 5)) < 0.5,
-                rng.standard_normal((3, 12, 5)), 0).astype(np.float32)
-  ts[1, 0, 0] = -0.0
-  grams = {"q": rng.standard_normal((3, 12, 12)).astype(np.float32)}
-  artifact.save_layer(tmp_path, 4, {"q": (core, ts), "k": (~core, ts)},
-                      grams)
-  linears, g2 = artifact.load_layer(tmp_path, 4)
-  np.testing.assert_array_equal(linears["q"][0], core)
-  np.testing.assert_array_equal(linears["k"][0], ~core)
-  np.testing.assert_array_equal(linears["q"][1], ts)
-  np.testing.assert_array_equal(g2["q"], grams["q"])
+  W_tasks = sparse(3, 12, 5)
+  W_tasks[1, 0, 0] = -0.0
+  par = ParetoLayer(core=core, W=sparse(12, 5), W_tasks=W_tasks,
+                    d=rng.random(12).astype(np.float32))
+  other = par._replace(core=~core)
+  artifact.save_layer(tmp_path, 4, {"q": par, "k": other})
+  linears = artifact.load_layer(tmp_path, 4)
+  assert sorted(linears) == ["k", "q"]
+  for want, got in ((par, linears["q"]), (other, linears["k"])):
+    for a, b in zip(want, got, strict=True):
+      np.testing.assert_array_equal(a, b)
+      assert a.dtype == b.dtype
   assert not list(tmp_path.glob("*.tmp"))
   with pytest.raises(FileNotFoundError, match="layer 5"):
     artifact.load_layer(tmp_path, 5)

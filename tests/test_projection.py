@@ -69,54 +69,46 @@ def test_nm_counts_and_reference(rng, n, m):
   np.testing.assert_array_equal(got, np_nm(s, n, m))
 
 
-def test_core_score_power_means(rng):
-  Z = rng.standard_normal((3, 6, 5)).astype(np.float32)
-  r = Z ** 2 / np.mean(Z ** 2, axis=(1, 2), keepdims=True)
-  for p, ref in [(1.0, r.mean(0)), (0.5, np.mean(r ** 0.5, 0) ** 2),
-                 (0.0, np.exp(np.mean(np.log(r), 0))),
-                 (4.0, np.mean(r ** 4, 0) ** 0.25)]:
-    got = guarded(lambda z, p=p: P.core_score(z, p), Z)
-    np.testing.assert_allclose(got, ref, rtol=2e-5)
-
-
 @pytest.mark.parametrize("pattern", [P.Unstructured(0.5), P.Unstructured(0.7),
                                      P.NM(2, 4), P.NM(4, 8)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
-def test_mosp_masks_invariants(rng, pattern, alpha):
+def test_task_masks_keep_the_core_and_the_budget(rng, pattern, alpha):
+  """`P_{k,S_c}`: the core plus the top of |Z_i| outside it, exactly
+  the budget per matrix or per N:M group, against numpy."""
   m, n_in, n_out = 3, 16, 12
   Z = rng.standard_normal((m, n_in, n_out)).astype(np.float32)
-  core, masks = guarded(
-      lambda z: P.mosp_masks(z, pattern, alpha=alpha, p=0.5), Z)
-  k = pattern.keep(n_in, n_out)
-  if isinstance(pattern, P.NM):
-    k0 = int(np.floor(alpha * pattern.n))
-    groups = lambda x: x.reshape(-1, pattern.m, n_out).sum(-2)  # noqa: E731
-    np.testing.assert_array_equal(groups(core), k0)
-    for i in range(m):
-      np.testing.assert_array_equal(groups(masks[i]), pattern.n)
-  else:
-    k0 = int(np.floor(alpha * k))
-    assert core.sum() == k0
-    np.testing.assert_array_equal(masks.sum((1, 2)), k)
-    # Core = top-k0 of the power-mean score; own = top of Z_i^2 outside.
-    score = np.mean((Z ** 2 / np.mean(Z ** 2, (1, 2), keepdims=True))
-                    ** 0.5, 0) ** 2
-    np.testing.assert_array_equal(core, np_topk(score, k0))
-    for i in range(m):
-      own = np_topk(Z[i] ** 2, k - k0, ~core)
-      np.testing.assert_array_equal(masks[i], own | core)
-  assert (masks & core[None] == core[None]).all()
+  k0 = P.core_count(pattern, n_in, n_out, alpha)
+  core = P.prune_mask(np.abs(Z[0]), pattern) if k0 else np.zeros(
+      (n_in, n_out), bool)
+  if k0 and isinstance(pattern, P.NM):  # k0 of the kept per group
+    core = np_nm(np.where(core, np.abs(Z[0]), -1.0), k0, pattern.m)
+  elif k0:
+    core = np_topk(np.abs(Z[0]), k0)
+  count = pattern.unit_keep(n_in, n_out) - k0
+  own = guarded(lambda z, c: P.task_masks(z, c, pattern, count), Z, core)
+  masks = own | core[None]
+  assert not (own & core[None]).any()
+  for i in range(m):
+    if isinstance(pattern, P.NM):
+      ref = np_nm(np.where(core, -1.0, np.abs(Z[i])), count, pattern.m)
+      np.testing.assert_array_equal(
+          masks[i].reshape(-1, pattern.m, n_out).sum(1), pattern.n)
+    else:
+      ref = np_topk(np.abs(Z[i]), count, ~core)
+      assert masks[i].sum() == pattern.keep(n_in, n_out)
+    np.testing.assert_array_equal(own[i], ref)
 
 
 def test_eager_equals_jit(rng):
   Z = rng.standard_normal((2, 12, 8)).astype(np.float32)
-  f = lambda z: P.mosp_masks(z, P.Unstructured(0.6), alpha=0.5, p=0.5)  # noqa
-  zj = jnp.asarray(Z)
+  core = np.zeros((12, 8), bool)
+  core[::3] = True
+  f = lambda z, c: P.task_masks(z, c, P.Unstructured(0.6), 20)  # noqa
+  zj, cj = jnp.asarray(Z), jnp.asarray(core)
   with jax.disable_jit():
-    eager = f(zj)
-  jitted = jax.jit(f)(zj)
-  for a, b in zip(eager, jitted, strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    eager = f(zj, cj)
+  jitted = jax.jit(f)(zj, cj)
+  np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
 
 
 def test_pattern_validation():

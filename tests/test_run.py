@@ -24,10 +24,9 @@ def parse(*args):
 
 @flagsaver.flagsaver
 def test_every_solver_flag_reaches_its_field(tmp_path):
-  values = {"alpha": 0.3, "p": 1.0, "rho0": 0.2, "update_every": 4,
-            "max_iter": 50, "stage2_rho": 0.7, "stage2_adaptive": False,
-            "stage2_max_iter": 40, "damping": 0.05, "pcg_iters": 5,
-            "pref_admm_iters": 6, "pref_swap_rounds": 2}
+  values = {"alpha": 0.3, "p": 1.0, "pref_map": "normalized", "rho0": 0.2,
+            "update_every": 4, "max_iter": 50, "stage2_rho": 0.7,
+            "stage2_max_iter": 4, "damping": 0.05, "pcg_iters": 5}
   assert set(values) == {f.name for f in dataclasses.fields(SolverConfig)}
   args = [f"--{k}={v}" if not isinstance(v, bool) else
           (f"--{k}" if v else f"--no{k}") for k, v in values.items()]
@@ -121,12 +120,15 @@ def test_smoke_run_outputs(smoke_run):
   assert (out / "pareto.png").stat().st_size > 10_000
   meta = json.loads((out / "pareto" / "meta.json").read_text())
   assert meta["num_layers"] == 2 and meta["tasks"] == list(run.tasks)
-  linears, grams = artifact.load_layer(out / "pareto", 1)
-  assert len(linears) == 7 and len(grams) == 4
-  for core, task_sparse in linears.values():
-    k = core.size // 2
-    assert core.sum() == k // 2  # floor(alpha k), alpha = 0.5
-    assert ((task_sparse != 0) | core[None]).sum(axis=(1, 2)).max() <= k
+  linears = artifact.load_layer(out / "pareto", 1)
+  assert len(linears) == 7
+  for par in linears.values():
+    k = par.core.size // 2
+    assert par.core.sum() == k // 2  # floor(alpha k), alpha = 0.5
+    assert (par.W != 0).sum() == k and not (par.core & (par.W == 0)).any()
+    assert ((par.W_tasks != 0) | par.core[None]).sum(axis=(1, 2)).max() <= k
+  # The global model's PPL is recorded beside the preference models'.
+  assert set(on_disk["global_model"]["ppl"]) == set(run.tasks)
 
 
 @flagsaver.flagsaver

@@ -1,12 +1,13 @@
 """The compact Pareto-set artifact of a run, one file per decoder layer.
 
 `<run_dir>/pareto/meta.json` says what was pruned (model, tasks, pattern,
-solver config, linears); `layer_XXX.npz` holds, per linear, the shared core
-mask and the task-specific stage-2 weights (as a packed nonzero mask plus
-the nonzero values), and per linear group the task Grams. Any preference,
-including ones the run did not evaluate, is materialised from these with
-`mosp_jax.solvers.mosp_materialize`, which is deterministic: the same
-inputs give the weights the run evaluated.
+solver config, linears); `layer_XXX.npz` holds, per linear, the compact
+Pareto set `(S_c, W, W_1..W_m, d)` [paper-summary]: the core as packed
+bits, the global and task models as packed supports plus their nonzero
+values (float32), and the column scale `d`. Any preference, including
+ones the run did not evaluate, is materialised from these alone with
+`mosp_jax.solvers.mosp_materialize` (no Gram, no solve), which is
+deterministic: the same inputs give the weights the run evaluated.
 
 Every file is written under a temporary name and renamed into place.
 """
@@ -20,6 +21,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
+
+from mosp_jax.solvers import ParetoLayer
 
 META = "meta.json"
 
@@ -51,52 +54,56 @@ def layer_path(root: pathlib.Path, layer: int) -> pathlib.Path:
   return root / f"layer_{layer:03d}.npz"
 
 
+def _pack(name: str, W: np.ndarray) -> dict[str, np.ndarray]:
+  """A sparse `W (..., n_in, n_out)` as its packed support and values."""
+  nz = W != 0
+  return {f"{name}/nonzero": np.packbits(nz.ravel()),
+          f"{name}/values": W[nz].astype(np.float32),
+          f"{name}/shape": np.asarray(W.shape, np.int64)}
+
+
+def _unpack(z: Any, name: str) -> np.ndarray:
+  shape = tuple(int(s) for s in z[f"{name}/shape"])
+  size = int(np.prod(shape))
+  nz = np.unpackbits(z[f"{name}/nonzero"], count=size).astype(bool)
+  W = np.zeros(size, np.float32)
+  W[nz] = z[f"{name}/values"]
+  return W.reshape(shape)
+
+
 def save_layer(root: str | os.PathLike, layer: int,
-               linears: dict[str, tuple[np.ndarray, np.ndarray]],
-               grams: dict[str, np.ndarray]) -> None:
-  """Saves one layer.
+               linears: dict[str, ParetoLayer]) -> None:
+  """Saves one layer's Pareto sets.
 
   Args:
     root: the artifact folder (`<run_dir>/pareto`).
     layer: decoder layer index.
-    linears: `{name: (core (n_in, n_out) bool, task_sparse (m, n_in, n_out)
-      float32)}`.
-    grams: `{group key: (m, n_in, n_in) float32}`.
+    linears: `{name: ParetoLayer}` of numpy arrays (`core (n_in, n_out)`
+      bool, `W (n_in, n_out)`, `W_tasks (m, n_in, n_out)`, `d (n_in,)`).
   """
   arrays = {}
-  for name, (core, task_sparse) in linears.items():
-    nz = task_sparse != 0
-    arrays[f"{name}/core"] = np.packbits(core.ravel())
-    arrays[f"{name}/nonzero"] = np.packbits(nz.ravel())
-    arrays[f"{name}/values"] = task_sparse[nz].astype(np.float32)
-    arrays[f"{name}/shape"] = np.asarray(task_sparse.shape, np.int64)
-  for key, g in grams.items():
-    arrays[f"gram/{key}"] = g.astype(np.float32)
+  for name, par in linears.items():
+    arrays[f"{name}/core"] = np.packbits(np.asarray(par.core).ravel())
+    arrays |= _pack(f"{name}/W", np.asarray(par.W))
+    arrays |= _pack(f"{name}/W_tasks", np.asarray(par.W_tasks))
+    arrays[f"{name}/d"] = np.asarray(par.d, np.float32)
   _atomic_write(layer_path(pathlib.Path(root), layer),
                 lambda f: np.savez(f, **arrays))
 
 
 def load_layer(root: str | os.PathLike, layer: int
-               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                          dict[str, np.ndarray]]:
-  """Inverse of `save_layer`: `(linears, grams)`."""
+               ) -> dict[str, ParetoLayer]:
+  """Inverse of `save_layer`: `{name: ParetoLayer}` of numpy arrays."""
   path = layer_path(pathlib.Path(root), layer)
   if not path.exists():
     raise FileNotFoundError(f"{path}: no Pareto set saved for layer {layer}")
-  linears, grams = {}, {}
+  linears = {}
   with np.load(path) as z:
-    names = sorted({k.rsplit("/", 1)[0] for k in z.files
-                    if not k.startswith("gram/")})
+    names = sorted({k.split("/", 1)[0] for k in z.files})
     for name in names:
-      shape = tuple(int(s) for s in z[f"{name}/shape"])
-      size = int(np.prod(shape))
-      core = np.unpackbits(z[f"{name}/core"], count=size // shape[0])
-      nz = np.unpackbits(z[f"{name}/nonzero"], count=size).astype(bool)
-      task_sparse = np.zeros(size, np.float32)
-      task_sparse[nz] = z[f"{name}/values"]
-      linears[name] = (core.astype(bool).reshape(shape[1:]),
-                       task_sparse.reshape(shape))
-    for k in z.files:
-      if k.startswith("gram/"):
-        grams[k[len("gram/"):]] = z[k]
-  return linears, grams
+      W = _unpack(z, f"{name}/W")
+      core = np.unpackbits(z[f"{name}/core"], count=W.size)
+      linears[name] = ParetoLayer(
+          core=core.astype(bool).reshape(W.shape), W=W,
+          W_tasks=_unpack(z, f"{name}/W_tasks"), d=z[f"{name}/d"])
+  return linears

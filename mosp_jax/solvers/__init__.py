@@ -6,10 +6,11 @@ from mosp_jax.solvers.mosp import (
   MospInfo,
   MospResult,
   ParetoLayer,
-  assemble,
+  materialize,
   mosp_materialize,
   mosp_pareto,
   mosp_prune,
+  pref_map,
   with_vertices,
 )
 from mosp_jax.solvers.pcg import PcgInfo, masked_pcg
@@ -17,14 +18,14 @@ from mosp_jax.solvers.projection import (
   NM,
   Pattern,
   Unstructured,
-  core_score,
-  mosp_masks,
   nm_mask,
   prune_mask,
+  task_masks,
   topk_mask,
 )
 from mosp_jax.solvers.scaling import (
   Scaled,
+  concat_gram,
   damp,
   mixed_gram,
   relative_error,
@@ -34,10 +35,10 @@ from mosp_jax.solvers.sharding import Layout, make_mesh
 
 __all__ = [
   "AdmmInfo", "AlpsInfo", "Iterates", "Layout", "MospInfo", "MospResult",
-  "NM",
-  "ParetoLayer", "Pattern", "PcgInfo", "Scaled", "Unstructured",
-  "alps_prune", "assemble", "core_score", "damp", "make_mesh", "masked_pcg",
-  "mixed_gram", "mosp_masks", "mosp_materialize", "mosp_pareto", "mosp_prune",
-  "nm_mask", "prune_mask", "relative_error", "rho_step", "run_admm",
-  "scale_problem", "topk_mask", "with_vertices",
+  "NM", "ParetoLayer", "Pattern", "PcgInfo", "Scaled", "Unstructured",
+  "alps_prune", "concat_gram", "damp", "make_mesh", "masked_pcg",
+  "materialize", "mixed_gram", "mosp_materialize", "mosp_pareto",
+  "mosp_prune", "nm_mask", "pref_map", "prune_mask", "relative_error",
+  "rho_step", "run_admm", "scale_problem", "task_masks", "topk_mask",
+  "with_vertices",
 ]

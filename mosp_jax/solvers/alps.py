@@ -1,8 +1,11 @@
-"""Single-objective ALPS: ADMM with the rho schedule, then PCG on the support.
+"""ALPS: ADMM with the support-change rho schedule, then PCG on the support.
 
-Used for one task's best case and for the mixed-Gram baseline (one run per
-preference with `H_lam`). Meng et al., "ALPS: Improved Optimization for Highly
-Sparse One-Shot Pruning for Large Language Models", NeurIPS 2024.
+Meng et al., "ALPS: Improved Optimization for Highly Sparse One-Shot Pruning
+for Large Language Models", NeurIPS 2024. The single-objective baseline
+(one model on one Gram: a task's, the concatenated data's or a preference
+mix) and MOSP's stage 1, which is this ADMM carrying the core as a second
+channel of iterates (`admm_support(core_count=...)`): the global model is
+exactly ALPS on the concatenated Gram [paper-summary].
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mosp_jax.solvers import admm as admm_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers import projection
 from mosp_jax.solvers import sharding as sharding_lib
-from mosp_jax.solvers.scaling import scale_problem
+from mosp_jax.solvers.scaling import Scaled, scale_problem
 
 
 class AlpsInfo(NamedTuple):
@@ -27,36 +30,103 @@ class AlpsInfo(NamedTuple):
   pcg: pcg_lib.PcgInfo
 
 
+class Support(NamedTuple):
+  """What ALPS's ADMM leaves (scaled units).
+
+  mask: `(n_in, n_out)` bool, the support (exactly the budget).
+  D: `(n_in, n_out)`, the sparse iterate on `mask` (PCG's warm start).
+  core: `(n_in, n_out)` bool, the core channel's support (`core_count`
+    per selection unit, inside `mask`); all False without a core.
+  """
+  mask: jax.Array
+  D: jax.Array
+  core: jax.Array
+
+
+def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
+                 pattern: projection.Pattern, rho0: jax.Array,
+                 update_every: int, max_iter: int, core_count: int = 0
+                 ) -> tuple[Support, admm_lib.AdmmInfo]:
+  """ALPS's ADMM on one scaled Gram, optionally carrying a core.
+
+  Args:
+    sc: the scaled problem (`G (n_in, n_in)`, `B0 (n_in, n_out)`).
+    Q, L: eigendecomposition of `sc.G`, `(n_in, n_in)` and `(n_in,)`.
+    pattern: the budget per matrix or per N:M group.
+    rho0, update_every, max_iter: the schedule (`admm.run_admm`).
+    core_count: per selection unit, the size of MOSP's core [paper-
+      summary, stage 1]: a second channel `(B_c, D_c, V_c)` updated with
+      the same inverse (one matmul on both right-hand sides), projected
+      on its top `core_count` inside the global support `supp(D)`. The
+      schedule follows the global support only, so channel 0 is ALPS
+      whatever the core does. 0 (or the whole budget, where the core is
+      `supp(D)` itself) runs ALPS alone.
+
+  Returns:
+    `(Support, info)`.
+  """
+  n_in, n_out = sc.B0.shape
+  unit = pattern.unit_keep(n_in, n_out)
+  with_core = 0 < core_count < unit
+
+  def project(Z):
+    glob = projection.prune_mask(jnp.abs(Z[0]), pattern)
+    if not with_core:
+      return glob[None], ()
+    core = projection.select(jnp.abs(Z[1]), pattern, core_count, glob)
+    return jnp.stack([glob, core]), ()
+
+  channels = 2 if with_core else 1
+  B = jnp.broadcast_to(sc.B0, (channels, n_in, n_out))
+  mask0, _ = project(B)
+  it, _, info = admm_lib.run_admm(
+      admm_lib.eig_solve(Q, L, channels * n_out, update_every),
+      sc.G @ sc.B0,
+      (B, jnp.where(mask0, B, 0.0), jnp.zeros_like(B)), project,
+      k=pattern.keep(n_in, n_out), rho0=rho0, adaptive=True,
+      update_every=update_every, max_iter=max_iter)
+  glob = it.mask[0]
+  if with_core:
+    core = it.mask[1]
+  else:
+    core = glob if core_count >= unit else jnp.zeros_like(glob)
+  return Support(mask=glob, D=it.D[0], core=core), info
+
+
+def scaled_eig(sc: Scaled, layout: sharding_lib.Layout | None
+               ) -> tuple[jax.Array, jax.Array]:
+  """`admm.eig(sc.G)`, spread over a mesh's devices when there is one."""
+  if layout is None:
+    return admm_lib.eig(sc.G)
+  Q, L = layout.eig(sc.G[None])
+  return Q[0], L[0]
+
+
+def pinned(sc: Scaled, layout: sharding_lib.Layout | None) -> Scaled:
+  """`sc` with `B0` split along columns on the mesh (if any)."""
+  if layout is None:
+    return sc
+  return sc._replace(G=layout.constrain(sc.G, layout.replicated),
+                     B0=layout.constrain(sc.B0, layout.weights))
+
+
 @functools.partial(
     jax.jit, static_argnames=("pattern", "update_every", "max_iter",
                               "pcg_iters", "layout"))
 def _alps(G, W0, rho0, damping, *, pattern, update_every, max_iter,
           pcg_iters, layout=None):
-  n_in, n_out = W0.shape
-  sc = scale_problem(G[None], W0, damping=damping,
-                     replicate=None if layout is None else layout.replicate)
-  if layout is not None:
-    sc = sc._replace(B0=layout.constrain(sc.B0, layout.weights))
-  Q, L = admm_lib.eig(sc.G) if layout is None else layout.eig(sc.G)
-
-  def project(Z):
-    return jax.vmap(lambda z: projection.prune_mask(jnp.square(z),
-                                                    pattern))(Z), ()
-
-  B = sc.B0[None]
-  mask0, _ = project(B)
-  it, _, info = admm_lib.run_admm(
-      Q, L, sc.G @ sc.B0, (B, jnp.where(mask0, B, 0.0), jnp.zeros_like(B)),
-      project, k=pattern.keep(n_in, n_out), rho0=rho0, adaptive=True,
-      update_every=update_every, max_iter=max_iter)
-  X, pinfo = pcg_lib.masked_pcg(sc.G[0], sc.B0, it.mask[0], it.D[0],
-                         iters=pcg_iters)
-  return X * (1.0 / sc.d)[:, None], it.mask[0], AlpsInfo(info, pinfo)
+  sc = pinned(scale_problem(G, W0, damping=damping), layout)
+  Q, L = scaled_eig(sc, layout)
+  sup, info = admm_support(sc, Q, L, pattern=pattern, rho0=rho0,
+                           update_every=update_every, max_iter=max_iter)
+  X, pinfo = pcg_lib.masked_pcg(sc.G, sc.B0, sup.mask, sup.D,
+                                iters=pcg_iters)
+  return X * (1.0 / sc.d)[:, None], sup.mask, AlpsInfo(info, pinfo)
 
 
 def alps_prune(G: jax.Array, W0: jax.Array, *, pattern: projection.Pattern,
-         cfg: SolverConfig = PAPER, mesh: Mesh | None = None
-         ) -> tuple[jax.Array, jax.Array, AlpsInfo]:
+               cfg: SolverConfig = PAPER, mesh: Mesh | None = None
+               ) -> tuple[jax.Array, jax.Array, AlpsInfo]:
   """Prunes one layer for one objective.
 
   Args:
@@ -74,12 +144,7 @@ def alps_prune(G: jax.Array, W0: jax.Array, *, pattern: projection.Pattern,
     `mask`), the support (exactly the budget), and diagnostics. On a mesh,
     `W` and `mask` stay split along columns.
   """
-  layout = None
-  if mesh is not None:
-    layout = sharding_lib.layout_for(mesh)
-    sharding_lib.check_layer(mesh, W0.shape[1])
-    G = sharding_lib.place(G, layout.replicated)
-    W0 = sharding_lib.place(W0, layout.weights)
+  layout, G, W0 = sharding_lib.place_layer(mesh, G, W0)
   rho0, damping = sharding_lib.scalars((cfg.rho0, cfg.damping), layout)
   return _alps(G, W0, rho0, damping, pattern=pattern,
                update_every=cfg.update_every, max_iter=cfg.max_iter,

@@ -1,10 +1,10 @@
 """Exact sparsity projections with deterministic tie-breaking.
 
 Every solver stage chooses supports through this module: plain top-k per
-matrix, N:M along the input dimension, and MOSP's coupled core + specialised
-projection. Ties are always broken towards the lower flat (row-major) index,
-so equal scores (common with quantised weights) give the same mask on every
-run and backend.
+matrix, N:M along the input dimension, and MOSP's projections with a
+frozen core (`task_masks`). Ties are always broken towards the lower flat
+(row-major) index, so equal scores (common with quantised weights) give
+the same mask on every run and backend.
 
 Layout: a weight matrix is `(n_in, n_out)` (the Flax `Dense` kernel). An N:M
 group is `m` consecutive inputs of one output column.
@@ -18,8 +18,6 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
-
-from mosp_jax.solvers.scaling import Replicate, weight_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,83 +196,15 @@ def core_count(pattern: Pattern, n_in: int, n_out: int, alpha: float) -> int:
   return int(math.floor(alpha * pattern.unit_keep(n_in, n_out)))
 
 
-def core_score(Z: jax.Array, p: float) -> jax.Array:
-  """Power-mean consensus score of each weight across tasks.
-
-  `c_j = (mean_i (Z_ij^2 / sigma_i)^p)^(1/p)`, `sigma_i = mean(Z_i^2)`;
-  `p = 0` is the geometric mean. Args: `Z: (m, n_in, n_out)`. Returns
-  `(n_in, n_out)`, non-negative.
-  """
-  sq = jnp.square(Z)
-  sigma = jnp.mean(sq, axis=(1, 2), keepdims=True)
-  r = sq / jnp.where(sigma > 0, sigma, 1.0)
-  if p == 0:
-    # exp(mean(log r)); zeros make the whole score zero, as the limit does.
-    logs = jnp.log(jnp.where(r > 0, r, 1.0))
-    return jnp.where(jnp.all(r > 0, axis=0),
-                     jnp.exp(jnp.mean(logs, axis=0)), 0.0)
-  return jnp.mean(r ** p, axis=0) ** (1.0 / p)
-
-
-def _core_rank(Z: jax.Array, p: float,
-               replicate: Replicate | None = None) -> jax.Array:
-  """A strictly increasing function of `core_score`, cheaper to compute.
-
-  Selection only needs the order, so the outer `^(1/p)` (for p = 0 the
-  exp) is dropped and `(Z^2 / sigma)^p` is taken as `|Z|^(2p) sigma^-p`:
-  for the default p = 0.5 a plain `|Z| / sqrt(sigma)`. The task mean is a
-  contraction (einsum) because XLA:CPU runs a broadcast-then-reduce over
-  the task axis some 40x slower. `sigma` is a `weight_sum`, exact on a
-  device mesh (`replicate`).
-  """
-  m, n_in, n_out = Z.shape
-  sigma = weight_sum(jnp.square(Z), replicate) / (n_in * n_out)
-  sigma = jnp.where(sigma > 0, sigma, 1.0)
-  a = jnp.abs(Z)
-  if p == 0:
-    logs = jnp.log(jnp.where(a > 0, a, 1.0))
-    mean_log = jnp.einsum("mio,m->io", logs, jnp.full((m,), 1.0 / m))
-    mean_log = mean_log - 0.5 * jnp.mean(jnp.log(sigma))
-    # exp keeps the score non-negative (bit-pattern order); a weight that
-    # is zero for any task has geometric mean zero.
-    return jnp.where(jnp.all(a > 0, axis=0), jnp.exp(mean_log), 0.0)
-  powered = a if p == 0.5 else a ** (2.0 * p)
-  return jnp.einsum("mio,m->io", powered, sigma ** (-p) / m)
-
-
 def task_masks(Z: jax.Array, core: jax.Array, pattern: Pattern,
                count: int) -> jax.Array:
-  """Each task's own support: its top-`count` of `Z_i^2` outside the core.
+  """The support outside a frozen core: top-`count` of `|Z_i|` per unit.
 
-  Args: `Z: (m, n_in, n_out)`, `core: (n_in, n_out)` bool, `count` per
-  selection unit. Returns bool `(m, n_in, n_out)`, disjoint from `core`.
+  `P_{k,S_c}` of MOSP's stage 2 and preference models keeps `core` plus
+  this [paper-summary]. Args: `Z: (c, n_in, n_out)` (tasks or
+  preferences), `core: (n_in, n_out)` bool, `count` per selection unit.
+  Returns bool `(c, n_in, n_out)`, disjoint from `core`.
   """
   outside = jnp.logical_not(core)
   # |z| ranks like z^2 and skips a multiply.
   return jax.vmap(lambda z: select(jnp.abs(z), pattern, count, outside))(Z)
-
-
-def mosp_masks(Z: jax.Array, pattern: Pattern, *, alpha: float,
-               p: float, replicate: Replicate | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-  """MOSP's coupled projection (METHOD.md section 2).
-
-  Args:
-    Z: `(m, n_in, n_out)` per-task points to project (`B_i + V_i / rho`).
-    pattern: budget per matrix or per N:M group.
-    alpha: fraction of the budget given to the shared core.
-    p: power-mean exponent of the core score.
-    replicate: see `scaling.weight_sum`; on a device mesh, gathers the
-      per-column sums of the score's normaliser so the masks are exact.
-
-  Returns:
-    `(core, masks)`: `core (n_in, n_out)` bool with `floor(alpha k)` True per
-    unit, and `masks (m, n_in, n_out)` = core | task-specific support, each
-    with exactly the full budget per unit.
-  """
-  _, n_in, n_out = Z.shape
-  k = pattern.unit_keep(n_in, n_out)
-  k0 = core_count(pattern, n_in, n_out, alpha)
-  core = select(_core_rank(Z, p, replicate), pattern, k0)
-  own = task_masks(Z, core, pattern, k - k0)
-  return core, own | core[None]

@@ -1,37 +1,20 @@
-"""Damping, column scaling and the per-task objective (METHOD.md section 1).
+"""Damping, column scaling and the task losses (docs/METHOD_NOTES.md#units).
 
-The solvers work in scaled variables `B = diag(d) W` with
-`d = sqrt(diag(mean_i G_i))` shared by every task, and with each task's
-scaled Gram normalised to unit mean diagonal, so that ADMM penalties `rho`
-mean the same thing for every layer and task (ALPS's convention).
+The solvers work in ALPS's scaled variables [ALPS; MOSP paper-summary]:
+`B = diag(d) W` with `d = sqrt(diag(H + damping))`, where `H` is the Gram
+the global model is fitted to (for MOSP the concatenated Gram
+`concat_gram`), so the scaled Gram has a unit diagonal and ADMM penalties
+`rho` mean the same for every layer. MOSP's task Grams use the same `d`
+and are each divided by their mean diagonal, so stage 2's fixed `rho` is
+relative to a unit mean diagonal for every task too [ours].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-Replicate = Callable[[jax.Array], jax.Array]
-
-
-def weight_sum(x: jax.Array, replicate: Replicate | None = None
-               ) -> jax.Array:
-  """Sum of `x (..., n_in, n_out)` over its last two axes, the same to
-  the bit whether or not the output columns are split over devices.
-
-  Rows are summed per column by a contraction with ones (a matmul: the
-  same per column at any column split), the `(..., n_out)` column sums
-  are passed through `replicate` (on a device mesh: gathered onto every
-  device) and then summed. A plain `sum` would add per-device partial
-  sums, in an order that differs from one device's.
-  """
-  col = jnp.einsum("...io,i->...o", x, jnp.ones(x.shape[-2], x.dtype))
-  if replicate is not None:
-    col = replicate(col)
-  return jnp.sum(col, axis=-1)
 
 
 def damp(G: jax.Array, damping: float | jax.Array) -> jax.Array:
@@ -46,6 +29,18 @@ def damp(G: jax.Array, damping: float | jax.Array) -> jax.Array:
   return G + lam * jnp.eye(G.shape[0], dtype=G.dtype)
 
 
+def concat_gram(grams: jax.Array) -> jax.Array:
+  """The Gram of the concatenated calibration data [paper-summary].
+
+  `grams (m, n, n)` are per-token means `X_i^T X_i / N_i`; with the same
+  token count `N` per task (the walk's calibration sets are `nsamples x
+  seqlen` tokens each) `X~^T X~ / (m N)` is their mean. Returns `(n, n)`.
+  """
+  m = grams.shape[0]
+  return jnp.einsum("mij,m->ij", grams.astype(jnp.float32),
+                    jnp.full((m,), 1.0 / m, jnp.float32))
+
+
 def relative_error(G: jax.Array, W0: jax.Array, W: jax.Array) -> jax.Array:
   """`f(W) = tr((W-W0)^T G (W-W0)) / tr(W0^T G W0)` (0 when W0 has no energy).
 
@@ -58,46 +53,45 @@ def relative_error(G: jax.Array, W0: jax.Array, W: jax.Array) -> jax.Array:
 
 
 class Scaled(NamedTuple):
-  """A layer's problem in the solvers' scaled variables.
+  """One layer's problem in the solvers' scaled variables.
 
-  G: `(m, n_in, n_in)` damped task Grams in scaled variables, each with unit
-    mean diagonal.
+  G: `(n_in, n_in)` the damped Gram divided by `d d^T` (unit diagonal).
   B0: `(n_in, n_out)` scaled dense weights `d[:, None] * W0`.
   d: `(n_in,)` column scale; `W = B / d[:, None]`.
-  energy: `(m,)` `tr(B0^T G_i B0)`, the denominators of the relative task
-    losses in these units (1 where the layer has no energy for a task).
   """
   G: jax.Array
   B0: jax.Array
   d: jax.Array
-  energy: jax.Array
 
 
-def scale_problem(grams: jax.Array, W0: jax.Array, *,
-                  damping: float | jax.Array,
-                  replicate: Replicate | None = None) -> Scaled:
-  """Damps, scales and normalises the task Grams of one layer.
-
-  Args:
-    grams: `(m, n_in, n_in)` per-token mean Grams `X_i^T X_i / N_i`.
-    W0: `(n_in, n_out)` dense weights.
-    damping: ridge relative to the mean diagonal (paper: 0.01).
-    replicate: see `weight_sum` (on a mesh: makes `energy` exact).
-  """
-  G = jax.vmap(lambda g: damp(g, damping))(grams.astype(jnp.float32))
-  diag = jnp.diagonal(jnp.mean(G, axis=0))
+def scale_problem(G: jax.Array, W0: jax.Array, *,
+                  damping: float | jax.Array) -> Scaled:
+  """Damps `G (n_in, n_in)` (undamped, per-token mean) and scales it and
+  `W0 (n_in, n_out)` by `d = sqrt(diag(damped G))` [ALPS]."""
+  G = damp(G.astype(jnp.float32), damping)
+  diag = jnp.diagonal(G)
   d = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-  G = G / (d[:, None] * d[None, :])[None]
-  unit = jnp.mean(jnp.diagonal(G, axis1=1, axis2=2), axis=1)
-  G = G / unit[:, None, None]
-  B0 = d[:, None] * W0.astype(jnp.float32)
-  energy = weight_sum((G @ B0) * B0[None], replicate)
-  energy = jnp.where(energy > 0, energy, 1.0)
-  return Scaled(G=G, B0=B0, d=d, energy=energy)
+  inv = 1.0 / d
+  return Scaled(G=G * (inv[:, None] * inv[None, :]),
+                B0=d[:, None] * W0.astype(jnp.float32), d=d)
+
+
+def scale_tasks(grams: jax.Array, d: jax.Array, *,
+                damping: float | jax.Array) -> jax.Array:
+  """Task Grams `(m, n, n)` (undamped) in the units of `d`: each damped,
+  divided by `d d^T` and by its own mean diagonal. Returns `(m, n, n)`."""
+  inv = 1.0 / d
+  scale = inv[:, None] * inv[None, :]
+
+  def one(g):
+    g = damp(g.astype(jnp.float32), damping) * scale
+    return g * (1.0 / jnp.mean(jnp.diagonal(g)))
+  return jax.vmap(one)(grams)
 
 
 def mixed_gram(grams: jax.Array, W0: jax.Array, lam: jax.Array) -> jax.Array:
-  """The Gram of the preference objective `F_lam` (METHOD.md section 1).
+  """The Gram of the preference objective `F_lam` [ours: the mixed
+  baselines' objective].
 
   `H_lam = sum_i lam_i G_i / tr(W0^T G_i W0)`, so that
   `tr((W-W0)^T H_lam (W-W0)) = sum_i lam_i f_i(W)`. A task without energy

@@ -4,32 +4,27 @@ A mesh has two named axes, `('tasks', 'cols')`; the spec `'4'` is a
 `1 x 4` mesh and `'2x2'` a `2 x 2` one. A `Layout` says where one layer's
 arrays live on it:
 
-  W0, B0                      (n_in, n_out)     P(None, (cols, tasks))
-  ADMM iterates B, D, V, M    (m, n_in, n_out)  P(None, None, (cols, tasks))
-  Grams, eigenvectors         (m, n_in, n_in)   replicated
-  preference models (P % T == 0)                P(tasks, None, cols)
-  preference models (else)    (P, n_in, n_out)  P(None, None, (cols, tasks))
+  W0, B0, W, W_i, core         (.., n_in, n_out)  columns (cols, tasks)
+  ADMM iterates B, D, V, M     (c, n_in, n_out)   P(None, None, (cols, tasks))
+  Grams, eigenvectors, inverses (.., n_in, n_in)  replicated
+  preference models (P % T == 0)                  P(tasks, None, cols)
+  preference models (else)     (P, n_in, n_out)   P(None, None, (cols, tasks))
 
-ADMM's linear step `(G_i + rho I)^-1 R_i` acts on each output column
-alone, so splitting columns needs no communication there, and every
-per-weight score is computed on one device as on a single device. The
-projections' global counts become all-reduces of integers; the two float
-sums over all weights (the core score's normaliser, the task energies) are
-`scaling.weight_sum`s, which gather per-column sums (`Layout.replicate`)
-and add them in one order; divisions by broadcasts are written as
-products with reciprocals, which XLA otherwise rewrites in some programs
-only. Results then equal one device's bit for bit (tests/test_mesh.py,
-bench_solvers --mesh), given shards of at least 64 columns (narrower ones
-take another XLA:CPU matmul kernel and agree to rounding). So the output
-columns are split over every device: each holds `1 / devices` of the
-iterates. The task axis splits only what is independent across its
-index: the eigendecompositions (one Gram per device) and, in
-`mosp_materialize`, the preference models (with their `(n_in, n_in)`
-preference Grams) when T divides their number. Splitting the ADMM
-iterates by task was measured and rejected: stage 1's core score then sums
-over tasks across devices, and the last-bit differences of that float sum
-flip masks at near-ties (2 tasks on '2x2', 64x256, 2:4: masks differ,
-objectives by 5e-3).
+ADMM's linear step `(G + rho I)^-1 R` acts on each output column alone,
+so splitting columns needs no communication there, and every per-weight
+score is computed on one device as on a single device. The projections'
+global counts become all-reduces of integers; divisions by broadcasts are
+written as products with reciprocals, which XLA otherwise rewrites in
+some programs only. Results then equal one device's bit for bit
+(tests/test_mesh.py, bench_solvers --mesh), given shards of at least 64
+columns (narrower ones take another XLA:CPU matmul kernel and agree to
+rounding). So the output columns are split over every device: each holds
+`1 / devices` of the iterates. The task axis splits only what is
+independent across its index: the eigendecompositions (one Gram per
+device) and, in `mosp_materialize`, the preference models when T divides
+their number. (MOSP's earlier consensus reading summed a score over tasks
+inside its projection; splitting iterates by task then flipped masks at
+near-ties, so iterates are never split by task.)
 
 The solvers take `mesh=` and place their inputs with `place`; the jitted
 solvers take a static `Layout` and pin the scaled problem, the
@@ -132,10 +127,6 @@ class Layout:
     """`with_sharding_constraint`, for use inside the jitted solvers."""
     return jax.lax.with_sharding_constraint(x, sharding)
 
-  def replicate(self, x: jax.Array) -> jax.Array:
-    """Gathers a small array onto every device (`scaling.weight_sum`)."""
-    return self.constrain(x, self.replicated)
-
   def eig(self, G: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`admm.eig` spread over the devices: `(Q (m, n, n), L (m, n))`.
 
@@ -199,6 +190,18 @@ def check_layer(mesh: Mesh, n_out: int) -> None:
   if n_out % mesh.size:
     raise ValueError(f"n_out={n_out} is not divisible by the {mesh.size} "
                      f"devices of the mesh {dict(mesh.shape)}")
+
+
+def place_layer(mesh: Mesh | None, grams: jax.Array, W0: jax.Array
+                ) -> tuple[Layout | None, jax.Array, jax.Array]:
+  """`(layout, grams, W0)`: a layer's Gram(s) replicated and its weights
+  split along columns on `mesh` (unchanged, layout None, without one)."""
+  if mesh is None:
+    return None, grams, W0
+  layout = layout_for(mesh)
+  check_layer(mesh, W0.shape[1])
+  return (layout, place(grams, layout.replicated),
+          place(W0, layout.weights))
 
 
 def scalars(values: Sequence[float], layout: Layout | None
