@@ -246,13 +246,24 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
   names = [name for group in run.groups for name in group]
   with jax.transfer_guard("disallow"):
     pref_dev = jax.device_put(batch)
+    refit = run.solver.pref_refit_iters > 0
     for layer in range(run.num_layers):
       linears = artifact.load_layer(root, layer)
+      grams = artifact.load_grams(root, layer) if refit else {}
+      for group in run.groups:
+        if refit and group[0] not in grams:
+          raise RunDirError(f"{root}: layer {layer} has no Gram for "
+                            f"{group[0]!r}")
       for name in names:
         if name not in linears:
           raise RunDirError(f"{root}: layer {layer} has no {name!r}")
-        W, M = mosp_materialize(jax.device_put(linears[name]), pref_dev,
-                                pattern=run.pattern, cfg=run.solver)
+        key = next(g[0] for g in run.groups if name in g)
+        W, M = mosp_materialize(
+            jax.device_put(linears[name]), pref_dev, pattern=run.pattern,
+            cfg=run.solver,
+            grams=jax.device_put(grams[key]) if refit else None,
+            W0=jax.device_put(adapter.get_kernel(params, layer, name))
+            if refit else None)
         W, M = jax.device_get((W, M))
         # Copies: a view of row `row` would keep the whole batch alive.
         w, mask = np.array(W[row]), np.array(M[row])

@@ -98,6 +98,11 @@ flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag "
                    "[paper 0.01].")
 flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations [paper "
                      "10].")
+flags.DEFINE_integer("pref_refit_iters", _D.pref_refit_iters, "PCG "
+                     "iterations refitting each interior preference model "
+                     "on F_lam's Gram [ours; 0 = the paper's weighted sum "
+                     "and projection]; the artifact then keeps the task "
+                     "Grams.")
 # Devices: the mesh the per-layer solvers run on, and multi-host setup.
 flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
                     "(one device), 'C' (output columns split over C "

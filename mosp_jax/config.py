@@ -37,6 +37,11 @@ class SolverConfig:
       [paper 0.01].
     pcg_iters: PCG iterations of the global and the task models
       [paper 10].
+    pref_refit_iters: PCG iterations refitting each interior preference
+      model's values on its support to `F_lam`'s Gram `H_lam` [ours; 0 =
+      the paper's weighted sum and projection]. Needs the task Grams at
+      materialisation (a run then stores them in its artifact); the task
+      models (vertices) are left as they are.
   """
   alpha: float = 0.5
   p: float = 0.5
@@ -48,6 +53,7 @@ class SolverConfig:
   stage2_max_iter: int = 10
   damping: float = 0.01
   pcg_iters: int = 10
+  pref_refit_iters: int = 0
 
   def __post_init__(self):
     checks = [
@@ -62,6 +68,7 @@ class SolverConfig:
         ("stage2_max_iter", self.stage2_max_iter >= 0, ">= 0"),
         ("damping", self.damping >= 0.0, ">= 0"),
         ("pcg_iters", self.pcg_iters >= 0, ">= 0"),
+        ("pref_refit_iters", self.pref_refit_iters >= 0, ">= 0"),
     ]
     for name, ok, expected in checks:
       if not ok:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from bridge import exporter, hf_import, pruned, rename, sources, verify
 from experiments import run as run_lib
 from mosp_jax import models
+from mosp_jax.pipeline import artifact
 
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
 
@@ -187,6 +188,26 @@ def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
   assert report.ok, report.problems
   assert report.dtype == "bfloat16"
   assert all(r.run is None for r in report.ppl)
+
+
+def test_refit_run_exports_the_runs_models(tmp_path):
+  """[ours] A run that refits its preference models keeps the task Grams
+  in its artifact; an export refits the same way, bitwise."""
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
+                 f"--out_dir={tmp_path / 'run'}", "--nsamples=2",
+                 "--test_tokens=128", "--pref_refit_iters=5"])
+    run, solver = run_lib.configs_from_flags()
+  run_lib.run_experiment(run, solver, log=lambda s: None)
+  grams = artifact.load_grams(tmp_path / "run" / "pareto", 0)
+  assert sorted(grams) == ["mlp.down_proj", "mlp.gate_proj",
+                           "self_attn.o_proj", "self_attn.q_proj"]
+  out = tmp_path / "exported"
+  exporter.export_preference(tmp_path / "run", "centroid", out)
+  report = verify.check_parity(out)
+  assert report.ok, report.problems
+  assert all(r.run_rel_diff == 0.0 for r in report.ppl)
 
 
 def test_materialized_model_owns_its_arrays(tiny_run):

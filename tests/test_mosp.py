@@ -236,6 +236,35 @@ def test_materialize_needs_only_the_pareto_set(layer):
       1, keepdims=True), rtol=1e-6)
 
 
+def _f_lam(grams, W0, weights, prefs):
+  """Independent numpy `(P,)` preference objective `sum_i lam_i f_i` on
+  the damped Grams (what a refit minimises)."""
+  damped = [g + CFG.damping * np.mean(np.diag(g)) * np.eye(len(g))
+            for g in np.asarray(grams, np.float64)]
+  err = np.array([[rel_err(g, W0, w) for g in damped] for w in weights])
+  return np.sum(prefs * err, axis=1)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)], ids=str)
+def test_refit_lowers_f_lam_and_keeps_supports(layer, pattern):
+  """[ours] The refit keeps every support and the vertices, and lowers
+  the preference objective of every interior model."""
+  grams, W0 = layer
+  paper = run(grams, W0, PREFS, pattern)
+  r = run(grams, W0, PREFS, pattern,
+          dataclasses.replace(CFG, pref_refit_iters=10))
+  np.testing.assert_array_equal(r.masks, paper.masks)
+  np.testing.assert_array_equal(r.weights[:3], paper.weights[:3])
+  assert not (r.weights * ~r.masks).any()
+  prefs = np.concatenate([np.eye(3), PREFS])
+  f_paper = _f_lam(grams, W0, paper.weights, prefs)[3:]
+  f_refit = _f_lam(grams, W0, r.weights, prefs)[3:]
+  assert (f_refit < f_paper).all()
+  with pytest.raises(ValueError, match="pass grams and W0"):
+    mosp_materialize(ParetoLayer(*paper.pareto), PREFS, pattern=pattern,
+                     cfg=dataclasses.replace(CFG, pref_refit_iters=10))
+
+
 def test_front_is_a_trade_off(layer):
   grams, W0 = layer
   r = run(grams, W0, PREFS, Unstructured(0.6))

@@ -25,6 +25,7 @@ import numpy as np
 from mosp_jax.solvers import ParetoLayer
 
 META = "meta.json"
+GRAM = "gram"  # Key prefix of the optional task Grams.
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
@@ -72,7 +73,8 @@ def _unpack(z: Any, name: str) -> np.ndarray:
 
 
 def save_layer(root: str | os.PathLike, layer: int,
-               linears: dict[str, ParetoLayer]) -> None:
+               linears: dict[str, ParetoLayer],
+               grams: dict[str, np.ndarray] | None = None) -> None:
   """Saves one layer's Pareto sets.
 
   Args:
@@ -80,8 +82,11 @@ def save_layer(root: str | os.PathLike, layer: int,
     layer: decoder layer index.
     linears: `{name: ParetoLayer}` of numpy arrays (`core (n_in, n_out)`
       bool, `W (n_in, n_out)`, `W_tasks (m, n_in, n_out)`, `d (n_in,)`).
+    grams: `{group key: (m, n_in, n_in)}` task Grams, stored only for a
+      refit of the preference models [ours; `pref_refit_iters`].
   """
-  arrays = {}
+  arrays = {f"{GRAM}/{k}": np.asarray(g, np.float32)
+            for k, g in (grams or {}).items()}
   for name, par in linears.items():
     arrays[f"{name}/core"] = np.packbits(np.asarray(par.core).ravel())
     arrays |= _pack(f"{name}/W", np.asarray(par.W))
@@ -99,7 +104,7 @@ def load_layer(root: str | os.PathLike, layer: int
     raise FileNotFoundError(f"{path}: no Pareto set saved for layer {layer}")
   linears = {}
   with np.load(path) as z:
-    names = sorted({k.split("/", 1)[0] for k in z.files})
+    names = sorted({k.split("/", 1)[0] for k in z.files} - {GRAM})
     for name in names:
       W = _unpack(z, f"{name}/W")
       core = np.unpackbits(z[f"{name}/core"], count=W.size)
@@ -107,3 +112,16 @@ def load_layer(root: str | os.PathLike, layer: int
           core=core.astype(bool).reshape(W.shape), W=W,
           W_tasks=_unpack(z, f"{name}/W_tasks"), d=z[f"{name}/d"])
   return linears
+
+
+def load_grams(root: str | os.PathLike, layer: int) -> dict[str, np.ndarray]:
+  """The task Grams `{group key: (m, n_in, n_in)}` saved with a layer
+  (only by runs that refit their preference models)."""
+  path = layer_path(pathlib.Path(root), layer)
+  with np.load(path) as z:
+    grams = {k.split("/", 1)[1]: z[k] for k in z.files
+             if k.startswith(f"{GRAM}/")}
+  if not grams:
+    raise FileNotFoundError(f"{path}: no task Grams saved (the run did "
+                            "not refit its preference models)")
+  return grams

@@ -253,7 +253,8 @@ def prune_and_evaluate(
       for name in group:
         W0 = adapter.get_kernel(params, layer, name)
         par = sets[name]
-        W, _ = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg)
+        W, _ = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg,
+                                grams=grams_dev[group[0]], W0=W0)
         for p, w in enumerate(_unstack(W)):
           model_params[p] = adapter.set_kernel(model_params[p], layer, name,
                                                w)
@@ -273,7 +274,13 @@ def prune_and_evaluate(
                for p in range(P + 1)]
     t4 = time.perf_counter()
     if artifact_dir is not None:
-      artifact.save_layer(artifact_dir, layer, jax.device_get(sets))
+      # [ours] A refit needs the Grams again when a preference is
+      # materialised later (export); the paper's Pareto set does not.
+      artifact.save_layer(artifact_dir, layer, jax.device_get(sets),
+                          grams={g[0]: np.stack([t[g[0]] for t in
+                                                 task_grams])
+                                 for g in groups}
+                          if cfg.pref_refit_iters > 0 else None)
 
     seconds["capture"] += t1 - t0
     seconds["solve"] += t2 - t1

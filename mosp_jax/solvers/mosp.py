@@ -16,7 +16,8 @@ The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD.md sections
            tasks: the task models `W_i`.
   any lam  `W_lam = P_{k,S_c}(W + sum_i lam'_i (W_i - W))`, `lam' = T_p(lam)`
            [paper-summary]: a weighted sum and a projection, no Gram, no
-           solve (`materialize`).
+           solve (`materialize`); optionally refitted on `H_lam` [ours,
+           off by default] (`refit`).
 
 The compact Pareto set of a layer is `ParetoLayer(core, W, W_tasks, d)`.
 """
@@ -36,7 +37,12 @@ from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers import projection
 from mosp_jax.solvers import sharding as sharding_lib
-from mosp_jax.solvers.scaling import concat_gram, scale_problem, scale_tasks
+from mosp_jax.solvers.scaling import (
+  concat_gram,
+  mixed_gram,
+  scale_problem,
+  scale_tasks,
+)
 
 
 class ParetoLayer(NamedTuple):
@@ -174,6 +180,28 @@ def materialize(pareto: ParetoLayer, prefs: jax.Array, *,
   return jnp.where(masks, mix, 0.0), masks
 
 
+def refit(grams: jax.Array, W0: jax.Array, weights: jax.Array,
+          masks: jax.Array, prefs: jax.Array, *, damping: jax.Array,
+          iters: int) -> jax.Array:
+  """[ours] Each interior preference model's values refitted on its
+  support: `iters` PCG steps on `H_lam` (`scaling.mixed_gram`, the Gram
+  of `F_lam = sum_i lam_i f_i`, damped and scaled as ALPS's), from the
+  projected mix. Vertices `e_i` keep the task models unchanged.
+
+  Args: `grams (m, n_in, n_in)`, `W0 (n_in, n_out)`, `weights, masks
+  (P, n_in, n_out)`, `prefs (P, m)`. Returns `(P, n_in, n_out)`.
+  """
+  def one(W, mask, lam):
+    sc = scale_problem(mixed_gram(grams, W0, lam), W0, damping=damping)
+    X, _ = pcg_lib.masked_pcg(sc.G, sc.B0, mask, W * sc.d[:, None],
+                              iters=iters)
+    return X * (1.0 / sc.d)[:, None]
+
+  vertex = jnp.max(prefs, axis=1) >= 1.0
+  return jnp.where(vertex[:, None, None], weights,
+                   jax.vmap(one)(weights, masks, prefs))
+
+
 @functools.partial(
     jax.jit, static_argnames=("pattern", "alpha", "update_every",
                               "max_iter", "stage2_max_iter", "pcg_iters",
@@ -214,10 +242,14 @@ def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha,
 
 @functools.partial(jax.jit,
                    static_argnames=("pattern", "alpha", "p", "kind",
-                                    "layout"))
-def _materialize(pareto, prefs, *, pattern, alpha, p, kind, layout=None):
+                                    "refit_iters", "layout"))
+def _materialize(pareto, prefs, grams, W0, damping, *, pattern, alpha, p,
+                 kind, refit_iters, layout=None):
   W, masks = materialize(pareto, prefs, pattern=pattern, alpha=alpha, p=p,
                          kind=kind)
+  if refit_iters > 0:
+    W = refit(grams, W0, W, masks, prefs, damping=damping,
+              iters=refit_iters)
   if layout is not None:
     W = layout.constrain(W, layout.per_model)
     masks = layout.constrain(masks, layout.per_model)
@@ -275,16 +307,29 @@ def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
 
 def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
                      pattern: projection.Pattern, cfg: SolverConfig = PAPER,
-                     mesh: Mesh | None = None
+                     mesh: Mesh | None = None,
+                     grams: jax.Array | None = None,
+                     W0: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """The models of preferences `prefs (P, m)` from a layer's Pareto set
   alone (no Gram, no solve; see `materialize`).
+
+  With `cfg.pref_refit_iters > 0` [ours] the interior models are then
+  refitted (`refit`), which needs the task `grams (m, n_in, n_in)` and
+  the dense `W0 (n_in, n_out)`; they are ignored otherwise.
 
   Returns `(weights (P, n_in, n_out), masks (P, n_in, n_out) bool)`; on
   a `mesh` they are split along columns, and along models over the
   mesh's task axis when its size divides `P`.
   """
   _check_prefs(prefs, pareto.W_tasks.shape[0])
+  if cfg.pref_refit_iters > 0:
+    if grams is None or W0 is None:
+      raise ValueError("pref_refit_iters > 0 refits on the task Grams: "
+                       "pass grams and W0")
+    _check_shapes(grams, W0)
+  else:
+    grams = W0 = None
   layout = None
   if mesh is not None:
     layout = sharding_lib.layout_for(mesh, prefs.shape[0])
@@ -295,8 +340,12 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
         W_tasks=sharding_lib.place(pareto.W_tasks, layout.per_task),
         d=sharding_lib.place(pareto.d, layout.replicated))
     prefs = sharding_lib.place(prefs, layout.replicated)
-  return _materialize(pareto, prefs, pattern=pattern, alpha=cfg.alpha,
-                      p=cfg.p, kind=cfg.pref_map, layout=layout)
+    if grams is not None:
+      _, grams, W0 = sharding_lib.place_layer(mesh, grams, W0)
+  (damping,) = sharding_lib.scalars((cfg.damping,), layout)
+  return _materialize(pareto, prefs, grams, W0, damping, pattern=pattern,
+                      alpha=cfg.alpha, p=cfg.p, kind=cfg.pref_map,
+                      refit_iters=cfg.pref_refit_iters, layout=layout)
 
 
 def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
@@ -314,6 +363,6 @@ def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
   pareto, info = mosp_pareto(grams, W0, pattern=pattern, cfg=cfg, mesh=mesh)
   all_prefs = with_vertices(prefs)
   weights, masks = mosp_materialize(pareto, all_prefs, pattern=pattern,
-                                    cfg=cfg, mesh=mesh)
+                                    cfg=cfg, mesh=mesh, grams=grams, W0=W0)
   return MospResult(prefs=all_prefs, masks=masks, weights=weights,
                     pareto=pareto, info=info)
