@@ -198,6 +198,8 @@ def _value_table(tasks: list[str], prefs: np.ndarray,
   if dense is not None:
     lines.append("| dense | | " + " | ".join(format(x, fmt) for x in dense)
                  + " |")
+  # 'mosp+W' only regroups rows listed under 'mosp' and 'mosp:W'.
+  values = {k: v for k, v in values.items() if not k.endswith("+W")}
   best = np.concatenate(list(values.values())).min(axis=0)
   for name, v in values.items():
     labels = ([_pref(p) for p in prefs] if v.shape[0] == prefs.shape[0]

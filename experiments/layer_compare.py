@@ -211,7 +211,8 @@ def _solve(entry: Entry, G, W0, prefs_dev, lams, *, pattern: Pattern
   cfg = entry.cfg
   if entry.method == "mosp":
     par, _ = mosp_pareto(G, W0, pattern=pattern, cfg=cfg)
-    W = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg)[0]
+    W = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg,
+                         grams=G, W0=W0)[0]
     return {entry.name: W, f"{entry.name}:W": _stack([par.W])}
   if entry.protocol == "data-free":
     Ws = [baselines.prune_single(entry.method, None, W0, pattern=pattern,
