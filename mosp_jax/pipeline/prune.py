@@ -272,6 +272,9 @@ def prune_and_evaluate(
     dense_h = [advance(lp, h) for h in dense_h]
     model_h = [[advance(lps[p], h) for h in model_h[p]]
                for p in range(P + 1)]
+    # Dispatch is asynchronous: wait, or this work would be timed as the
+    # next layer's capture.
+    jax.block_until_ready((dense_h, model_h))
     t4 = time.perf_counter()
     if artifact_dir is not None:
       # [ours] A refit needs the Grams again when a preference is

@@ -160,12 +160,13 @@ def baseline_walk(
           _check_finite(h, f"{method} model {p}, layer {layer}: task {i} "
                         "activations")
       t3 = time.perf_counter()
-      model_h[p] = [advance(lpp, h) for h in model_h[p]]
+      model_h[p] = jax.block_until_ready([advance(lpp, h)
+                                          for h in model_h[p]])
       t4 = time.perf_counter()
       t_cap, t_solve = t_cap + t1 - t0, t_solve + t2 - t1
       t_prop, t_eval = t_prop + t3 - t2, t_eval + t4 - t3
     t0 = time.perf_counter()
-    dense_h = [advance(lp, h) for h in dense_h]
+    dense_h = jax.block_until_ready([advance(lp, h) for h in dense_h])
     t_eval += time.perf_counter() - t0
     for key, value in (("capture", t_cap), ("solve", t_solve),
                        ("propagate", t_prop), ("evaluate", t_eval)):
