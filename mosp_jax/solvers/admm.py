@@ -15,8 +15,9 @@ split as `B = D` with `D` sparse [ALPS, Meng et al. 2024]:
 
 The linear step is a `LinearSolve`: `eig_solve` goes through one
 eigendecomposition of `G`, so a new `rho` needs no new factorisation (ALPS,
-MOSP stage 1); `cholesky_solve` factorises `G + rho I` once for a fixed
-`rho` (MOSP stage 2, whose `rho` never changes).
+MOSP stage 1); `fixed_solve` applies `(G + rho I)^-1` formed once from a
+Cholesky factor for a fixed `rho` (MOSP stage 2, whose `rho` never
+changes).
 
 rho schedule [ALPS; MOSP eq. 50], applied only every `update_every`
 iterations to the support change of channel 0, `s = |supp(D_t) symmetric-
@@ -161,14 +162,22 @@ def eig_solve(Q: jax.Array, L: jax.Array, n_cols: int,
   return LinearSolve(factor=lambda rho: 1.0 / (L + rho), apply=apply)
 
 
-def cholesky_solve(G: jax.Array) -> LinearSolve:
-  """`(G + rho I)^-1` for a `rho` that does not change: one Cholesky
-  factorisation, the inverse formed once, one matmul per step."""
-  eye = jnp.eye(G.shape[0], dtype=G.dtype)
+def cholesky_inverse(G: jax.Array, rho: jax.Array) -> jax.Array:
+  """`(G + rho I)^-1` of one `G (n, n)`, through its Cholesky factor.
 
-  def factor(rho):
-    return jsl.cho_solve(jsl.cho_factor(G + rho * eye, lower=True), eye)
-  return LinearSolve(factor=factor, apply=_matmul)
+  Call it on one matrix at a time (e.g. `lax.map` over tasks): jaxlib's
+  batched CPU LAPACK kernels wait on the thread pool that forced host
+  devices share and can deadlock on a mesh (`sharding.py`).
+  """
+  eye = jnp.eye(G.shape[0], dtype=G.dtype)
+  return jsl.cho_solve(jsl.cho_factor(G + rho * eye, lower=True), eye)
+
+
+def fixed_solve(inverse: jax.Array) -> LinearSolve:
+  """A linear step for a `rho` that never changes: `inverse (n, n)` is
+  `(G + rho I)^-1` formed once (`cholesky_inverse`), one matmul per
+  step."""
+  return LinearSolve(factor=lambda _: inverse, apply=_matmul)
 
 
 def run_admm(solve: LinearSolve, GB0: jax.Array, init: tuple[
@@ -179,7 +188,7 @@ def run_admm(solve: LinearSolve, GB0: jax.Array, init: tuple[
 
   Args:
     solve: the linear step `(G + rho I)^-1` (`eig_solve`; for a fixed
-      `rho`, `cholesky_solve`).
+      `rho`, `fixed_solve`).
     GB0: `(n, n_out)`, `G @ B0` (the same for every channel).
     init: `(B, D, V)`, each `(c, n, n_out)`; a restart returns here. `D`
       must already be the projection of `B` (or a warm start).

@@ -120,17 +120,20 @@ def stage2(G: jax.Array, B0: jax.Array, core: jax.Array, X: jax.Array, *,
   def project(Z):
     return projection.task_masks(Z, core, pattern, count) | core[None], ()
 
-  def one(Gi):
+  # One factorisation per task, one after another (`cholesky_inverse`).
+  inverses = jax.lax.map(lambda g: admm_lib.cholesky_inverse(g, rho), G)
+
+  def one(Gi, inverse):
     B = X[None]
     mask, _ = project(B)
     it, _, info = admm_lib.run_admm(
-        admm_lib.cholesky_solve(Gi), Gi @ B0,
+        admm_lib.fixed_solve(inverse), Gi @ B0,
         (B, jnp.where(mask, B, 0.0), jnp.zeros_like(B)), project,
         k=pattern.keep(n_in, n_out), rho0=rho, adaptive=False,
         update_every=1, max_iter=max_iter)
     return jax.tree.map(lambda a: a[0], it), info
 
-  return jax.vmap(one)(G)
+  return jax.vmap(one)(G, inverses)
 
 
 def pref_map(prefs: jax.Array, *, p: float, kind: str = "power"
