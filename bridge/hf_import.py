@@ -424,7 +424,8 @@ def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
 
 def load_config(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
   """The model config of a spec without loading weights (for validating
-  flags before any heavy work)."""
+  flags before any heavy work); raises ModelLoadError for an unsupported
+  architecture."""
   from transformers import AutoConfig
 
   source = resolve(spec, trust_pickle=trust_pickle)
@@ -437,6 +438,8 @@ def load_config(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
     path = pathlib.Path(source.location)
     where, kwargs = str(path.parent), {"gguf_file": path.name}
   try:
-    return AutoConfig.from_pretrained(where, **kwargs)
+    config = AutoConfig.from_pretrained(where, **kwargs)
   except (OSError, ValueError) as e:
     raise ModelLoadError(f"{spec}: cannot read the model config: {e}") from e
+  _check_supported(config, spec)
+  return config

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from bridge import exporter, hf_import, pruned, rename, sources, verify
 from experiments import run as run_lib
-from mosp_jax import models
+from mosp_jax import cli, models
 from mosp_jax.pipeline import artifact
 
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
@@ -108,7 +108,7 @@ def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
   out = tmp_path / "ckpt"
   out.mkdir()
   (out / "keep.txt").write_text("x")
-  with pytest.raises(exporter.ExportError, match="exists and is not empty"):
+  with pytest.raises(cli.UsageError, match="exists and is not empty"):
     exporter.write_checkpoint(out, fm.config, state, None, dtype="float32",
                               provenance={})
   bad = dict(state, **{"transformer.wte.weight": object()})  # Fails late.
