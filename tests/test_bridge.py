@@ -142,27 +142,8 @@ def test_parity_refuses_pickled_weights(tmp_path):
     verify.check_parity(d, tmp_path, "centroid")
 
 
-# A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer).
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("run")
-  with flagsaver.flagsaver():
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
-                 f"--out_dir={out}", "--nsamples=2", "--test_tokens=128",
-                 "--max_iter=30", "--stage2_max_iter=30"])
-    run, solver = run_lib.configs_from_flags()
-  run_lib.run_experiment(run, solver, log=lambda s: None)
-  return out
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_run):
-  out = tiny_run / "exported"
-  info = exporter.export_preference(tiny_run, "centroid", out)
-  return out, info
+# A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer): the
+# session fixtures `tiny_run` and `tiny_export` of conftest.py.
 
 
 def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
