@@ -201,7 +201,7 @@ def summarize(points: dict[str, np.ndarray]) -> dict:
 
 
 def _pref(p: np.ndarray) -> str:
-  return ", ".join(f"{x:.2f}" for x in p)
+  return pareto.format_pref(p)  # 0.333, 0.5, 0
 
 
 def _value_table(tasks: list[str], prefs: np.ndarray,
