@@ -273,6 +273,7 @@ def test_parity_cli_exits_nonzero_on_a_corrupt_export(tiny_export, tmp_path):
        f"--checkpoint={tmp_path / 'bad'}"], capture_output=True, text=True,
       cwd=pathlib.Path(__file__).parents[1], timeout=300)
   assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr == ""  # No library logs or deprecation warnings.
   assert "PARITY FAILED" in proc.stdout
   assert "weights: model.embed_tokens.weight differs" in proc.stdout
   assert "PPL torch" in proc.stdout

@@ -181,6 +181,11 @@ CASES = [
      ["--prefs"]),
     (COMPARE, "unknown_method", [SMOKE, "--out_dir={fresh}",
                                  "--methods=bogus"], USAGE, ["--methods"]),
+    (COMPARE, "unknown_linear", [SMOKE, "--out_dir={fresh}",
+                                 "--layer_level", "--layer=1",
+                                 "--linears=self_attn.bogus",
+                                 "--nogram_cache"], USAGE,
+     ["--linears", "self_attn.bogus"]),
     (COMPARE, "bad_variant", [SMOKE, "--out_dir={fresh}",
                               "--mosp_variants=alpha=x"], USAGE,
      ["--mosp_variants"]),
@@ -344,6 +349,20 @@ def test_overwrite_deletes_every_output_of_the_previous_run(tiny_run,
                                              *others}
   rec = json.loads((out / "config.json").read_text())
   assert rec["pattern"]["sparsity"] == 0.6
+
+
+def test_compare_overwrite_deletes_the_previous_comparison(tmp_path):
+  from experiments import compare
+
+  out = tmp_path / "cmp"
+  out.mkdir()
+  for name in (*compare.COMPARE_OUTPUTS, "notes.txt"):
+    (out / name).write_text("old\n")
+  run, _ = _configs(out)
+  with pytest.raises(cli.UsageError, match="not empty"):
+    compare.check_out_dir(run, overwrite=False)
+  compare.prepare_out_dir(run, overwrite=True)
+  assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def _configs(out_dir, *extra):
