@@ -11,11 +11,10 @@ stock `transformers.AutoModelForCausalLM.from_pretrained` loads; see
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from bridge.exporter import DTYPES, export_preference
+from mosp_jax import cli
 
 flags.DEFINE_string("run_dir", None, "A finished experiments.run directory.")
 flags.DEFINE_string("preference", None, "'centroid' or comma-separated "
@@ -27,22 +26,17 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments.
   for name in ("run_dir", "preference", "out"):
     if not getattr(FLAGS, name):
-      print(f"error: --{name} is required", file=sys.stderr)
-      sys.exit(2)
-  try:
-    info = export_preference(FLAGS.run_dir, FLAGS.preference, FLAGS.out,
-                             dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
-                             log=print)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+      raise cli.UsageError(f"--{name} is required")
+  cli.check_in_dir(FLAGS.run_dir, flag="--run_dir")
+  info = export_preference(FLAGS.run_dir, FLAGS.preference, FLAGS.out,
+                           dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
+                           log=lambda s: print(s, flush=True))
   print(f"exported {info.out}; check it with: python -m bridge.parity "
         f"--checkpoint={info.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

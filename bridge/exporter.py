@@ -32,6 +32,8 @@ import numpy as np
 
 from bridge import pruned as pruned_lib
 from bridge import rename
+from mosp_jax import cli
+from mosp_jax.pipeline import pareto
 
 WEIGHTS = "model.safetensors"
 EXPORT_META = "mosp_export.json"
@@ -100,9 +102,11 @@ def expected_torch_state(config: Any) -> dict[str, Any]:
   (names and shapes, no memory)."""
   import torch
   from transformers import AutoModelForCausalLM
+
+  from bridge.hf_import import torch_dtype_kwargs
   with torch.device("meta"):
-    model = AutoModelForCausalLM.from_config(config,
-                                             torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, **torch_dtype_kwargs(torch.float32))
   return dict(model.state_dict())
 
 
@@ -224,16 +228,20 @@ def export_preference(run_dir: str | os.PathLike, preference: str,
   _torch_dtype(dtype)
   _check_out(pathlib.Path(out), overwrite)
   run = pruned_lib.read_run(run_dir)
-  pref = pruned_lib.parse_preference(preference, run.tasks)
+  with cli.usage_errors("--preference"):
+    pref = pruned_lib.parse_preference(preference, run.tasks)
   model = pruned_lib.materialize(run, pref, log=log)
   return export_model(run, model, out, dtype=dtype, overwrite=overwrite,
                       log=log)
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise ExportError(f"--out {out} exists and is not empty; pass "
-                      "--overwrite or choose a new folder")
+  """Refuses (`cli.UsageError`) an --out that is a file, cannot be
+  created, or holds something and `overwrite` is off."""
+  cli.check_out_dir(out, flag="--out")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise cli.UsageError(f"--out {out} exists and is not empty; pass "
+                         "--overwrite or choose a new folder")
 
 
 def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
@@ -269,7 +277,7 @@ def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
       "linears": stats}
   write_checkpoint(out, config, state, model.tokenizer, dtype=dtype,
                    provenance=provenance, overwrite=overwrite)
-  log(f"wrote {out} ({dtype}, preference {pref.tolist()}, sparsity "
-      f"{provenance['sparsity']:.4f})")
+  log(f"wrote {out} ({dtype}, preference {pareto.format_pref(pref)}, "
+      f"sparsity {provenance['sparsity']:.4f})")
   return ExportInfo(out=out, preference=pref, dtype=dtype,
                     provenance=provenance)

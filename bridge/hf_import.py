@@ -129,6 +129,17 @@ def _expected(model: Any) -> rename.Flat:
   return rename.flatten(model.params_shape_tree)
 
 
+def torch_dtype_kwargs(dtype: Any) -> dict[str, Any]:
+  """The keyword that sets the weights' dtype in `from_pretrained` /
+  `from_config`: `dtype` from transformers 4.56 on (`torch_dtype` is then
+  deprecated and warns), `torch_dtype` before."""
+  import transformers
+  from packaging.version import Version
+
+  new = Version(transformers.__version__) >= Version("4.56")
+  return {"dtype" if new else "torch_dtype": dtype}
+
+
 def _load_torch(source: Source) -> tuple[Any, Any, Any]:
   """(torch model, config, tokenizer or None) of a non-Flax source."""
   import torch
@@ -153,7 +164,7 @@ def _load_torch(source: Source) -> tuple[Any, Any, Any]:
     kwargs["use_safetensors"] = not source.pickle
   try:
     model = AutoModelForCausalLM.from_pretrained(
-        where, config=config, torch_dtype=torch.float32, **kwargs)
+        where, config=config, **torch_dtype_kwargs(torch.float32), **kwargs)
   except (OSError, ValueError, RuntimeError) as e:
     raise ModelLoadError(f"{what}: cannot load the weights: {e}") from e
   return model, model.config, _load_tokenizer(source, where, kwargs)
@@ -257,11 +268,7 @@ def save_flax_dir(
   """
   from safetensors.numpy import save_file
 
-  dest = pathlib.Path(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-",
-                                      dir=dest.parent))
-  try:
+  def write(tmp: pathlib.Path) -> None:
     config.save_pretrained(str(tmp))
     flat = {".".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
             for k, v in rename.flatten(params).items()}
@@ -269,6 +276,20 @@ def save_flax_dir(
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     (tmp / SOURCE_META).write_text(json.dumps(meta, indent=1))
+
+  return _write_dir(dest, write)
+
+
+def _write_dir(dest: str | os.PathLike, write) -> pathlib.Path:
+  """Calls `write(tmp)` on a temporary sibling folder of `dest`, then
+  renames it to `dest` (an existing `dest` is replaced; a concurrent
+  writer's complete folder is kept)."""
+  dest = pathlib.Path(dest)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-",
+                                      dir=dest.parent))
+  try:
+    write(tmp)
     old = None
     if dest.exists():
       old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -355,24 +376,56 @@ def load_model(
   return model, params, tokenizer
 
 
+def tokenizer_cache_dir(name: str) -> pathlib.Path:
+  """Where the tokenizer alone of model `name` is cached (a few MB)."""
+  return fetch.cache_dir() / "models" / f"{name}.tokenizer"
+
+
 def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
-  """The tokenizer of a model spec, read from the model cache when the
-  model was converted before (else the model is loaded and cached)."""
+  """The tokenizer of a model spec, without converting the model.
+
+  Read from the model cache when the model was converted before; for a
+  GGUF file, read from the GGUF metadata alone (no tensor is dequantised)
+  and cached by itself under `tokenizer_cache_dir`; else from the
+  checkpoint folder or the Hub.
+
+  Raises:
+    ModelLoadError: the model has no (readable) tokenizer.
+  """
   from transformers import AutoTokenizer
 
   source = resolve(spec, trust_pickle=trust_pickle)
-  cached = model_cache_dir(source.cache_name)
-  if source.kind != "flax" and _cache_hit(cached, source):
-    return AutoTokenizer.from_pretrained(str(cached))
-  tokenizer = load_model(spec, trust_pickle=trust_pickle)[2]
+  where, kwargs = source.location, {}
+  if source.cache_name is not None:
+    cached = model_cache_dir(source.cache_name)
+    if _cache_hit(cached, source):
+      return AutoTokenizer.from_pretrained(str(cached))
+  if source.kind == "gguf":
+    tok_dir = tokenizer_cache_dir(source.cache_name)
+    if _cache_hit(tok_dir, source):
+      return AutoTokenizer.from_pretrained(str(tok_dir))
+    path = pathlib.Path(source.location)
+    check_gguf(path)
+    where, kwargs = str(path.parent), {"gguf_file": path.name}
+  tokenizer = _load_tokenizer(source, where, kwargs)
   if tokenizer is None:
     raise ModelLoadError(f"{spec}: the model has no tokenizer")
+  if source.kind == "gguf":
+
+    def write(tmp: pathlib.Path) -> None:
+      tokenizer.save_pretrained(str(tmp))
+      (tmp / SOURCE_META).write_text(json.dumps({
+          "format": CACHE_FORMAT, "spec": spec, "kind": source.kind,
+          "location": source.location, "tokenizer_only": True}, indent=1))
+
+    _write_dir(tok_dir, write)
   return tokenizer
 
 
 def load_config(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
   """The model config of a spec without loading weights (for validating
-  flags before any heavy work)."""
+  flags before any heavy work); raises ModelLoadError for an unsupported
+  architecture."""
   from transformers import AutoConfig
 
   source = resolve(spec, trust_pickle=trust_pickle)
@@ -385,6 +438,8 @@ def load_config(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
     path = pathlib.Path(source.location)
     where, kwargs = str(path.parent), {"gguf_file": path.name}
   try:
-    return AutoConfig.from_pretrained(where, **kwargs)
+    config = AutoConfig.from_pretrained(where, **kwargs)
   except (OSError, ValueError) as e:
     raise ModelLoadError(f"{spec}: cannot read the model config: {e}") from e
+  _check_supported(config, spec)
+  return config

@@ -13,12 +13,13 @@ above --rtol, a mask or a weight that differs, ...; see `bridge.verify`).
 
 from __future__ import annotations
 
-import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from bridge.verify import DEFAULT_RTOL, check_parity, format_report
+from mosp_jax import cli
+from mosp_jax.pipeline import artifact
 
 flags.DEFINE_string("checkpoint", None, "Exported checkpoint folder.")
 flags.DEFINE_string("run_dir", None, "The run it was exported from "
@@ -37,25 +38,27 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments.
   if not FLAGS.checkpoint:
-    print("error: --checkpoint is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    report = check_parity(
-        FLAGS.checkpoint, FLAGS.run_dir, FLAGS.preference, rtol=FLAGS.rtol,
-        weight_atol=FLAGS.weight_atol, batch_size=FLAGS.batch_size or None,
-        log=print)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise cli.UsageError("--checkpoint is required")
+  cli.check_in_dir(FLAGS.checkpoint, flag="--checkpoint")
+  if FLAGS.run_dir:
+    cli.check_in_dir(FLAGS.run_dir, flag="--run_dir")
+  if FLAGS.report:
+    cli.check_out_file(FLAGS.report, flag="--report")
+  for name in ("rtol", "weight_atol", "batch_size"):
+    if getattr(FLAGS, name) < 0:
+      raise cli.UsageError(f"--{name} must be >= 0, got "
+                           f"{getattr(FLAGS, name)}")
+  report = check_parity(
+      FLAGS.checkpoint, FLAGS.run_dir, FLAGS.preference, rtol=FLAGS.rtol,
+      weight_atol=FLAGS.weight_atol, batch_size=FLAGS.batch_size or None,
+      log=lambda s: print(s, flush=True))
   print(format_report(report, verbose=FLAGS.verbose))
   if FLAGS.report:
-    with open(FLAGS.report, "w") as f:
-      json.dump(report.to_json(), f, indent=1)
-  sys.exit(0 if report.ok else 1)
+    artifact.write_json(FLAGS.report, report.to_json())
+  sys.exit(0 if report.ok else cli.EXIT_FAILURE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -99,11 +99,11 @@ class PrunedModel:
   dense_sha256: str
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: pathlib.Path, root: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError as e:
-    raise RunDirError(f"{path}: missing; is {path.parent} a finished run "
+    raise RunDirError(f"{path}: missing; is {root} a finished run "
                       "directory of experiments.run?") from e
   except ValueError as e:
     raise RunDirError(f"{path}: not valid JSON ({e})") from e
@@ -121,21 +121,30 @@ def pattern_from_dict(d: Mapping[str, Any]) -> Any:
 
 
 def read_run(run_dir: str | pathlib.Path) -> RunInfo:
-  """Reads a run directory; raises RunDirError naming a missing file."""
+  """Reads a run directory and checks that its Pareto-set files are
+  complete; raises RunDirError naming a missing or unreadable file
+  (`artifact.ArtifactError` for a damaged layer file)."""
   root = pathlib.Path(run_dir)
   if not root.is_dir():
     raise RunDirError(f"{root}: no such run directory")
-  meta = _read_json(root / "pareto" / artifact.META)
-  config = _read_json(root / "config.json")
-  results = (_read_json(root / "results.json")
+  meta_path = root / "pareto" / artifact.META
+  meta = _read_json(meta_path, root)
+  config = _read_json(root / "config.json", root)
+  results = (_read_json(root / "results.json", root)
              if (root / "results.json").exists() else None)
-  return RunInfo(
-      run_dir=root, model=meta["model"], tasks=tuple(meta["tasks"]),
-      pattern=pattern_from_dict(meta["pattern"]),
-      solver=SolverConfig(**meta["solver"]),
-      prefs=np.asarray(meta["prefs"], np.float32),
-      num_layers=int(meta["num_layers"]), groups=meta["groups"],
-      config=config, meta=meta, results=results)
+  try:
+    run = RunInfo(
+        run_dir=root, model=meta["model"], tasks=tuple(meta["tasks"]),
+        pattern=pattern_from_dict(meta["pattern"]),
+        solver=SolverConfig(**meta["solver"]),
+        prefs=np.asarray(meta["prefs"], np.float32),
+        num_layers=int(meta["num_layers"]), groups=meta["groups"],
+        config=config, meta=meta, results=results)
+  except (KeyError, TypeError, ValueError) as e:
+    raise RunDirError(f"{meta_path}: not the meta.json of a run "
+                      f"({type(e).__name__}: {e})") from e
+  artifact.check_layers(root / "pareto", run.num_layers)
+  return run
 
 
 def parse_preference(text: str, tasks: Sequence[str], *,
@@ -191,23 +200,32 @@ def segments_sha256(segments: np.ndarray) -> str:
 TINY_LLAMA = "tiny-llama"
 
 
-def load_dense(spec: str) -> tuple[Any, dict, Any]:
-  """(adapter, float32 numpy params, tokenizer) of a run's model spec.
+def load_tokenizer(spec: str) -> Any:
+  """The tokenizer of a run's model spec, read without converting the
+  model ('tiny-llama' uses SmolLM2's; `bridge.hf_import.load_tokenizer`).
+  """
+  from bridge import hf_import
+  return hf_import.load_tokenizer(
+      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec)
 
-  The same as `experiments.run.load_model` (importing the runner would
-  define its flags): 'tiny-llama' is the seeded random 2-layer Llama with
-  SmolLM2's tokenizer; anything else goes to `bridge.hf_import`.
-  `materialize` checks the result against the run's fingerprint.
+
+def load_dense(spec: str, tokenizer: Any = None) -> tuple[Any, dict, Any]:
+  """(adapter, float32 numpy params, tokenizer) of a run's model spec; the
+  one loader of `experiments.run` and of the bridge.
+
+  'tiny-llama' is the seeded random 2-layer Llama with SmolLM2's
+  tokenizer; anything else goes to `bridge.hf_import`. `tokenizer`
+  defaults to `load_tokenizer(spec)`. `materialize` checks the result
+  against the run's fingerprint.
   """
   from bridge import hf_import
   from mosp_jax import models
+  if tokenizer is None:
+    tokenizer = load_tokenizer(spec)
   if spec == TINY_LLAMA:
-    tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
     model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
   else:
-    model, params, tokenizer = hf_import.load_model(spec)
-    if tokenizer is None:
-      raise RunDirError(f"model {spec!r}: no tokenizer found with it")
+    model, params, _ = hf_import.load_model(spec)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   return models.adapter_for(model), params, tokenizer
 

@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge import exporter, pruned, rename, sources
+from bridge import exporter, hf_import, pruned, rename, sources
+from mosp_jax import cli
+from mosp_jax.pipeline import pareto
 
 DEFAULT_RTOL = 1e-3
 
@@ -193,6 +195,47 @@ def _provenance(folder: pathlib.Path) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
+def check_checkpoint_files(folder: pathlib.Path) -> None:
+  """Checks that an export folder holds what `bridge.export` writes
+  (config.json with a model_type, safetensors weights, tokenizer files)
+  before anything is loaded; raises ValueError naming what is missing."""
+  what = ("an export holds config.json, model.safetensors and the "
+          "tokenizer files (python -m bridge.export writes them)")
+  cfg = folder / "config.json"
+  if not cfg.is_file():
+    raise ValueError(f"{folder}: config.json is missing; {what}")
+  try:
+    model_type = json.loads(cfg.read_text()).get("model_type")
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f"{cfg}: not a readable JSON object ({e})") from e
+  if not model_type:
+    raise ValueError(f"{cfg}: no 'model_type'; {what}")
+  if not any(folder.glob("*.safetensors")):
+    raise ValueError(f"{folder}: no *.safetensors weights; {what}")
+  if not any((folder / n).is_file() for n in hf_import.TOKENIZER_FILES):
+    raise ValueError(f"{folder}: no tokenizer files (any of "
+                     f"{', '.join(hf_import.TOKENIZER_FILES)}); {what}")
+
+
+def check_provenance(prov: dict, run: pruned.RunInfo,
+                     folder: pathlib.Path) -> None:
+  """Refuses a run that cannot be the one the export came from (its
+  mosp_export.json names other tasks, model or sparsity pattern)."""
+  if not prov:
+    return
+  theirs = {"tasks": list(prov.get("tasks", [])), "model": prov.get("model"),
+            "pattern": prov.get("pattern")}
+  ours = {"tasks": list(run.tasks), "model": run.model,
+          "pattern": run.meta["pattern"]}
+  differ = [k for k in theirs if theirs[k] != ours[k]]
+  if differ:
+    raise ValueError(
+        f"--run_dir {run.run_dir}: not the run {folder} was exported from "
+        f"(its {exporter.EXPORT_META} names run {prov.get('run_dir')}); "
+        + "; ".join(f"{k}: export {theirs[k]}, run {ours[k]}"
+                    for k in differ))
+
+
 def check_parity(
     checkpoint: str | pathlib.Path,
     run_dir: str | pathlib.Path | None = None,
@@ -233,18 +276,22 @@ def check_parity(
   if source.kind != "torch":
     raise sources.ModelLoadError(
         f"{folder}: not a PyTorch safetensors checkpoint ({source.kind})")
+  check_checkpoint_files(folder)
   prov = _provenance(folder)
   run_dir = run_dir or prov.get("run_dir")
   if run_dir is None:
-    raise ValueError(f"--run_dir: required ({folder} has no "
-                     f"{exporter.EXPORT_META})")
+    raise cli.UsageError(f"--run_dir: required ({folder} has no "
+                         f"{exporter.EXPORT_META})")
   run = pruned.read_run(run_dir)
+  check_provenance(prov, run, folder)
   if preference is None:
     if "preference" not in prov:
-      raise ValueError("--preference: required (the checkpoint has no "
-                       f"{exporter.EXPORT_META})")
-    preference = ",".join(repr(float(x)) for x in prov["preference"])
-  pref = pruned.parse_preference(preference, run.tasks)
+      raise cli.UsageError("--preference: required (the checkpoint has no "
+                           f"{exporter.EXPORT_META})")
+    pref = np.asarray(prov["preference"], np.float32)
+  else:
+    with cli.usage_errors("--preference"):
+      pref = pruned.parse_preference(preference, run.tasks)
   batch_size = batch_size or int(run.config.get("batch_size", 8))
   problems: list[str] = []
 
@@ -329,7 +376,8 @@ def check_parity(
   # Perplexities.
   import torch
   tmodel, info = AutoModelForCausalLM.from_pretrained(
-      str(folder), torch_dtype=torch.float32, use_safetensors=True,
+      str(folder), **hf_import.torch_dtype_kwargs(torch.float32),
+      use_safetensors=True,
       output_loading_info=True)
   tmodel.eval()
   for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -369,7 +417,8 @@ def check_parity(
 def format_report(report: ParityReport, *, verbose: bool = False) -> str:
   """The report as text: a perplexity table, sparsity, then problems."""
   lines = [f"parity of {report.checkpoint} ({report.dtype}) with "
-           f"{report.run_dir}, preference {report.preference}", "",
+           f"{report.run_dir}, preference "
+           f"{pareto.format_pref(report.preference)}", "",
            f"{'task':<12} {'PPL torch':>12} {'PPL jax':>12} "
            f"{'rel diff':>9} {'PPL run':>12} {'jax/run':>9}"]
   for r in report.ppl:

@@ -25,17 +25,16 @@ give the same masks and objectives on the mesh as on one device.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from mosp_jax import cli
 from mosp_jax.config import SolverConfig
+from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import (
   Unstructured,
   alps_prune,
@@ -301,27 +300,45 @@ def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _write_json(path: str, obj: dict) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+def _check_flags() -> tuple[tuple[int, int], Unstructured]:
+  """Validates every flag before any timing; returns the mesh layer's
+  `(n_in, n_out)` and the pattern. Raises `cli.UsageError`."""
+  if not _OUT.value:
+    raise cli.UsageError("--out is required (a path for the JSON results)")
+  cli.check_out_file(_OUT.value, flag="--out")
+  with cli.usage_errors("--sparsity"):
+    pattern = Unstructured(_SPARSITY.value)
+  for flag in (_ITERS, _REPEATS, _TASKS, _PREFS, _MESH_PREFS):
+    if flag.value < 1:
+      raise cli.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  with cli.usage_errors("--mesh"):
+    mesh_shape = sharding.parse_mesh_spec(_MESH.value)
+  try:
+    n_in, n_out = (int(x) for x in _MESH_LAYER.value.lower().split("x"))
+    if min(n_in, n_out) < 1:
+      raise ValueError
+  except ValueError as e:
+    raise cli.UsageError(f"--mesh_layer: expected 'N_INxN_OUT' with "
+                         f"positive integers, got {_MESH_LAYER.value!r}"
+                         ) from e
+  if mesh_shape:
+    devices = int(np.prod(mesh_shape))
+    if devices > jax.device_count():
+      raise cli.UsageError(
+          f"--mesh={_MESH.value} needs {devices} devices, found "
+          f"{jax.device_count()}; on CPU set XLA_FLAGS=--xla_force_host_"
+          f"platform_device_count={devices}")
+    if n_out % devices:
+      raise cli.UsageError(f"--mesh_layer {_MESH_LAYER.value}: {n_out} "
+                           f"output columns do not split over {devices} "
+                           "devices")
+  return (n_in, n_out), pattern
 
 
 def main(argv):
-  del argv
-  if _OUT.value is None:
-    raise app.UsageError("--out is required (a path for the JSON results)")
-  mesh_shape = sharding.parse_mesh_spec(_MESH.value)
-  if mesh_shape and np.prod(mesh_shape) > jax.device_count():
-    raise app.UsageError(
-        f"--mesh={_MESH.value} needs {np.prod(mesh_shape)} devices, found "
-        f"{jax.device_count()}; on CPU set XLA_FLAGS=--xla_force_host_"
-        f"platform_device_count={np.prod(mesh_shape)}")
+  del argv  # cli.run refuses positional arguments.
+  (mesh_in, mesh_out), pattern = _check_flags()
   rng = np.random.default_rng(0)
-  pattern = Unstructured(_SPARSITY.value)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"
   shapes = SHAPES + (LARGE_SHAPES if _LARGE.value else [])
@@ -337,13 +354,12 @@ def main(argv):
   result = {"device": device, "sparsity": _SPARSITY.value, "shapes": rows,
             "mosp_vs_alps": cmp}
   if _MESH.value:
-    n_in, n_out = (int(x) for x in _MESH_LAYER.value.lower().split("x"))
-    print(f"timing MOSP on mesh {_MESH.value!r}, {n_in}x{n_out}, "
+    print(f"timing MOSP on mesh {_MESH.value!r}, {mesh_in}x{mesh_out}, "
           f"m={_TASKS.value} ...", flush=True)
     result["mesh"], result["mesh_setup"] = bench_mesh(
-        _MESH.value, n_in, n_out, _TASKS.value, _MESH_PREFS.value, rng,
+        _MESH.value, mesh_in, mesh_out, _TASKS.value, _MESH_PREFS.value, rng,
         _ITERS.value, _REPEATS.value, pattern)
-  _write_json(_OUT.value, result)
+  artifact.write_json(_OUT.value, result)
   print(f"\ndevice: {device}   sparsity {_SPARSITY.value}")
   print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
         f" {'ratio':>6}")
@@ -371,4 +387,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

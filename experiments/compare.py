@@ -40,18 +40,19 @@ it. Every run flag of `experiments.run` applies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import layer_compare
 from experiments import run as run_lib
 from experiments.layer_compare import Entry
+from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
@@ -85,12 +86,27 @@ flags.DEFINE_bool("gram_cache", True, "Cache the Grams --layer_level "
 FLAGS = flags.FLAGS
 
 
+# What a comparison writes into --out_dir; --overwrite deletes these.
+COMPARE_OUTPUTS = ("compare.json", "compare.md", "compare.png", "flags.txt")
+
+
+def check_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
+  """Checks --out_dir without writing: a folder (or creatable), empty
+  unless `overwrite`; raises `cli.UsageError`."""
+  out = cli.check_out_dir(run.out_dir, flag="--out_dir")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise cli.UsageError(f"--out_dir {out} exists and is not empty; pass "
+                         "--overwrite or choose a new directory")
+  return out
+
+
 def prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
-  """Creates --out_dir; refuses a non-empty one unless `overwrite`."""
-  out = pathlib.Path(run.out_dir)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise ValueError(f"--out_dir {out} exists and is not empty; pass "
-                     "--overwrite or choose a new directory")
+  """`check_out_dir`, then deletes a previous comparison's outputs (when
+  `overwrite`) and creates --out_dir."""
+  out = check_out_dir(run, overwrite)
+  if overwrite:
+    for name in COMPARE_OUTPUTS:
+      (out / name).unlink(missing_ok=True)
   out.mkdir(parents=True, exist_ok=True)
   return out
 
@@ -185,7 +201,7 @@ def summarize(points: dict[str, np.ndarray]) -> dict:
 
 
 def _pref(p: np.ndarray) -> str:
-  return ", ".join(f"{x:.2f}" for x in p)
+  return pareto.format_pref(p)  # 0.333, 0.5, 0
 
 
 def _value_table(tasks: list[str], prefs: np.ndarray,
@@ -267,9 +283,8 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
                   log=print) -> dict:
   """Runs every entry through the whole-model walk; returns the results
   written to compare.json (and writes compare.md, compare.png)."""
-  out = prepare_out_dir(run, overwrite=True)
   adapter, params, calib, test, (t_model, t_data) = \
-      layer_compare.load_inputs(run)
+      layer_compare.load_inputs(run, log=log)
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
   log(f"compare {run.model}, {run.pattern}: {len(tasks)} tasks, "
@@ -321,6 +336,7 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
                       "seed": run.seed},
       "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
                  if e.method == "mosp"}}
+  out = prepare_out_dir(run, overwrite=True)
   artifact.write_json(out / "compare.json", results)
   lines = [f"# MOSP vs baselines: {run.model}, {run.pattern}", "",
            f"Tasks {', '.join(tasks)}; calibration {run.nsamples} x "
@@ -387,9 +403,8 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
   compare.json (and writes compare.md, compare.png). A point is an
   entry's model's relative error per task averaged over the layer's
   linears."""
-  out = prepare_out_dir(run, overwrite=True)
-  prob = layer_compare.capture_layer(run, layer, use_cache=use_cache,
-                                     log=log)
+  prob = layer_compare.capture_layer(run, layer, linears=linears,
+                                     use_cache=use_cache, log=log)
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
   res = layer_compare.solve_layer(prob, prefs, entries, pattern=run.pattern,
@@ -419,6 +434,7 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
                       "test_tokens": run.test_tokens, "seed": run.seed},
       "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
                  if e.method == "mosp"}}
+  out = prepare_out_dir(run, overwrite=True)
   artifact.write_json(out / "compare.json", results)
   shapes = ", ".join(f"{n} {prob.kernels[n].shape[0]}x"
                      f"{prob.kernels[n].shape[1]}" for n in names)
@@ -453,22 +469,27 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    run, solver = run_lib.configs_from_flags()
+  del argv  # cli.run refuses positional arguments.
+  run, solver = run_lib.configs_from_flags()
+  with cli.usage_errors():
     entries = entries_from_flags(solver)
-    out = prepare_out_dir(run, FLAGS.overwrite)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
+  out = check_out_dir(run, FLAGS.overwrite)
+  run_lib.check_inputs(run)
+  if FLAGS.layer_level:
+    _, n_layers = run_lib.model_shape(run.model)
+    if n_layers is not None and not -1 <= FLAGS.layer < n_layers:
+      raise cli.UsageError(f"--layer {FLAGS.layer}: {run.model} has "
+                           f"{n_layers} layers (0..{n_layers - 1}; -1: the "
+                           "middle one)")
+  log = functools.partial(print, flush=True)
   t0 = time.perf_counter()
   if FLAGS.layer_level:
     res = compare_layer(run, entries, layer=FLAGS.layer,
-                        linears=FLAGS.linears, use_cache=FLAGS.gram_cache)
+                        linears=FLAGS.linears, use_cache=FLAGS.gram_cache,
+                        log=log)
   else:
-    res = compare_model(run, entries)
+    res = compare_model(run, entries, log=log)
+  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   keys = ["hypervolume", "paper_hypervolume", "mosp_dominates", "time_s"]
   print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
   print(f"wrote {out}/compare.json, compare.md, compare.png "
@@ -476,4 +497,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

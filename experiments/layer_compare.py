@@ -23,8 +23,7 @@ import jax
 import numpy as np
 
 from experiments import run as run_lib
-from mosp_jax import baselines, fetch
-from mosp_jax import data as data_lib
+from mosp_jax import baselines, cli, fetch
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.pipeline.grams import layer_grams
@@ -68,31 +67,25 @@ class LayerProblem(NamedTuple):
     return next(g[0] for g in self.groups if name in g)
 
 
-def load_inputs(run: RunConfig):
-  """The model and data of a run, loaded once for every method.
+def load_inputs(run: RunConfig, *, log: Callable[[str], None] = print):
+  """The model and data of a run, loaded once for every method (the
+  tokenizer and data first, as `experiments.run` does, so that a task
+  that is too small fails before the model loads).
 
   Returns `(adapter, params (on the device), calib, test, (model seconds,
   data seconds))`: `calib`/`test` per task `(N, T)` int32, every task cut
-  to the same number of test segments (as `experiments.run` does).
+  to the same number of test segments.
   """
   t0 = time.perf_counter()
-  adapter, params, tokenizer = run_lib.load_model(run.model)
+  log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
+  tokenizer = run_lib.load_tokenizer(run.model)
+  calib, test = run_lib.load_data(run, tokenizer)
+  t_data = time.perf_counter() - t0
+  log(f"loading the model {run.model} ...")
+  adapter, params, _ = run_lib.load_model(run.model, tokenizer)
   params = jax.device_put(params)
-  t_model = time.perf_counter() - t0
-  calib, test = [], []
-  for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
-                            seqlen=run.seqlen, test_tokens=run.test_tokens,
-                            seed=run.seed)
-    if td.test.shape[0] == 0:
-      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
-                       "tokens")
-    calib.append(td.calib)
-    test.append(td.test)
-  n_test = min(t.shape[0] for t in test)
-  test = [t[:n_test] for t in test]
-  return adapter, params, calib, test, (t_model,
-                                        time.perf_counter() - t0 - t_model)
+  return adapter, params, calib, test, (time.perf_counter() - t0 - t_data,
+                                        t_data)
 
 
 def _cache_path(run: RunConfig, layer: int) -> pathlib.Path:
@@ -124,20 +117,33 @@ def _load(path: pathlib.Path) -> LayerProblem:
                       part["calib"], part["test"], part["kernel"])
 
 
+def check_linears(names: Sequence[str], known: Sequence[str]) -> None:
+  """Raises `cli.UsageError` for a --linears entry the layer lacks."""
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise cli.UsageError(f"--linears: unknown {unknown}; the layer has "
+                         f"{list(known)}")
+
+
 def capture_layer(run: RunConfig, layer: int = -1, *,
-                  use_cache: bool = True,
+                  linears: Sequence[str] = (), use_cache: bool = True,
                   log: Callable[[str], None] = print) -> LayerProblem:
-  """Grams of layer `layer` (-1: the middle one) on dense activations."""
+  """Grams of layer `layer` (-1: the middle one) on dense activations;
+  `linears` (the ones to solve) are checked as soon as the model is
+  known."""
   path = _cache_path(run, layer)
   if use_cache and path.exists():
     log(f"layer Grams from the cache: {path}")
     return _load(path)
   t0 = time.perf_counter()
-  adapter, params, calib, test, _ = load_inputs(run)
+  adapter, params, calib, test, _ = load_inputs(run, log=log)
+  check_linears(linears, adapter.linear_names())
   n_layers = adapter.num_layers(params)
   target = n_layers // 2 if layer < 0 else layer
   if not 0 <= target < n_layers:
-    raise ValueError(f"--layer {layer}: the model has {n_layers} layers")
+    raise cli.UsageError(f"--layer {layer}: the model has {n_layers} "
+                         "layers")
+  log(f"capturing the Grams of layer {target}/{n_layers} ...")
   bs = run.batch_size
   with jax.transfer_guard("disallow"):
     streams = {side: [[_embed(adapter, params, b) for b in
@@ -246,10 +252,7 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
   compilation (in a whole-model walk it is amortised over the layers).
   """
   names = list(linears) or [n for g in prob.groups for n in g]
-  unknown = [n for n in names if n not in prob.kernels]
-  if unknown:
-    raise ValueError(f"--linears: unknown {unknown}; the layer has "
-                     f"{list(prob.kernels)}")
+  check_linears(names, list(prob.kernels))
   prefs = np.asarray(prefs, np.float32)
   errors: dict[str, dict[str, np.ndarray]] = {}
   heldout: dict[str, dict[str, np.ndarray]] = {}

@@ -14,6 +14,7 @@ by `python -m bridge.export`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -23,13 +24,14 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from bridge import pruned as bridge_pruned
+from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import PREF_MAPS, RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
-from mosp_jax.pipeline.grams import NonFiniteError
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import NM, Unstructured
 from mosp_jax.solvers import sharding as sharding_lib
@@ -124,16 +126,12 @@ def _pattern(f) -> object:
     try:
       n, m = (int(x) for x in f.nm.split(":"))
     except ValueError as e:
-      raise ValueError(f"--nm: expected 'N:M' with integers, got "
-                       f"{f.nm!r}") from e
-    try:
+      raise cli.UsageError(f"--nm: expected 'N:M' with integers, got "
+                           f"{f.nm!r}") from e
+    with cli.usage_errors("--nm"):
       return NM(n, m)
-    except ValueError as e:
-      raise ValueError(f"--nm: {e}") from e
-  try:
+  with cli.usage_errors("--sparsity"):
     return Unstructured(f.sparsity)
-  except ValueError as e:
-    raise ValueError(f"--sparsity: {e}") from e
 
 
 def _prefs(f, m: int) -> np.ndarray:
@@ -143,44 +141,64 @@ def _prefs(f, m: int) -> np.ndarray:
               for row in f.prefs.split(";") if row.strip()]
       prefs = np.asarray(rows, np.float32)
     except ValueError as e:
-      raise ValueError(f"--prefs: expected ';'-separated rows of ','-"
-                       f"separated numbers, got {f.prefs!r}") from e
-    pareto.check_prefs(prefs, m, flag="--prefs")
+      raise cli.UsageError(f"--prefs: expected ';'-separated rows of ','-"
+                           f"separated numbers, got {f.prefs!r}") from e
+    with cli.usage_errors("--prefs"):
+      pareto.check_prefs(prefs, m, flag="--prefs")
   else:
     if f.pref_grid < 1:
-      raise ValueError(f"--pref_grid must be >= 1, got {f.pref_grid}")
+      raise cli.UsageError(f"--pref_grid must be >= 1, got {f.pref_grid}")
     prefs = pareto.simplex_grid(m, f.pref_grid)
     if f.pref_centroid:
       prefs = pareto.with_centroid(prefs)
   return pareto.ensure_vertices(prefs)
 
 
+def check_task_flag(task: str) -> None:
+  """A `--tasks` entry is a known source or an existing .txt/.jsonl file;
+  raises UsageError otherwise (its contents are checked by
+  `check_inputs`)."""
+  if task in data_lib.SOURCES:
+    return
+  if not task.endswith((".txt", ".jsonl")):
+    raise cli.UsageError(f"--tasks: unknown task {task!r}; known: "
+                         f"{', '.join(data_lib.SOURCES)}, or a .txt/.jsonl "
+                         "file")
+  if not os.path.exists(task):
+    raise cli.UsageError(f"--tasks: no file {task!r}")
+  if not os.path.isfile(task):
+    raise cli.UsageError(f"--tasks: {task!r} is a folder, not a .txt/.jsonl "
+                         "file")
+
+
 def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
-  """The one place flags become configs; errors name the flag."""
+  """The one place flags become configs; a bad value raises
+  `cli.UsageError` naming the flag."""
+  cli.check_finite_flags(f)
   if not f.out_dir:
-    raise ValueError("--out_dir is required (the run directory)")
+    raise cli.UsageError("--out_dir is required (the run directory)")
   try:
     solver = SolverConfig(**{name: getattr(f, name) for name in
                              SOLVER_FLAGS})
   except ValueError as e:
-    raise ValueError(f"--{e}") from e
+    raise cli.UsageError(f"--{e}") from e
   tasks = tuple(t.strip() for t in f.tasks if t.strip())
+  if not tasks:
+    raise cli.UsageError("--tasks: give at least one task")
   for t in tasks:
-    if t in data_lib.SOURCES:
-      continue
-    if not t.endswith((".txt", ".jsonl")):
-      raise ValueError(f"--tasks: unknown task {t!r}; known: "
-                       f"{', '.join(data_lib.SOURCES)}, or a .txt/.jsonl "
-                       "file")
-    if not os.path.isfile(t):
-      raise ValueError(f"--tasks: no file {t!r}")
+    check_task_flag(t)
   prefs = _prefs(f, len(tasks))
-  run = RunConfig(
-      model=f.model, tasks=tasks, pattern=_pattern(f),
-      nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
-      prefs=tuple(tuple(float(x) for x in r) for r in prefs),
-      batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir,
-      streams=f.streams)
+  try:
+    run = RunConfig(
+        model=f.model, tasks=tasks, pattern=_pattern(f),
+        nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
+        prefs=tuple(tuple(float(x) for x in r) for r in prefs),
+        batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir,
+        streams=f.streams)
+  except cli.UsageError:
+    raise
+  except ValueError as e:
+    raise cli.UsageError(f"--{e}") from e
   return run, solver
 
 
@@ -188,19 +206,21 @@ def mesh_from_flags(f=FLAGS):
   """Starts multi-host JAX if asked, then builds the `--mesh` (None for
   one device). Must run before anything else uses JAX; errors name the
   flag."""
-  sharding_lib.initialize_distributed(f.coordinator_address,
-                                      f.num_processes, f.process_id)
-  try:
+  with cli.usage_errors():
+    sharding_lib.initialize_distributed(f.coordinator_address,
+                                        f.num_processes, f.process_id)
+  with cli.usage_errors("--mesh"):
     return sharding_lib.make_mesh(f.mesh)
-  except ValueError as e:
-    raise ValueError(f"--mesh: {e}") from e
 
 
 CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoint"
-# What a run writes into --out_dir; --overwrite deletes only these.
-RUN_OUTPUTS = (CONFIG_FILE, "flags.txt", "results.json", "report.md",
+# What a run writes into --out_dir; --overwrite deletes only these (and
+# the export_<preference>/ folders of --export_pref).
+RUN_OUTPUTS = (CONFIG_FILE, "flags.txt", RESULTS_FILE, "report.md",
                "pareto.png", "pareto", CHECKPOINT_DIR)
+EXPORT_PREFIX = "export_"
 
 
 def config_record(run: RunConfig, solver: SolverConfig) -> dict:
@@ -213,75 +233,141 @@ def config_record(run: RunConfig, solver: SolverConfig) -> dict:
   return json.loads(json.dumps(rec))
 
 
-def prepare_run_dir(run: RunConfig, solver: SolverConfig, *,
-                    overwrite: bool) -> tuple[pathlib.Path, bool]:
-  """Creates or checks --out_dir; returns `(path, resuming)`.
+def check_run_dir(run: RunConfig, solver: SolverConfig, *,
+                  overwrite: bool) -> tuple[pathlib.Path, bool]:
+  """Checks --out_dir without writing anything; returns `(path,
+  resuming)`.
 
   A directory holding a run of the same configuration is resumed; one
-  holding anything else is refused unless `overwrite`, which deletes the
-  previous run's outputs (and nothing else).
+  holding anything else is refused (`cli.UsageError`) unless `overwrite`.
   """
-  out = pathlib.Path(run.out_dir)
+  out = cli.check_out_dir(run.out_dir, flag="--out_dir")
+  if not (out.is_dir() and any(out.iterdir())) or overwrite:
+    return out, False
+  cfg = out / CONFIG_FILE
+  try:
+    prev = json.loads(cfg.read_text()) if cfg.is_file() else None
+  except (OSError, ValueError):
+    prev = None
   record = config_record(run, solver)
-  resuming = False
-  if out.exists() and any(out.iterdir()):
-    cfg = out / CONFIG_FILE
-    prev = json.loads(cfg.read_text()) if cfg.exists() else None
-    if overwrite:
-      for name in RUN_OUTPUTS:
-        p = out / name
-        if p.is_dir():
-          shutil.rmtree(p)
-        elif p.exists():
-          p.unlink()
-    elif prev == record:
-      resuming = True
-    elif prev is None:
-      raise ValueError(f"--out_dir {out} is not empty and holds no run; "
-                       "choose a new directory or pass --overwrite")
-    else:
-      diff = sorted(k for k in set(prev) | set(record)
-                    if prev.get(k) != record.get(k))
-      raise ValueError(f"--out_dir {out} holds a run with another "
+  if prev == record:
+    return out, True
+  if not isinstance(prev, dict):
+    raise cli.UsageError(f"--out_dir {out} is not empty and holds no run; "
+                         "choose a new directory or pass --overwrite")
+  diff = sorted(k for k in set(prev) | set(record)
+                if prev.get(k) != record.get(k))
+  raise cli.UsageError(f"--out_dir {out} holds a run with another "
                        f"configuration (differs in: {', '.join(diff)}); "
                        "pass --overwrite or choose a new directory")
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"--out_dir {out}: cannot create it ({e})") from e
-  if not os.access(out, os.W_OK):
-    raise ValueError(f"--out_dir {out} is not writable")
+
+
+def run_outputs(out: pathlib.Path) -> list[pathlib.Path]:
+  """Every output of a run in `out` (what --overwrite deletes)."""
+  found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+  return found + sorted(p for p in out.glob(f"{EXPORT_PREFIX}*")
+                        if p.is_dir())
+
+
+def start_run_dir(run: RunConfig, solver: SolverConfig, *, overwrite: bool,
+                  resuming: bool) -> pathlib.Path:
+  """Makes --out_dir the run's: deletes the previous run's outputs when
+  `overwrite`, creates it and writes its `config.json` (kept when
+  resuming). Call it once the inputs are validated, so that a run refused
+  by validation leaves nothing behind."""
+  out = pathlib.Path(run.out_dir)
+  if overwrite:
+    for p in run_outputs(out):
+      if p.is_dir():
+        shutil.rmtree(p)
+      else:
+        p.unlink()
+  out.mkdir(parents=True, exist_ok=True)
   if not resuming:
-    artifact.write_json(out / CONFIG_FILE, record)
+    artifact.write_json(out / CONFIG_FILE, config_record(run, solver))
+  return out
+
+
+def prepare_run_dir(run: RunConfig, solver: SolverConfig, *,
+                    overwrite: bool) -> tuple[pathlib.Path, bool]:
+  """`check_run_dir`, then `start_run_dir`; returns `(path, resuming)`."""
+  out, resuming = check_run_dir(run, solver, overwrite=overwrite)
+  start_run_dir(run, solver, overwrite=overwrite, resuming=resuming)
   return out, resuming
 
 
-def check_model_fits(run: RunConfig) -> None:
-  """Fails fast when --seqlen exceeds the model's context."""
-  if run.model == "tiny-llama":
-    context = 2048
-  else:
-    from bridge import hf_import
-    config = hf_import.load_config(run.model)
-    context = (getattr(config, "max_position_embeddings", None)
-               or getattr(config, "n_positions", None))
-  if context is not None and run.seqlen > context:
-    raise ValueError(f"--seqlen {run.seqlen} exceeds the context of "
-                     f"{run.model} ({context} tokens)")
+_NOTHING_REDONE = ("{out} already holds this run's results; nothing was "
+                   "redone (--overwrite redoes the run)")
 
 
-def load_model(spec: str):
-  """(adapter, params, tokenizer) for a model spec."""
+def is_finished(out: pathlib.Path, resuming: bool) -> bool:
+  """Whether --out_dir already holds the complete results of this
+  configuration (nothing to redo)."""
+  return (resuming and (out / RESULTS_FILE).exists()
+          and not (out / CHECKPOINT_DIR).exists())
+
+
+TINY_LLAMA = bridge_pruned.TINY_LLAMA
+TINY_LLAMA_CONTEXT = 2048
+TINY_LLAMA_LAYERS = 2
+
+
+def model_shape(spec: str) -> tuple[int | None, int | None]:
+  """`(context tokens, decoder layers)` of a model spec, read from its
+  config alone (None where the config does not say); `cli.UsageError`
+  when --model names no file."""
+  if spec == TINY_LLAMA:
+    return TINY_LLAMA_CONTEXT, TINY_LLAMA_LAYERS
   from bridge import hf_import
-  from mosp_jax import models
-  if spec == "tiny-llama":
-    tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
-    model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
-  else:
-    model, params, tokenizer = hf_import.load_model(spec)
-    if tokenizer is None:
-      raise ValueError(f"--model {spec}: no tokenizer found with the model")
-  return models.adapter_for(model), params, tokenizer
+  try:
+    config = hf_import.load_config(spec)
+  except FileNotFoundError as e:
+    raise cli.UsageError(f"--model: {e}") from e
+  context = (getattr(config, "max_position_embeddings", None)
+             or getattr(config, "n_positions", None))
+  layers = (getattr(config, "num_hidden_layers", None)
+            or getattr(config, "n_layer", None))
+  return context, layers
+
+
+def check_model_fits(run: RunConfig) -> None:
+  """Fails fast (`cli.UsageError`) when --model names no file or --seqlen
+  exceeds the model's context; reads the model config only."""
+  context, _ = model_shape(run.model)
+  if context is not None and run.seqlen > context:
+    raise cli.UsageError(f"--seqlen {run.seqlen} exceeds the context of "
+                         f"{run.model} ({context} tokens)")
+
+
+def check_inputs(run: RunConfig) -> None:
+  """Validates what can be validated before any tokenizer or model is
+  loaded: the model's context against --seqlen (`cli.UsageError`) and
+  every local task file (readable, UTF-8, enough documents; ValueError
+  naming the file)."""
+  for task in run.tasks:
+    if task not in data_lib.SOURCES:
+      data_lib.check_task(task)
+  check_model_fits(run)
+
+
+load_tokenizer = bridge_pruned.load_tokenizer
+load_model = bridge_pruned.load_dense
+
+
+def load_data(run: RunConfig, tokenizer
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Per task, `(nsamples, seqlen)` calibration and `(n_test, seqlen)`
+  test segments, int32, every task cut to the same number of test
+  segments; a ValueError names the task that is too small."""
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  return calib, [t[:n_test] for t in test]
 
 
 def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
@@ -302,7 +388,7 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
   for p, (pref, row) in enumerate(zip(res.prefs, res.ppl, strict=True)):
     cells = [f"**{x:.2f}**" if best[t] == p else f"{x:.2f}"
              for t, x in enumerate(row)]
-    lines.append("| " + ", ".join(f"{x:.2f}" for x in pref) + " | "
+    lines.append("| " + pareto.format_pref(pref) + " | "
                  + " | ".join(cells) + f" | {sparsity[p]:.3f} |")
   lines.append("| global model W | " + " | ".join(
       f"{x:.2f}" for x in res.global_ppl) + f" | {run.pattern.sparsity:.3f}"
@@ -318,37 +404,50 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
                    on_layer_done=None,
                    mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs the whole job, resuming a killed run of the same configuration;
-  returns the results dict also written to disk."""
-  out, resuming = prepare_run_dir(run, solver, overwrite=overwrite)
-  ckpt_dir = out / CHECKPOINT_DIR
-  if resuming and (out / "results.json").exists() and not ckpt_dir.exists():
-    log(f"{out} already holds this run's results; --overwrite redoes it")
-    return json.loads((out / "results.json").read_text())
-  check_model_fits(run)
+  returns the results dict also written to disk.
+
+  Everything that can be checked (flags, --out_dir, task files, the
+  tokenised data) is checked before --out_dir is touched or the model is
+  loaded, and a model that fails to load takes its config.json back, so
+  a refused run leaves nothing that blocks the corrected one.
+
+  Raises:
+    cli.UsageError: --out_dir holds another run, --seqlen is too long.
+    ValueError, OSError, ...: a task file or the model cannot be used.
+  """
+  out, resuming = check_run_dir(run, solver, overwrite=overwrite)
+  if is_finished(out, resuming):
+    log(_NOTHING_REDONE.format(out=out))
+    return json.loads((out / RESULTS_FILE).read_text())
+  check_inputs(run)
   t0 = time.perf_counter()
-  adapter, params, tokenizer = load_model(run.model)
-  from bridge import pruned as bridge_pruned  # For bridge.export/parity.
+  log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
+  tokenizer = load_tokenizer(run.model)
+  calib, test = load_data(run, tokenizer)
+  n_test = test[0].shape[0]
+  t_data = time.perf_counter() - t0
+  existed = out.exists()
+  start_run_dir(run, solver, overwrite=overwrite, resuming=resuming)
+  log(f"loading the model {run.model} ...")
+  try:
+    adapter, params, tokenizer = load_model(run.model, tokenizer)
+  except BaseException:
+    if not resuming:  # A model that cannot be loaded claims no run dir.
+      (out / CONFIG_FILE).unlink(missing_ok=True)
+      if not existed and not any(out.iterdir()):
+        out.rmdir()
+    raise
   dense_sha256 = bridge_pruned.params_sha256(params)
   params = jax.device_put(params)
-  t_model = time.perf_counter() - t0
-  calib, test = [], []
-  for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
-                            seqlen=run.seqlen, test_tokens=run.test_tokens,
-                            seed=run.seed)
-    if td.test.shape[0] == 0:
-      raise ValueError(f"--tasks {task}: no test segment of {run.seqlen} "
-                       "tokens")
-    calib.append(td.calib)
-    test.append(td.test)
-  n_test = min(t.shape[0] for t in test)
-  test = [t[:n_test] for t in test]  # same token count for every task
-  t_data = time.perf_counter() - t0 - t_model
-  log(f"model {run.model}: {adapter.num_layers(params)} layers; data: "
+  t_model = time.perf_counter() - t0 - t_data
+  n_layers = adapter.num_layers(params)
+  log(f"model {run.model}: {n_layers} layers; data: "
       f"{len(run.tasks)} tasks x ({run.nsamples} calibration, {n_test} "
       f"test) x {run.seqlen} tokens; {len(run.prefs)} models")
+  log(f"pruning {n_layers} layers (layer 1 also compiles; the ETA counts "
+      "from layer 2 on) ...")
   prefs = np.asarray(run.prefs, np.float32)
-  checkpoint = LayerCheckpoint(ckpt_dir)
+  checkpoint = LayerCheckpoint(out / CHECKPOINT_DIR)
   with jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
         adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
@@ -382,7 +481,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
       "test": {"segments": n_test, "seqlen": run.seqlen, "sha256": {
           task: bridge_pruned.segments_sha256(t)
           for task, t in zip(run.tasks, test, strict=True)}}}
-  artifact.write_json(out / "results.json", results)
+  artifact.write_json(out / RESULTS_FILE, results)
   artifact.write_text(out / "report.md", _report(
       run, res, sparsity, seconds, {"test_segments": n_test}))
   pareto.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
@@ -392,59 +491,80 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   return results
 
 
+def summary_lines(res: dict) -> list[str]:
+  """The console summary of a run's results: PPL per model and timings."""
+  tasks = res["tasks"]
+  rows = [("dense", [res["dense_ppl"][t] for t in tasks])]
+  rows += [(pareto.format_pref(m["preference"]),
+            [m["ppl"][t] for t in tasks]) for m in res["models"]]
+  rows.append(("global model W", [res["global_model"]["ppl"][t]
+                                  for t in tasks]))
+  w = max(len("preference"), *(len(r[0]) for r in rows))
+  cols = [max(10, len(t)) for t in tasks]
+  lines = ["perplexity (lower is better):",
+           "  " + "preference".ljust(w) + "".join(
+               f"  {t:>{c}}" for t, c in zip(tasks, cols, strict=True))]
+  lines += ["  " + label.ljust(w) + "".join(
+      f"  {x:>{c}.2f}" for x, c in zip(vals, cols, strict=True))
+            for label, vals in rows]
+  lines.append("seconds: " + ", ".join(
+      f"{k} {v:.1f}" for k, v in res["timings"].items()))
+  return lines
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    mesh = mesh_from_flags()
-    run, solver = configs_from_flags()
-    if FLAGS.export_pref != "none":  # Fail before the run, not after.
-      from bridge import pruned as bridge_pruned
+  del argv  # cli.run refuses positional arguments.
+  log = functools.partial(print, flush=True)
+  mesh = mesh_from_flags()
+  run, solver = configs_from_flags()
+  if FLAGS.export_pref != "none":  # Fail before the run, not after.
+    with cli.usage_errors("--export_pref"):
       bridge_pruned.parse_preference(FLAGS.export_pref, run.tasks,
                                      flag="--export_pref")
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
+  logging.info("solver mesh: %s", mesh and dict(mesh.shape))
 
   def pause(layer: int) -> None:
     if layer == FLAGS.pause_after_layer:
       time.sleep(FLAGS.pause_seconds)
 
-  logging.info("solver mesh: %s", mesh and dict(mesh.shape))
-  try:
-    res = run_experiment(run, solver, overwrite=FLAGS.overwrite,
+  out, resuming = check_run_dir(run, solver, overwrite=FLAGS.overwrite)
+  if is_finished(out, resuming):
+    log(_NOTHING_REDONE.format(out=out))
+  else:
+    # Bad input and non-finite numbers end the run with one `error:` line
+    # (cli.run); what was already written (artifact layers, checkpoint)
+    # stays valid, and the same command resumes.
+    res = run_experiment(run, solver, overwrite=FLAGS.overwrite, log=log,
                          on_layer_done=pause, mesh=mesh)
-  except (ValueError, FileNotFoundError, NonFiniteError,
-          data_lib.SourceUnavailableError) as e:
-    # Bad input and non-finite numbers end the run with one clear line;
-    # what was already written (artifact layers, checkpoint) stays valid.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  out = pathlib.Path(run.out_dir)
-  artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
-  print(json.dumps({k: res[k] for k in ("dense_ppl", "timings")}, indent=1))
-  for mdl in res["models"]:
-    print(mdl["preference"], {k: round(v, 2) for k, v in mdl["ppl"].items()})
-  print(f"wrote {out}/results.json, report.md, pareto.png, pareto/")
+    artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
+    log("\n".join(summary_lines(res)))
+    log(f"wrote {out}/results.json, report.md, pareto.png, pareto/")
   if FLAGS.export_pref != "none":
     export_and_check(out, FLAGS.export_pref)
 
 
 def export_and_check(out: pathlib.Path, pref: str) -> None:
-  """--export_pref: export + parity into results.json; exits 1 on failure."""
+  """--export_pref: export + parity into results.json; exits 1 on failure.
+  Skipped when results.json already records a passing export of `pref`."""
   from bridge import verify
-  try:
-    res = json.loads((out / "results.json").read_text())
-    res["export"] = verify.export_and_check(out, pref, log=print)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: --export_pref {pref}: {e}", file=sys.stderr)
-    sys.exit(1)
-  artifact.write_json(out / "results.json", res)
+  res = json.loads((out / RESULTS_FILE).read_text())
+  tag = bridge_pruned.preference_tag(pref)
+  done = res.get("export") or {}
+  if (done.get("ok") and pathlib.Path(done.get("checkpoint", "")).name
+      == f"{EXPORT_PREFIX}{tag}" and (out / f"{EXPORT_PREFIX}{tag}").is_dir()):
+    print(f"{out / (EXPORT_PREFIX + tag)} already passed its parity check; "
+          "nothing was redone", flush=True)
+    return
+  print(f"exporting preference {pref} and checking its parity ...",
+        flush=True)
+  res["export"] = verify.export_and_check(
+      out, pref, log=functools.partial(print, flush=True))
+  artifact.write_json(out / RESULTS_FILE, res)
   if not res["export"]["ok"]:
-    sys.exit(1)
+    sys.exit(cli.EXIT_FAILURE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

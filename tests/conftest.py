@@ -61,3 +61,37 @@ def rel_err(G, W0, W) -> float:
 @pytest.fixture
 def rng(request):
   return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+# A finished run of the tiny smoke model (random 2-layer Llama, SmolLM2
+# tokenizer), small enough for tests: what `tiny_run` runs.
+TINY_RUN_FLAGS = ("--flagfile=experiments/configs/smoke.flags",
+                  "--nsamples=2", "--test_tokens=128", "--max_iter=30",
+                  "--stage2_max_iter=30")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """The run directory of `experiments.run` with TINY_RUN_FLAGS."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from experiments import run as run_lib
+
+  out = tmp_path_factory.mktemp("run")
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["run", *TINY_RUN_FLAGS, f"--out_dir={out}"])
+    run, solver = run_lib.configs_from_flags()
+  run_lib.run_experiment(run, solver, log=lambda s: None)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run):
+  """`(folder, ExportInfo)` of the centroid of `tiny_run`, exported."""
+  from bridge import exporter
+
+  out = tiny_run / "exported"
+  info = exporter.export_preference(tiny_run, "centroid", out)
+  return out, info

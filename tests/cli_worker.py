@@ -1,0 +1,69 @@
+"""Runs one command on many command lines in one process, as its
+`__main__` does (`mosp_jax.cli.run(main)`), for `tests/test_cli_errors.py`.
+
+  python -m tests.cli_worker MODULE CASES.json RESULTS.json
+
+CASES.json is a list of argv lists (without the program name). For each,
+RESULTS.json gets the exit status, what reached file descriptors 1 and 2
+(so library output written below Python is seen too) and, when an
+exception escaped, its traceback (also appended to stderr, as Python
+would print it). One process per command: the commands' absl flags
+clash, and importing JAX once keeps the tests fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+from absl import flags
+
+from mosp_jax import cli
+
+
+def run_case(main, module: str, argv: list[str]) -> dict:
+  flags.FLAGS.unparse_flags()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved = os.dup(1), os.dup(2)
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    status, tb = 0, ""
+    try:
+      cli.run(main, [module, *argv])
+    except SystemExit as e:
+      status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001  (what a user would see)
+      status, tb = None, traceback.format_exc()
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+      os.close(saved[0])
+      os.close(saved[1])
+    out.seek(0)
+    err.seek(0)
+    return {"argv": argv, "status": status,
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace") + tb,
+            "traceback": tb}
+
+
+def main() -> None:
+  module, cases_path, results_path = sys.argv[1:]
+  main_fn = importlib.import_module(module).main
+  with open(cases_path) as f:
+    cases = json.load(f)
+  results = [run_case(main_fn, module, argv) for argv in cases]
+  with open(results_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
