@@ -66,8 +66,11 @@ PAPER_REFERENCE = "sparsegpt-concat"
 MARGIN = float(np.log(1.1))
 
 flags.DEFINE_list("methods", list(METHODS), "Baselines to compare with "
-                  f"MOSP (of {', '.join(METHODS)}); sparsegpt is added "
-                  "under --baselines=concat (the paper's reference).")
+                  f"MOSP (of {', '.join(METHODS)}), each under every "
+                  "protocol of --baselines, or as method-protocol (e.g. "
+                  "alps-mixed) under that protocol only; sparsegpt-concat "
+                  "is added under --baselines=concat (the paper's "
+                  "reference).")
 flags.DEFINE_list("baselines", ["concat"], "Baseline protocols: concat "
                   "(one model on the concatenated data, the paper's "
                   "[paper-summary]) and/or mixed (one model per preference "
@@ -136,32 +139,33 @@ def _variant(text: str, solver: SolverConfig) -> tuple[str, SolverConfig]:
 
 
 def entries_from_flags(solver: SolverConfig, f=FLAGS) -> tuple[Entry, ...]:
-  """MOSP (and its variants) first, then each baseline under each
+  """MOSP (and its variants) first, then each baseline under each chosen
   protocol; raises ValueError naming the flag."""
-  names = [m.strip() for m in f.methods if m.strip()]
-  bad = [m for m in names if m not in METHODS]
-  if bad:
-    raise ValueError(f"--methods: unknown {bad}; choose from "
-                     f"{list(METHODS)}")
   protocols = [p.strip() for p in f.baselines if p.strip()]
   bad = [p for p in protocols if p not in PROTOCOLS]
   if bad or not protocols:
     raise ValueError(f"--baselines: expected one or both of "
                      f"{list(PROTOCOLS)}, got {list(f.baselines)}")
+  chosen = set()  # (method, protocol); data-free methods under either
+  for item in filter(None, (m.strip() for m in f.methods)):
+    method, _, protocol = item.partition("-")
+    if method not in METHODS or (protocol and protocol not in PROTOCOLS):
+      raise ValueError(f"--methods: unknown {item!r}; choose from "
+                       f"{list(METHODS)}, each optionally as "
+                       f"method-protocol ({', '.join(PROTOCOLS)})")
+    chosen |= {(method, p) for p in ([protocol] if protocol else protocols)}
+  if "concat" in protocols:
+    chosen.add(("sparsegpt", "concat"))
   out = [Entry("mosp", "mosp", "pareto", solver)]
   for text in filter(str.strip, f.mosp_variants.split(";")):
     name, cfg = _variant(text, solver)
     out.append(Entry(name, "mosp", "pareto", cfg))
-  if "concat" in protocols and "sparsegpt" not in names:
-    names.append("sparsegpt")
   for method in METHODS:
-    if method not in names:
-      continue
-    if method in DATA_FREE:
+    mine = [p for p in PROTOCOLS if (method, p) in chosen]
+    if method in DATA_FREE and mine:
       out.append(Entry(method, method, "data-free", solver))
-      continue
-    out += [Entry(f"{method}-{p}", method, p, solver)
-            for p in PROTOCOLS if p in protocols]
+    elif method not in DATA_FREE:
+      out += [Entry(f"{method}-{p}", method, p, solver) for p in mine]
   return tuple(out)
 
 

@@ -57,11 +57,17 @@ def test_entries_flags(tmp_path):
                         "--mosp_variants=alpha=0;p=1,pref_map=normalized")
   assert [e.name for e in entries] == [
       "mosp", "mosp[alpha=0]", "mosp[p=1,pref_map=normalized]",
-      "alps-concat", "alps-mixed", "sparsegpt-concat", "sparsegpt-mixed",
-      "wanda-concat", "wanda-mixed"]
+      "alps-concat", "alps-mixed", "sparsegpt-concat", "wanda-concat",
+      "wanda-mixed"]
   assert entries[1].cfg.alpha == 0.0 and entries[2].cfg.p == 1.0
   assert entries[2].cfg.pref_map == "normalized"
+  # method-protocol picks one protocol; concat keeps its sparsegpt.
+  _, _, entries = parse(f"--out_dir={tmp_path}", "--baselines=concat",
+                        "--methods=alps,alps-mixed,magnitude")
+  assert [e.name for e in entries] == [
+      "mosp", "alps-concat", "alps-mixed", "sparsegpt-concat", "magnitude"]
   for args, message in [(["--methods=obs"], "--methods: unknown"),
+                        (["--methods=alps-mix"], "--methods: unknown"),
                         (["--baselines=mixes"], "--baselines: expected"),
                         (["--mosp_variants=beta=1"], "--mosp_variants: "
                          "expected field=value"),
