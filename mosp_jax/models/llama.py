@@ -27,6 +27,7 @@ each parent's `setup` is restated below with the one changed line; their
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -35,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import make_causal_mask
 from transformers import LlamaConfig
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 from transformers.models.llama import modeling_flax_llama as hf
@@ -144,19 +144,45 @@ def rope_table(num_pos: int, head_dim: int, theta: float,
       [np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]], axis=-1)
 
 
+@functools.lru_cache(maxsize=4)
+def _sincos(num_pos: int, head_dim: int, theta: float,
+            scaling: tuple | None) -> np.ndarray:
+  # One table for every layer: at Llama-3.1's 131072 positions it is 134 MB,
+  # which each layer's setup would otherwise recompute (read-only: shared).
+  table = rope_table(num_pos, head_dim, theta,
+                     dict(scaling) if scaling else None)
+  table.flags.writeable = False
+  return table
+
+
 class _RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
   """HF's rotary module with a table that honours `rope_theta` and
   llama3 `rope_scaling`."""
 
   def setup(self):
     head_dim = self.config.hidden_size // self.config.num_attention_heads
-    self.sincos = jnp.asarray(rope_table(
+    scaling = self.config.rope_scaling
+    self.sincos = jnp.asarray(_sincos(
         self.config.max_position_embeddings, head_dim,
-        self.config.rope_theta, self.config.rope_scaling))
+        self.config.rope_theta,
+        tuple(sorted(scaling.items())) if scaling else None))
+
+
+class _CausalMask:
+  """Stands for HF's (1, 1, P, P) causal mask, P = max_position_embeddings,
+  which HF builds whole (17 GB at Llama-3.1's P = 131072); its `__call__`
+  (without a cache) only slices `[:, :, :q, :k]`, so only that (1, 1, q, k)
+  corner is built. Decoding with a cache (`init_cache`) is not supported.
+  """
+
+  def __getitem__(self, index: tuple) -> jax.Array:
+    _, _, rows, cols = index
+    return jnp.tril(jnp.ones((rows.stop, cols.stop), bool))[None, None]
 
 
 class _Attention(hf.FlaxLlamaAttention):
-  """HF's attention; `setup` restated only to use `_RotaryEmbedding`."""
+  """HF's attention; `setup` restated only to use `_RotaryEmbedding` and
+  `_CausalMask`."""
 
   def setup(self):
     config = self.config
@@ -173,9 +199,7 @@ class _Attention(hf.FlaxLlamaAttention):
     self.k_proj = dense(self.num_key_value_heads * self.head_dim)
     self.v_proj = dense(self.num_key_value_heads * self.head_dim)
     self.o_proj = dense(self.embed_dim)
-    self.causal_mask = make_causal_mask(
-        jnp.ones((1, config.max_position_embeddings), dtype="bool"),
-        dtype="bool")
+    self.causal_mask = _CausalMask()  # Changed.
     self.rotary_emb = _RotaryEmbedding(config, dtype=self.dtype)  # Changed.
 
 
