@@ -202,9 +202,17 @@ TINY_LLAMA = "tiny-llama"
 
 def load_tokenizer(spec: str) -> Any:
   """The tokenizer of a run's model spec, read without converting the
-  model ('tiny-llama' uses SmolLM2's; `bridge.hf_import.load_tokenizer`).
+  model ('tiny-llama' uses SmolLM2's; a `random:` paper model SmolLM2's
+  with ids modulo its vocabulary, `paper_configs.ModuloVocabTokenizer`;
+  else `bridge.hf_import.load_tokenizer`). A bad `random:` spec raises
+  `paper_configs.RandomSpecError`.
   """
   from bridge import hf_import
+  from mosp_jax.models import paper_configs
+  random_spec = paper_configs.parse_random_spec(spec)
+  if random_spec is not None:
+    return paper_configs.random_tokenizer(
+        hf_import.load_tokenizer(hf_import.SMOLLM2), random_spec)
   return hf_import.load_tokenizer(
       hf_import.SMOLLM2 if spec == TINY_LLAMA else spec)
 
@@ -214,16 +222,22 @@ def load_dense(spec: str, tokenizer: Any = None) -> tuple[Any, dict, Any]:
   one loader of `experiments.run` and of the bridge.
 
   'tiny-llama' is the seeded random 2-layer Llama with SmolLM2's
-  tokenizer; anything else goes to `bridge.hf_import`. `tokenizer`
-  defaults to `load_tokenizer(spec)`. `materialize` checks the result
-  against the run's fingerprint.
+  tokenizer; `random:<name>[:<n_layers>]` a paper model's config with
+  seeded random weights (`mosp_jax.models.paper_configs`; refused over
+  its memory limit); anything else goes to `bridge.hf_import`.
+  `tokenizer` defaults to `load_tokenizer(spec)`. `materialize` checks
+  the result against the run's fingerprint.
   """
   from bridge import hf_import
   from mosp_jax import models
+  from mosp_jax.models import paper_configs
   if tokenizer is None:
     tokenizer = load_tokenizer(spec)
+  random_spec = paper_configs.parse_random_spec(spec)
   if spec == TINY_LLAMA:
     model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
+  elif random_spec is not None:
+    model, params = paper_configs.random_model(random_spec, seed=0)
   else:
     model, params, _ = hf_import.load_model(spec)
   params = jax.tree.map(np.asarray, jax.device_get(params))

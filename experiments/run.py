@@ -40,7 +40,9 @@ _D = SolverConfig()
 
 # What is pruned, on which data.
 flags.DEFINE_string("model", "smollm2-135m", "Model spec: 'smollm2-135m', a "
-                    "local dir, a .gguf file, a hub id, or 'tiny-llama'.")
+                    "local dir, a .gguf file, a hub id, 'tiny-llama', or "
+                    "'random:<paper model>[:<n_layers>]' (random weights, "
+                    "e.g. random:llama-2-7b:2).")
 flags.DEFINE_list("tasks", ["general", "math", "pycode"], "Task sources "
                   "(general, math, pycode, c4, gsm8k, code) or .txt/.jsonl "
                   "paths, one per objective.")
@@ -315,9 +317,17 @@ TINY_LLAMA_LAYERS = 2
 def model_shape(spec: str) -> tuple[int | None, int | None]:
   """`(context tokens, decoder layers)` of a model spec, read from its
   config alone (None where the config does not say); `cli.UsageError`
-  when --model names no file."""
+  when --model names no file, or a `random:` spec that is unknown, has a
+  bad layer count or is over the memory limit of random models."""
   if spec == TINY_LLAMA:
     return TINY_LLAMA_CONTEXT, TINY_LLAMA_LAYERS
+  from mosp_jax.models import paper_configs
+  with cli.usage_errors("--model"):
+    random_spec = paper_configs.parse_random_spec(spec)
+    if random_spec is not None:  # A config without weights: check its size.
+      paper_configs.check_random_spec(random_spec)
+      config = random_spec.config()
+      return config.max_position_embeddings, random_spec.num_layers
   from bridge import hf_import
   try:
     config = hf_import.load_config(spec)

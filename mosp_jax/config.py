@@ -86,8 +86,9 @@ class RunConfig:
 
   Attributes:
     model: model spec for `bridge.hf_import.load_model` ('smollm2-135m', a
-      local directory, a .gguf file, a hub id) or 'tiny-llama' (a random
-      2-layer Llama built from a config, for smoke tests).
+      local directory, a .gguf file, a hub id), 'tiny-llama' (a random
+      2-layer Llama built from a config, for smoke tests) or
+      'random:<paper model>[:<n_layers>]' (`models.paper_configs`).
     tasks: source names or .txt/.jsonl paths (`mosp_jax.data`), one per
       objective.
     pattern: `Unstructured(sparsity)` or `NM(n, m)` per linear.

@@ -266,8 +266,58 @@ def test_adapter_for_rejects_stock_llama_and_unknown_families():
     models.adapter_for(Fake())
 
 
-def test_llama_rejects_rope_scaling():
-  cfg = tiny_config("llama", rope_scaling={"rope_type": "linear",
-                                           "factor": 2.0})
-  with pytest.raises(NotImplementedError, match="rope_scaling"):
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+LLAMA32_SCALING = dict(LLAMA31_SCALING, factor=32.0)
+
+
+@pytest.mark.parametrize("scaling", [LLAMA31_SCALING, LLAMA32_SCALING])
+def test_llama3_rope_table_matches_pytorch(scaling):
+  # Llama-3.1-8B's / Llama-3.2's RoPE: head_dim 128, theta 5e5; positions
+  # within and beyond the original 8192-token context.
+  cfg = tiny_config("llama", hidden_size=512, num_attention_heads=4,
+                    num_key_value_heads=1, rope_theta=500000.0,
+                    max_position_embeddings=131072, rope_scaling=scaling)
+  rotary = LlamaRotaryEmbedding(cfg)
+  inv = llama.rope_inv_freq(128, 500000.0, scaling)
+  plain = llama.rope_inv_freq(128, 500000.0)
+  np.testing.assert_array_equal(inv, rotary.inv_freq.numpy())
+  # All three bands are present: kept, rescaled and interpolated.
+  kept, scaled = inv == plain, inv == plain / np.float32(scaling["factor"])
+  assert kept.any() and scaled.any() and (~kept & ~scaled).any()
+  pos = np.r_[0:64, 8000:8300, 131000:131072]
+  cos, sin = rotary(torch.zeros(1), torch.tensor(pos)[None])
+  table = llama.rope_table(131072, 128, 500000.0, scaling)[pos]
+  np.testing.assert_allclose(table[:, 0, :128], sin[0].numpy(), atol=2e-7)
+  np.testing.assert_allclose(table[:, 0, 128:], cos[0].numpy(), atol=2e-7)
+
+
+def test_llama3_scaled_model_matches_pytorch():
+  # A tiny model whose head_dim 8 puts one frequency in each band.
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+  tm = tiny_torch("llama", rope_scaling=scaling)
+  fm, params = torch_to_flax(tm)
+  ids = _ids(t=40)
+  want = _torch_logits(tm, ids)
+  np.testing.assert_allclose(
+      fm(ids, params=params).logits, want, atol=ATOL, rtol=0)
+  got, _ = _walk(models.adapter_for(fm), params, ids)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  # The scaling matters: the same weights without it give other logits.
+  plain = models.FlaxLlamaForCausalLMFixed(
+      tiny_config("llama"), _do_init=False)
+  assert float(jnp.abs(plain(ids, params=params).logits - want).max()) > 1e-3
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 2.0},
+])
+def test_llama_rejects_other_rope_scaling(scaling):
+  cfg = tiny_config("llama", rope_scaling=scaling)
+  with pytest.raises(NotImplementedError, match="rope_type"):
     models.FlaxLlamaForCausalLMFixed(cfg, _do_init=False)
+  with pytest.raises(NotImplementedError, match="rope_type"):
+    llama.rope_inv_freq(8, 1e4, scaling)

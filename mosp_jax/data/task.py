@@ -63,10 +63,15 @@ class TaskData:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-  """A hash of the tokenizer's full definition (class and vocabulary/rules)."""
+  """A hash of the tokenizer's full definition (class and vocabulary/rules;
+  its own `fingerprint()` where it has one, e.g.
+  `models.paper_configs.ModuloVocabTokenizer`)."""
   h = hashlib.sha256(type(tokenizer).__qualname__.encode())
+  own = getattr(tokenizer, "fingerprint", None)
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is not None:
+  if callable(own):  # A wrapper that maps ids says what they depend on.
+    h.update(own().encode())
+  elif backend is not None:
     h.update(backend.to_str().encode())
   elif hasattr(tokenizer, "get_vocab"):
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())

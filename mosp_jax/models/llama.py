@@ -12,10 +12,14 @@ SmolLM2 (METHOD.md section 8):
    `lm_head.weight`, so HF's `from_pretrained(from_pt=True)` silently keeps a
    random head.
 
-Nothing fails; the perplexity is just wildly off. `FlaxLlamaForCausalLMFixed`
-reuses HF's modules and replaces only what is wrong: the rotary module (a
-table computed like PyTorch's `LlamaRotaryEmbedding`, in float32, with
-`rope_theta`) and, when tied, the head (`embed_tokens.attend`, no `lm_head`
+Nothing fails; the perplexity is just wildly off. HF's Flax Llama also
+lacks Llama-3.1 / 3.2's `rope_scaling` (`rope_type: llama3`); the table
+below computes it as PyTorch does (any other rope type is refused).
+
+`FlaxLlamaForCausalLMFixed` reuses HF's modules and replaces only what is
+wrong: the rotary module (a table computed like PyTorch's
+`LlamaRotaryEmbedding`, in float32, with `rope_theta` and `rope_scaling`)
+and, when tied, the head (`embed_tokens.attend`, no `lm_head`
 parameter). Flax cannot swap a submodule created in a parent's `setup`, so
 each parent's `setup` is restated below with the one changed line; their
 `__call__` methods are HF's.
@@ -23,6 +27,8 @@ each parent's `setup` is restated below with the one changed line; their
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -30,21 +36,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import make_causal_mask
 from transformers import LlamaConfig
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 from transformers.models.llama import modeling_flax_llama as hf
 
 from mosp_jax.models.base import BaseAdapter
 
+# RoPE variants `rope_table` computes, by `rope_scaling["rope_type"]`.
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings")
+
+
+def rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
+  """The RoPE variant of a config's `rope_scaling` ('default' for None);
+  old configs name it `type`."""
+  scaling = rope_scaling or {}
+  return scaling.get("rope_type", scaling.get("type", "default"))
+
 
 def check_config(config: LlamaConfig) -> None:
   """Raises NotImplementedError for Llama variants HF's Flax code lacks."""
-  scaling = getattr(config, "rope_scaling", None) or {}
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
-  if kind != "default":
+  kind = rope_type(getattr(config, "rope_scaling", None))
+  if kind not in ROPE_TYPES:
     raise NotImplementedError(
-        f"Llama rope_scaling {scaling} is not supported (only plain RoPE)")
+        f"Llama rope_scaling {config.rope_scaling} is not supported: "
+        f"rope_type {kind!r} is none of {', '.join(ROPE_TYPES)}")
+  if kind == "llama3":
+    missing = [k for k in LLAMA3_KEYS if k not in config.rope_scaling]
+    if missing:
+      raise NotImplementedError(
+          f"Llama rope_scaling {config.rope_scaling} (llama3) lacks "
+          f"{', '.join(missing)}")
   head_dim = getattr(config, "head_dim", None)
   derived = config.hidden_size // config.num_attention_heads
   if head_dim not in (None, derived):
@@ -55,19 +78,19 @@ def check_config(config: LlamaConfig) -> None:
     raise NotImplementedError("Llama mlp_bias=True is not supported")
 
 
-def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
-  """The sin/cos table of rotate-half RoPE with base `theta`.
+def rope_inv_freq(head_dim: int, theta: float,
+                  rope_scaling: Mapping[str, Any] | None = None
+                  ) -> np.ndarray:
+  """The (head_dim / 2,) float32 inverse frequencies of rotate-half RoPE.
 
-  Computed in float32 as PyTorch's `LlamaRotaryEmbedding` does (inverse
-  frequencies `1 / theta ** (2j / head_dim)`, angles `pos * inv`), so the
-  angles are bit-identical to PyTorch's; HF Flax computes them in float64,
-  which differs from PyTorch by up to an ulp of the angle (5e-4 in sin/cos
-  at position 8191).
-
-  Returns:
-    (num_pos, 1, 2 * head_dim) float32: `[sin(angles) | cos(angles)]`, each
-    angle vector repeated twice along the last axis, the layout HF's
-    `FlaxLlamaRotaryEmbedding.__call__` expects.
+  Plain RoPE: `1 / theta ** (2j / head_dim)`. With `rope_scaling`
+  `{'rope_type': 'llama3', ...}` (Llama-3.1 / 3.2), Meta's frequency-band
+  rescaling of `transformers.modeling_rope_utils._compute_llama3_parameters`:
+  wavelengths `2 pi / inv` above `original_max_position_embeddings /
+  low_freq_factor` are divided by `factor`, those below `... /
+  high_freq_factor` kept, and the band between interpolated smoothly.
+  Every step is a float32 operation in PyTorch's order, so the result is
+  PyTorch's bit for bit (tested against `LlamaRotaryEmbedding`).
   """
   exps = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
   # theta ** exps rounded once to float32 (numpy's float32 power is off by an
@@ -75,24 +98,91 @@ def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
   # division, as torch does.
   powers = np.power(np.float64(theta), exps.astype(np.float64))
   inv_freq = np.float32(1.0) / powers.astype(np.float32)
+  kind = rope_type(rope_scaling)
+  if kind == "default":
+    return inv_freq
+  if kind != "llama3":
+    raise NotImplementedError(
+        f"rope_type {kind!r} is none of {', '.join(ROPE_TYPES)}")
+  f32 = np.float32
+  factor = f32(rope_scaling["factor"])
+  low = f32(rope_scaling["low_freq_factor"])
+  high = f32(rope_scaling["high_freq_factor"])
+  old_len = rope_scaling["original_max_position_embeddings"]
+  # Python-float thresholds compared with float32 wavelengths, as in torch.
+  low_wavelen = old_len / rope_scaling["low_freq_factor"]
+  high_wavelen = old_len / rope_scaling["high_freq_factor"]
+  old_len = f32(old_len)
+  wavelen = f32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_table(num_pos: int, head_dim: int, theta: float,
+               rope_scaling: Mapping[str, Any] | None = None) -> np.ndarray:
+  """The sin/cos table of rotate-half RoPE with base `theta`.
+
+  Computed in float32 as PyTorch's `LlamaRotaryEmbedding` does (inverse
+  frequencies of `rope_inv_freq`, with the llama3 rescaling when
+  `rope_scaling` asks for it; angles `pos * inv`), so the angles are
+  bit-identical to PyTorch's; HF Flax computes them in float64, which
+  differs from PyTorch by up to an ulp of the angle (5e-4 in sin/cos at
+  position 8191). llama3's attention scaling is 1, so none is applied.
+
+  Returns:
+    (num_pos, 1, 2 * head_dim) float32: `[sin(angles) | cos(angles)]`, each
+    angle vector repeated twice along the last axis, the layout HF's
+    `FlaxLlamaRotaryEmbedding.__call__` expects.
+  """
+  inv_freq = rope_inv_freq(head_dim, theta, rope_scaling)
   angles = np.arange(num_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
   emb = np.concatenate([angles, angles], axis=-1)
   return np.concatenate(
       [np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]], axis=-1)
 
 
+@functools.lru_cache(maxsize=4)
+def _sincos(num_pos: int, head_dim: int, theta: float,
+            scaling: tuple | None) -> np.ndarray:
+  # One table for every layer: at Llama-3.1's 131072 positions it is 134 MB,
+  # which each layer's setup would otherwise recompute (read-only: shared).
+  table = rope_table(num_pos, head_dim, theta,
+                     dict(scaling) if scaling else None)
+  table.flags.writeable = False
+  return table
+
+
 class _RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
-  """HF's rotary module with a table that honours `rope_theta`."""
+  """HF's rotary module with a table that honours `rope_theta` and
+  llama3 `rope_scaling`."""
 
   def setup(self):
     head_dim = self.config.hidden_size // self.config.num_attention_heads
-    self.sincos = jnp.asarray(rope_table(
+    scaling = self.config.rope_scaling
+    self.sincos = jnp.asarray(_sincos(
         self.config.max_position_embeddings, head_dim,
-        self.config.rope_theta))
+        self.config.rope_theta,
+        tuple(sorted(scaling.items())) if scaling else None))
+
+
+class _CausalMask:
+  """Stands for HF's (1, 1, P, P) causal mask, P = max_position_embeddings,
+  which HF builds whole (17 GB at Llama-3.1's P = 131072); its `__call__`
+  (without a cache) only slices `[:, :, :q, :k]`, so only that (1, 1, q, k)
+  corner is built. Decoding with a cache (`init_cache`) is not supported.
+  """
+
+  def __getitem__(self, index: tuple) -> jax.Array:
+    _, _, rows, cols = index
+    return jnp.tril(jnp.ones((rows.stop, cols.stop), bool))[None, None]
 
 
 class _Attention(hf.FlaxLlamaAttention):
-  """HF's attention; `setup` restated only to use `_RotaryEmbedding`."""
+  """HF's attention; `setup` restated only to use `_RotaryEmbedding` and
+  `_CausalMask`."""
 
   def setup(self):
     config = self.config
@@ -109,9 +199,7 @@ class _Attention(hf.FlaxLlamaAttention):
     self.k_proj = dense(self.num_key_value_heads * self.head_dim)
     self.v_proj = dense(self.num_key_value_heads * self.head_dim)
     self.o_proj = dense(self.embed_dim)
-    self.causal_mask = make_causal_mask(
-        jnp.ones((1, config.max_position_embeddings), dtype="bool"),
-        dtype="bool")
+    self.causal_mask = _CausalMask()  # Changed.
     self.rotary_emb = _RotaryEmbedding(config, dtype=self.dtype)  # Changed.
 
 
