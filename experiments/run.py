@@ -496,7 +496,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
       run, res, sparsity, seconds, {"test_segments": n_test}))
   pareto.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
                      res.ppl, res.dense_ppl,
-                     title=f"{run.model}, {run.pattern}")
+                     title=f"{run.model}, {run.pattern}",
+                     extra={"global model W": res.global_ppl[None]})
   checkpoint.remove()  # results are complete; the artifact stays
   return results
 
