@@ -179,3 +179,35 @@ def test_walks_equal_the_code_before_them(walks):
   got["mosp-global:W"] = walks["mosp-global"].global_ppl.tolist()
   got["dense"] = walks["mosp-global"].dense_ppl.tolist()
   assert got == BEFORE
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_resume_from_a_checkpoint_ends_bit_equal(problem, walks, tmp_path):
+  """A walk stopped after layer 0 resumes from its checkpoint (streams,
+  zero counts, layer records) and ends with the uninterrupted results."""
+  from mosp_jax.pipeline.checkpoint import LayerCheckpoint
+  adapter, params, calib, test = problem
+
+  def kill(layer):
+    raise _Killed(layer)
+
+  def run(**kw):
+    with jax.transfer_guard("disallow"):
+      return prune_and_evaluate(
+          adapter, params, calib, test, PREFS, pattern=PATTERN, cfg=CFG,
+          batch_size=BATCH, checkpoint=LayerCheckpoint(tmp_path / "ckpt"),
+          artifact_dir=str(tmp_path / "pareto"), **kw)
+
+  with pytest.raises(_Killed):
+    run(on_layer_done=kill, log=lambda s: None)
+  lines = []
+  res, full = run(log=lines.append), walks["mosp-global"]
+  assert lines[0].startswith("resuming after layer 1/2")
+  assert lines[1].startswith("layer 2/2: capture ")
+  for key in ("ppl", "global_ppl", "dense_ppl", "sparsity"):
+    np.testing.assert_array_equal(getattr(res, key), getattr(full, key))
+  assert ([lay["linears"] for lay in res.layers]
+          == [lay["linears"] for lay in full.layers])
