@@ -1,6 +1,7 @@
-"""The sequential layer walk: capture, prune with MOSP, propagate, evaluate.
+"""MOSP on the sequential layer walk: capture, prune, propagate, evaluate.
 
-docs/METHOD_NOTES.md#whole-model. For each decoder layer:
+docs/METHOD_NOTES.md#whole-model. MOSP is one `walk.Unit` of
+`walk.walk_layers`; for each decoder layer:
   1. capture the inputs of its linears on each task's calibration stream and
      accumulate one Gram per task per group of linears sharing an input;
   2. prune every linear with MOSP (one Pareto set per linear);
