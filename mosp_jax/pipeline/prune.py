@@ -19,6 +19,7 @@ Embeddings, norms and the LM head stay dense.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -143,70 +144,88 @@ def mosp_unit(adapter: Any, params: Any, prefs: np.ndarray, m: int, *,
   """MOSP as a `walk.Unit`: every task's calibration stream, one Pareto set
   per linear, the `P` preference models of `prefs (P, m)` and the global
   model `W` evaluated (in that order). Arguments as `prune_and_evaluate`."""
+  model = dict(adapter=adapter, params=params, pattern=pattern, cfg=cfg)
+  return walk.Unit(
+      tasks=tuple(range(m)), models=prefs.shape[0] + 1,
+      solve=functools.partial(_solve_layer, **model, streams=streams,
+                              mesh=mesh),
+      evaluate=functools.partial(_evaluate_layer, **model,
+                                 prefs=jax.device_put(prefs)),
+      commit=None if artifact_dir is None else functools.partial(
+          _save_layer, artifact_dir, groups=adapter.linear_groups(),
+          cfg=cfg))
+
+
+def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
+                 adapter: Any, params: Any, pattern: Pattern,
+                 cfg: SolverConfig, streams: str,
+                 mesh: jax.sharding.Mesh | None
+                 ) -> tuple[list[Any], _Solved]:
+  """One Pareto set per linear of `layer` from the `m` tasks' Grams; the
+  layers the calibration streams go through (`W`, or `W_i` for task i)."""
+  m = len(task_grams)
+  sets, infos, grams_dev = {}, {}, {}
+  global_params, task_params = params, [params] * m
+  for group in adapter.linear_groups():
+    G_dev = jax.device_put(np.stack([task_grams[i][group[0]]
+                                     for i in range(m)]))
+    grams_dev[group[0]] = G_dev
+    for name in group:
+      W0 = adapter.get_kernel(params, layer, name)
+      par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
+                              mesh=mesh)
+      if mesh is not None:
+        par, info = sharding.to_local((par, info), W0)
+      where = f"layer {layer} {name}: pruned weights"
+      walk.check_finite(par.W, where)
+      walk.check_finite(par.W_tasks, where)
+      global_params = adapter.set_kernel(global_params, layer, name, par.W)
+      if streams == "task":
+        for i, w in enumerate(_unstack(par.W_tasks)):
+          task_params[i] = adapter.set_kernel(task_params[i], layer, name, w)
+      sets[name], infos[name] = par, info
+  through = task_params if streams == "task" else [global_params] * m
+  return ([adapter.layer_params(tp, layer) for tp in through],
+          _Solved(sets, infos, grams_dev, task_grams, global_params))
+
+
+def _evaluate_layer(layer: int, s: _Solved, *, adapter: Any, params: Any,
+                    prefs: jax.Array, pattern: Pattern,
+                    cfg: SolverConfig) -> walk.Evaluated:
+  """Materialises the `(P, m)` preferences' models of `layer`; their layers
+  and the global model's, zeros, and per linear the solver iterations and
+  `(P + 1, m)` relative errors on the calibration Grams."""
   P = prefs.shape[0]
-  prefs_dev = jax.device_put(prefs)
-  groups = adapter.linear_groups()
+  model_params = [params] * P
+  stats, zeros, weights = {}, np.zeros(P + 1), 0
+  for group in adapter.linear_groups():
+    G_dev = s.grams_dev[group[0]]
+    for name in group:
+      W0 = adapter.get_kernel(params, layer, name)
+      par = s.sets[name]
+      W, _ = mosp_materialize(par, prefs, pattern=pattern, cfg=cfg,
+                              grams=G_dev, W0=W0)
+      for p, w in enumerate(_unstack(W)):
+        model_params[p] = adapter.set_kernel(model_params[p], layer, name, w)
+      (errs, nz), info = jax.device_get((walk.model_stats(
+          G_dev, W0, jnp.concatenate([W, par.W[None]])), s.infos[name]))
+      zeros += nz
+      weights += W0.size
+      stats[name] = {"stage1_iters": int(info.stage1.iters),
+                     "stage2_iters": np.asarray(info.stage2.iters).tolist(),
+                     "rel_error": np.asarray(errs).tolist()}
+  layers = [adapter.layer_params(mp, layer)
+            for mp in [*model_params, s.global_params]]
+  return walk.Evaluated(layers, zeros, weights, {"linears": stats})
 
-  def solve(layer, task_grams):
-    sets, infos, grams_dev = {}, {}, {}
-    global_params, task_params = params, [params] * m
-    for group in groups:
-      G_dev = jax.device_put(np.stack([task_grams[i][group[0]]
-                                       for i in range(m)]))
-      grams_dev[group[0]] = G_dev
-      for name in group:
-        W0 = adapter.get_kernel(params, layer, name)
-        par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
-                                mesh=mesh)
-        if mesh is not None:
-          par, info = sharding.to_local((par, info), W0)
-        where = f"layer {layer} {name}: pruned weights"
-        walk.check_finite(par.W, where)
-        walk.check_finite(par.W_tasks, where)
-        global_params = adapter.set_kernel(global_params, layer, name,
-                                           par.W)
-        if streams == "task":
-          for i, w in enumerate(_unstack(par.W_tasks)):
-            task_params[i] = adapter.set_kernel(task_params[i], layer, name,
-                                                w)
-        sets[name], infos[name] = par, info
-    through = task_params if streams == "task" else [global_params] * m
-    return ([adapter.layer_params(tp, layer) for tp in through],
-            _Solved(sets, infos, grams_dev, task_grams, global_params))
 
-  def evaluate(layer, s: _Solved) -> walk.Evaluated:
-    model_params = [params] * P
-    stats, zeros, weights = {}, np.zeros(P + 1), 0
-    for group in groups:
-      G_dev = s.grams_dev[group[0]]
-      for name in group:
-        W0 = adapter.get_kernel(params, layer, name)
-        par = s.sets[name]
-        W, _ = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg,
-                                grams=G_dev, W0=W0)
-        for p, w in enumerate(_unstack(W)):
-          model_params[p] = adapter.set_kernel(model_params[p], layer, name,
-                                               w)
-        (errs, nz), info = jax.device_get((walk.model_stats(
-            G_dev, W0, jnp.concatenate([W, par.W[None]])), s.infos[name]))
-        zeros += nz
-        weights += W0.size
-        stats[name] = {"stage1_iters": int(info.stage1.iters),
-                       "stage2_iters": np.asarray(
-                           info.stage2.iters).tolist(),
-                       "rel_error": np.asarray(errs).tolist()}
-    layers = [adapter.layer_params(mp, layer)
-              for mp in [*model_params, s.global_params]]
-    return walk.Evaluated(layers, zeros, weights, {"linears": stats})
-
-  def commit(layer, s: _Solved) -> None:
-    # [ours] A refit needs the Grams again when a preference is
-    # materialised later (export); the paper's Pareto set does not.
-    grams = ({g[0]: np.stack([s.task_grams[i][g[0]] for i in range(m)])
-              for g in groups} if cfg.pref_refit_iters > 0 else None)
-    artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
-                        grams=grams)
-
-  return walk.Unit(tasks=tuple(range(m)), models=P + 1, solve=solve,
-                   evaluate=evaluate,
-                   commit=None if artifact_dir is None else commit)
+def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
+                groups: list[list[str]], cfg: SolverConfig) -> None:
+  """Saves the layer's Pareto sets to the artifact."""
+  # [ours] A refit needs the Grams again when a preference is
+  # materialised later (export); the paper's Pareto set does not.
+  m = len(s.task_grams)
+  grams = ({g[0]: np.stack([s.task_grams[i][g[0]] for i in range(m)])
+            for g in groups} if cfg.pref_refit_iters > 0 else None)
+  artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
+                      grams=grams)

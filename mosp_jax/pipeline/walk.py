@@ -311,18 +311,10 @@ def walk_layers(
   Returns:
     `Walk` of the units' models and the dense model.
   """
-  m = len(test)
   t_start = time.perf_counter()
   seconds = dict.fromkeys(_PHASES, 0.0)
-  needed = sorted({i for u in units for i in u.tasks})
-  calib_h0 = {i: embed_stream(adapter, params, calib[i], batch_size)
-              for i in needed}
+  state = _embedded(adapter, params, calib, test, units, batch_size)
   test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
-  test_h0 = [embed_stream(adapter, params, t, batch_size) for t in test]
-  state = {"calib": [[calib_h0[i] for i in u.tasks] for u in units],
-           "test": [[list(test_h0) for _ in range(u.models)]
-                    for u in units],
-           "dense": list(test_h0)}
   n_models = sum(u.models for u in units)
   zeros, weights = np.zeros(n_models), np.zeros(n_models)
   n_layers = adapter.num_layers(params)
@@ -359,15 +351,32 @@ def walk_layers(
       on_layer_done(layer)
 
   t5 = time.perf_counter()
-  dense_ppl = np.array([stream_ppl(adapter, params, state["dense"][t],
-                                   test_ids[t]) for t in range(m)])
-  ppl = np.array([[stream_ppl(adapter, params, model[t], test_ids[t])
-                   for t in range(m)]
-                  for unit_tests in state["test"] for model in unit_tests])
+
+  def model_ppl(model):  # per task, the model's stream after the last layer
+    return [stream_ppl(adapter, params, s, ids)
+            for s, ids in zip(model, test_ids, strict=True)]
+
+  dense_ppl = np.array(model_ppl(state["dense"]))
+  ppl = np.array([model_ppl(model) for unit_tests in state["test"]
+                  for model in unit_tests])
   seconds["evaluate"] += time.perf_counter() - t5
   seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
       "propagate"]
   seconds["total"] = time.perf_counter() - t_start
-  return Walk(ppl=ppl.reshape(n_models, m), dense_ppl=dense_ppl,
+  return Walk(ppl=ppl.reshape(n_models, len(test)), dense_ppl=dense_ppl,
               sparsity=zeros / np.maximum(weights, 1), layers=layers_out,
               seconds=seconds)
+
+
+def _embedded(adapter, params, calib, test, units, batch_size) -> dict:
+  """The walk's streams before the first layer: each unit's calibration
+  streams and each of its models' test streams, and the dense model's
+  test streams; every copy starts from the same embedded batches."""
+  needed = sorted({i for u in units for i in u.tasks})
+  calib_h0 = {i: embed_stream(adapter, params, calib[i], batch_size)
+              for i in needed}
+  test_h0 = [embed_stream(adapter, params, t, batch_size) for t in test]
+  return {"calib": [[calib_h0[i] for i in u.tasks] for u in units],
+          "test": [[list(test_h0) for _ in range(u.models)]
+                   for u in units],
+          "dense": list(test_h0)}
