@@ -31,18 +31,16 @@ so `rtol` (default 1e-3) means the same for float16 / bfloat16 exports.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bridge import exporter, hf_import, pruned, rename, sources
 from mosp_jax import cli
-from mosp_jax.pipeline import pareto
+from mosp_jax.pipeline import pareto, walk
 
 DEFAULT_RTOL = 1e-3
 
@@ -109,39 +107,15 @@ class ParityReport:
 # Perplexity on both sides: summed next-token NLL over (N, T) segments.
 
 
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _embed(adapter, params, ids):
-  return adapter.embed(params, ids)
-
-
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _block(adapter, layer_params, hidden):
-  return adapter.apply_block(layer_params, hidden)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _nll(adapter, params, hidden, ids):
-  logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-
-
 def jax_perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
                    batch_size: int) -> float:
   """exp(mean next-token NLL) of `(N, T)` segments, layer by layer as the
-  run evaluates (embed, every decoder block, head), in float32."""
-  total, count = 0.0, 0
+  run evaluates (`walk.perplexity`: embed, every decoder block, head), in
+  float32."""
   with jax.transfer_guard("disallow"):
-    params = jax.device_put(params)
-    for lo in range(0, segments.shape[0], batch_size):
-      ids = jax.device_put(np.asarray(segments[lo:lo + batch_size],
-                                      np.int32))
-      h = _embed(adapter, params, ids)
-      for i in range(adapter.num_layers(params)):
-        h = _block(adapter, adapter.layer_params(params, i), h)
-      total += float(jax.device_get(_nll(adapter, params, h, ids)))
-      count += ids.shape[0] * (ids.shape[1] - 1)
-  return float(np.exp(total / count))
+    return walk.perplexity(adapter, jax.device_put(params),
+                           np.asarray(segments, np.int32),
+                           batch_size=batch_size)
 
 
 def torch_perplexity(model: Any, segments: np.ndarray, *,

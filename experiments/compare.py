@@ -55,8 +55,7 @@ from experiments.layer_compare import Entry
 from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact, pareto
-from mosp_jax.pipeline import prune as prune_lib
+from mosp_jax.pipeline import artifact, pareto, walk
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single import baseline_walk
@@ -274,13 +273,13 @@ def _warm_shared(adapter, params, segments: list[np.ndarray],
   does not pay for the others."""
   lp = adapter.layer_params(params, 0)
   shapes = {b.shape for ids in segments
-            for b in prune_lib._device_batches(ids, batch_size)}
+            for b in walk.device_batches(ids, batch_size)}
   for shape in sorted(shapes):
     ids = jax.device_put(np.zeros(shape, np.int32))
-    h = prune_lib._embed(adapter, params, ids)
+    h = walk.embed(adapter, params, ids)
     layer_grams(adapter, lp, [h])
-    h = prune_lib._propagate(adapter, lp, h)
-    jax.block_until_ready(prune_lib._nll(adapter, params, h, ids))
+    h = walk.advance(adapter, lp, h)
+    jax.block_until_ready(walk.nll(adapter, params, h, ids))
 
 
 def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,

@@ -25,25 +25,11 @@ import numpy as np
 from experiments import run as run_lib
 from mosp_jax import baselines, cli, fetch
 from mosp_jax.config import RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline import artifact, walk
 from mosp_jax.pipeline.grams import layer_grams
-from mosp_jax.pipeline.prune import (
-  _device_batches,
-  _embed,
-  _model_stats,
-  _propagate,
-)
-from mosp_jax.solvers import (
-  Pattern,
-  concat_gram,
-  mixed_gram,
-  mosp_materialize,
-  mosp_pareto,
-)
+from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
 
 _CACHE_VERSION = 1
-_mix = jax.jit(mixed_gram)
-_concat = jax.jit(concat_gram)
 
 
 class LayerProblem(NamedTuple):
@@ -104,7 +90,7 @@ def _save(path: pathlib.Path, prob: LayerProblem) -> None:
   arrays["meta"] = np.frombuffer(json.dumps(
       {"layer": prob.layer, "num_layers": prob.num_layers,
        "groups": prob.groups}).encode(), np.uint8)
-  artifact._atomic_write(path, lambda f: np.savez(f, **arrays))
+  artifact.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load(path: pathlib.Path) -> LayerProblem:
@@ -146,14 +132,9 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
   log(f"capturing the Grams of layer {target}/{n_layers} ...")
   bs = run.batch_size
   with jax.transfer_guard("disallow"):
-    streams = {side: [[_embed(adapter, params, b) for b in
-                       _device_batches(np.asarray(ids), bs)]
-                      for ids in seqs]
+    streams = {side: [walk.dense_stream(adapter, params, ids, batch_size=bs,
+                                        layers=target) for ids in seqs]
                for side, seqs in (("calib", calib), ("test", test))}
-    for i in range(target):
-      lp = adapter.layer_params(params, i)
-      streams = {side: [[_propagate(adapter, lp, h) for h in s]
-                        for s in ss] for side, ss in streams.items()}
     lp = adapter.layer_params(params, target)
     grams = {side: [layer_grams(adapter, lp, s, where=f"layer {target}, "
                                 f"{side} task {t}")
@@ -224,10 +205,11 @@ def _solve(entry: Entry, G, W0, prefs_dev, lams, *, pattern: Pattern
     Ws = [baselines.prune_single(entry.method, None, W0, pattern=pattern,
                                  cfg=cfg)]
   elif entry.protocol == "concat":
-    Ws = [baselines.prune_single(entry.method, _concat(G), W0,
+    Ws = [baselines.prune_single(entry.method, walk.concat_gram_jit(G), W0,
                                  pattern=pattern, cfg=cfg)]
   else:
-    Ws = [baselines.prune_single(entry.method, _mix(G, W0, lam), W0,
+    Ws = [baselines.prune_single(entry.method,
+                                 walk.mixed_gram_jit(G, W0, lam), W0,
                                  pattern=pattern, cfg=cfg) for lam in lams]
   return {entry.name: _stack(Ws)}
 
@@ -281,8 +263,8 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
         seconds[entry.name] += dt
         cpu[entry.name] += time.process_time() - c0
         for label, W in out.items():
-          (e, _), (h, _) = jax.device_get((_model_stats(G, W0, W),
-                                           _model_stats(Gt, W0, W)))
+          (e, _), (h, _) = jax.device_get((walk.model_stats(G, W0, W),
+                                           walk.model_stats(Gt, W0, W)))
           errors.setdefault(label, {})[name] = np.asarray(e, np.float64)
           heldout.setdefault(label, {})[name] = np.asarray(h, np.float64)
         log(f"{name} {tuple(W0.shape)} {entry.name}: {dt:.2f}s, mean rel. "

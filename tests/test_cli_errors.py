@@ -23,7 +23,7 @@ import pytest
 from experiments import run as run_lib
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, pareto
-from mosp_jax.pipeline.prune import eta_text
+from mosp_jax.pipeline.walk import eta_text
 
 from .conftest import TINY_RUN_FLAGS
 

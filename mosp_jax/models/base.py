@@ -277,12 +277,12 @@ class BaseAdapter:
   # Shared helpers for families.
 
   @staticmethod
-  def _positions(hidden: jax.Array) -> jax.Array:
+  def positions(hidden: jax.Array) -> jax.Array:
     """(B, T) int32 positions 0..T-1."""
     b, t = hidden.shape[:2]
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
 
   @staticmethod
-  def _full_mask(hidden: jax.Array) -> jax.Array:
+  def full_mask(hidden: jax.Array) -> jax.Array:
     """(B, T) int32 attention mask of ones (no padding)."""
     return jnp.ones(hidden.shape[:2], jnp.int32)

@@ -41,12 +41,12 @@ class Gpt2Adapter(BaseAdapter):
     return hf.FlaxGPT2Block(self.config, dtype=self.dtype)
 
   def _block_args(self, hidden: jax.Array) -> tuple:
-    return (self._full_mask(hidden),)
+    return (self.full_mask(hidden),)
 
   @staticmethod
   def _embed(module: nn.Module, input_ids: jax.Array) -> jax.Array:
     tr = module.transformer
-    pos = BaseAdapter._positions(input_ids)
+    pos = BaseAdapter.positions(input_ids)
     return tr.wte(input_ids) + tr.wpe(pos)
 
   @staticmethod

@@ -307,7 +307,7 @@ class LlamaAdapter(BaseAdapter):
     return DecoderLayer(self.config, dtype=self.dtype)
 
   def _block_args(self, hidden: jax.Array) -> tuple:
-    return (self._full_mask(hidden), self._positions(hidden))
+    return (self.full_mask(hidden), self.positions(hidden))
 
   @staticmethod
   def _embed(module: nn.Module, input_ids: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ class OptAdapter(BaseAdapter):
     return hf.FlaxOPTDecoderLayer(self.config, dtype=self.dtype)
 
   def _block_args(self, hidden: jax.Array) -> tuple:
-    return (self._full_mask(hidden),)
+    return (self.full_mask(hidden),)
 
   @staticmethod
   def _embed(module: nn.Module, input_ids: jax.Array) -> jax.Array:
@@ -48,7 +48,7 @@ class OptAdapter(BaseAdapter):
     x = dec.embed_tokens(input_ids)
     if dec.project_in is not None:
       x = dec.project_in(x)
-    return x + dec.embed_positions(BaseAdapter._positions(input_ids))
+    return x + dec.embed_positions(BaseAdapter.positions(input_ids))
 
   @staticmethod
   def _head(module: nn.Module, hidden: jax.Array) -> jax.Array:

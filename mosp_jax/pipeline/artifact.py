@@ -20,7 +20,8 @@ import os
 import pathlib
 import tempfile
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -44,7 +45,11 @@ def new_file_mode() -> int:
   return 0o666 & ~umask
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
+def atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], Any]
+                 ) -> None:
+  """Writes `path` with `write(file)` through a temporary file in the same
+  folder, renamed into place: a reader sees the old file or the new one,
+  never half of one."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                              suffix=".tmp")
@@ -61,11 +66,11 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes `obj` as indented JSON, atomically."""
   data = (json.dumps(obj, indent=2) + "\n").encode()
-  _atomic_write(pathlib.Path(path), lambda f: f.write(data))
+  atomic_write(pathlib.Path(path), lambda f: f.write(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  _atomic_write(pathlib.Path(path), lambda f: f.write(text.encode()))
+  atomic_write(pathlib.Path(path), lambda f: f.write(text.encode()))
 
 
 def layer_path(root: pathlib.Path, layer: int) -> pathlib.Path:
@@ -109,7 +114,7 @@ def save_layer(root: str | os.PathLike, layer: int,
     arrays |= _pack(f"{name}/W", np.asarray(par.W))
     arrays |= _pack(f"{name}/W_tasks", np.asarray(par.W_tasks))
     arrays[f"{name}/d"] = np.asarray(par.d, np.float32)
-  _atomic_write(layer_path(pathlib.Path(root), layer),
+  atomic_write(layer_path(pathlib.Path(root), layer),
                 lambda f: np.savez(f, **arrays))
 
 

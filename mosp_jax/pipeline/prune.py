@@ -1,6 +1,7 @@
-"""The sequential layer walk: capture, prune with MOSP, propagate, evaluate.
+"""MOSP on the sequential layer walk: capture, prune, propagate, evaluate.
 
-docs/METHOD_NOTES.md#whole-model. For each decoder layer:
+docs/METHOD_NOTES.md#whole-model. MOSP is one `walk.Unit` of
+`walk.walk_layers`; for each decoder layer:
   1. capture the inputs of its linears on each task's calibration stream and
      accumulate one Gram per task per group of linears sharing an input;
   2. prune every linear with MOSP (one Pareto set per linear);
@@ -19,18 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mosp_jax.config import SolverConfig
-from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline import artifact, walk
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
-from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
 from mosp_jax.solvers import (
   Pattern,
   mosp_materialize,
@@ -39,46 +38,9 @@ from mosp_jax.solvers import (
 )
 
 
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _embed(adapter, params, ids):
-  return adapter.embed(params, ids)
-
-
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _propagate(adapter, layer_params, hidden):
-  return adapter.apply_block(layer_params, hidden)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("adapter",))
-def _nll(adapter, params, hidden, ids):
-  """Summed next-token negative log-likelihood of `(B, T)` segments."""
-  logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tgt = ids[:, 1:, None]
-  return -jnp.sum(jnp.take_along_axis(logp, tgt, axis=-1))
-
-
 @jax.jit
 def _unstack(x):
   return tuple(x[i] for i in range(x.shape[0]))
-
-
-@jax.jit
-def _model_stats(grams, W0, W):
-  """`(P, m)` relative reconstruction error of each model on each task's
-  calibration Gram, and `(P,)` exact zeros per model."""
-  E = W - W0[None]                                        # (P, n, o)
-  num = jnp.einsum("pio,mij,pjo->pm", E, grams, E)
-  den = jnp.einsum("io,mij,jo->m", W0, grams, W0)
-  return (num / jnp.where(den > 0, den, 1.0)[None],
-          jnp.sum(W == 0, axis=(1, 2)))
-
-
-def _device_batches(ids: np.ndarray, batch_size: int) -> list[jax.Array]:
-  """Host `(N, T)` -> device batches; a stream is a list of these (no
-  device-side slicing, so nothing moves implicitly)."""
-  return [jax.device_put(ids[lo:lo + batch_size])
-          for lo in range(0, ids.shape[0], batch_size)]
 
 
 STREAMS = ("global", "task")
@@ -108,31 +70,6 @@ class WalkResult:
   layers: list[dict]
   seconds: dict[str, float]
   global_ppl: np.ndarray | None = None
-
-
-def _check_finite(x, where: str) -> None:
-  if not bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
-    raise NonFiniteError(f"{where}: NaN or Inf")
-
-
-def eta_seconds(durations: Sequence[float], remaining: int) -> float:
-  """Seconds left for `remaining` layers, from the layers done so far; the
-  first layer (which compiles every function) is left out once others
-  are measured, so it does not inflate the estimate."""
-  steady = durations[1:] if len(durations) > 1 else durations
-  return float(np.mean(steady)) * remaining if steady else 0.0
-
-
-def eta_text(durations: Sequence[float], remaining: int) -> str:
-  """The ETA of a progress line: 'ETA 4m05s' from the layers after the
-  first; after the first layer alone (its time includes compilation, so
-  it would inflate any estimate) it says when an estimate comes."""
-  if remaining <= 0:
-    return "ETA 0s"
-  if len(durations) < 2:
-    return "ETA after the next layer (this one included compilation)"
-  eta = round(eta_seconds(durations, remaining))
-  return f"ETA {eta // 60}m{eta % 60:02d}s" if eta >= 60 else f"ETA {eta}s"
 
 
 def prune_and_evaluate(
@@ -179,166 +116,116 @@ def prune_and_evaluate(
                      f"segments, got {[np.shape(c)[0] for c in calib]}")
   prefs = np.asarray(prefs, np.float32)
   P = prefs.shape[0]
-  prefs_dev = jax.device_put(prefs)
-  seconds = dict.fromkeys(("capture", "solve", "propagate", "evaluate"),
-                          0.0)
-  t_start = time.perf_counter()
-
-  def embed(ids):
-    return [_embed(adapter, params, b)
-            for b in _device_batches(np.asarray(ids), batch_size)]
-
-  def advance(lp, stream):
-    return [_propagate(adapter, lp, h) for h in stream]
-
-  calib_h = [embed(c) for c in calib]
-  test_ids = [_device_batches(np.asarray(t), batch_size) for t in test]
-  test_h0 = [embed(t) for t in test]
-  dense_h = list(test_h0)
-  # Test streams of the P preference models, then of the global model.
-  model_h = [list(test_h0) for _ in range(P + 1)]
-
-  n_layers = adapter.num_layers(params)
-  groups = adapter.linear_groups()
-  zeros, weights_total = np.zeros(P + 1), 0
-  layers_out, durations = [], []
-  first = 0
-  if checkpoint is not None and checkpoint.latest_layer() is not None:
-    done_layer, state, meta = checkpoint.restore(
-        {"calib": calib_h, "dense": dense_h, "models": model_h,
-         "zeros": zeros})
-    calib_h, dense_h, model_h = state["calib"], state["dense"], state[
-        "models"]
-    zeros = np.asarray(state["zeros"], np.float64)
-    weights_total, layers_out = meta["weights_total"], meta["layers"]
-    seconds.update(meta["seconds"])
-    first = done_layer + 1
-    log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
-  for layer in range(first, n_layers):
-    t0 = time.perf_counter()
-    lp = adapter.layer_params(params, layer)
-    for name in adapter.linear_names():
-      _check_finite(adapter.get_kernel(params, layer, name),
-                    f"layer {layer} {name}: dense weights")
-    task_grams = [layer_grams(adapter, lp, calib_h[i],
-                              where=f"layer {layer}, task {i}")
-                  for i in range(m)]
-    t1 = time.perf_counter()
-
-    sets, infos, grams_dev = {}, {}, {}
-    global_params, task_params = params, [params] * m
-    for group in groups:
-      G_dev = jax.device_put(np.stack([g[group[0]] for g in task_grams]))
-      grams_dev[group[0]] = G_dev
-      for name in group:
-        W0 = adapter.get_kernel(params, layer, name)
-        par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
-                                mesh=mesh)
-        if mesh is not None:
-          par, info = sharding.to_local((par, info), W0)
-        where = f"layer {layer} {name}: pruned weights"
-        _check_finite(par.W, where)
-        _check_finite(par.W_tasks, where)
-        global_params = adapter.set_kernel(global_params, layer, name,
-                                           par.W)
-        if streams == "task":
-          for i, w in enumerate(_unstack(par.W_tasks)):
-            task_params[i] = adapter.set_kernel(task_params[i], layer, name,
-                                                w)
-        sets[name], infos[name] = par, info
-    t2 = time.perf_counter()
-
-    lp_global = adapter.layer_params(global_params, layer)
-    if streams == "task":
-      calib_h = [advance(adapter.layer_params(task_params[i], layer),
-                         calib_h[i]) for i in range(m)]
-    else:
-      calib_h = [advance(lp_global, h) for h in calib_h]
-    for i in range(m):
-      for h in calib_h[i]:
-        _check_finite(h, f"layer {layer}: task {i} activations")
-    t3 = time.perf_counter()
-
-    model_params = [params] * P
-    stats = {}
-    for group in groups:
-      for name in group:
-        W0 = adapter.get_kernel(params, layer, name)
-        par = sets[name]
-        W, _ = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg,
-                                grams=grams_dev[group[0]], W0=W0)
-        for p, w in enumerate(_unstack(W)):
-          model_params[p] = adapter.set_kernel(model_params[p], layer, name,
-                                               w)
-        (errs, nz), info = jax.device_get((_model_stats(
-            grams_dev[group[0]], W0, jnp.concatenate([W, par.W[None]])),
-            infos[name]))
-        zeros += nz
-        weights_total += W0.size
-        stats[name] = {"stage1_iters": int(info.stage1.iters),
-                       "stage2_iters": np.asarray(
-                           info.stage2.iters).tolist(),
-                       "rel_error": np.asarray(errs).tolist()}
-    lps = [adapter.layer_params(mp, layer) for mp in model_params]
-    lps.append(lp_global)
-    dense_h = [advance(lp, h) for h in dense_h]
-    model_h = [[advance(lps[p], h) for h in model_h[p]]
-               for p in range(P + 1)]
-    # Dispatch is asynchronous: wait, or this work would be timed as the
-    # next layer's capture.
-    jax.block_until_ready((dense_h, model_h))
-    t4 = time.perf_counter()
-    if artifact_dir is not None:
-      # [ours] A refit needs the Grams again when a preference is
-      # materialised later (export); the paper's Pareto set does not.
-      artifact.save_layer(artifact_dir, layer, jax.device_get(sets),
-                          grams={g[0]: np.stack([t[g[0]] for t in
-                                                 task_grams])
-                                 for g in groups}
-                          if cfg.pref_refit_iters > 0 else None)
-
-    seconds["capture"] += t1 - t0
-    seconds["solve"] += t2 - t1
-    seconds["propagate"] += t3 - t2
-    seconds["evaluate"] += t4 - t3
-    durations.append(t4 - t0)
-    layers_out.append({"layer": layer, "capture_s": t1 - t0,
-                       "solve_s": t2 - t1, "propagate_s": t3 - t2,
-                       "evaluate_s": t4 - t3, "linears": stats})
-    if checkpoint is not None:
-      checkpoint.save(layer, {"calib": calib_h, "dense": dense_h,
-                              "models": model_h, "zeros": zeros},
-                      {"weights_total": weights_total, "layers": layers_out,
-                       "seconds": seconds})
-    done = time.perf_counter() - t_start
-    log(f"layer {layer + 1}/{n_layers}: capture {t1 - t0:.1f}s, "
-        f"solve {t2 - t1:.1f}s, propagate {t3 - t2:.1f}s, evaluate "
-        f"{t4 - t3:.1f}s | elapsed {done:.0f}s, "
-        f"{eta_text(durations, n_layers - layer - 1)}")
-    if on_layer_done is not None:
-      on_layer_done(layer)
-
-  t5 = time.perf_counter()
-  dense_ppl = np.array([stream_ppl(adapter, params, dense_h[t], test_ids[t])
-                        for t in range(m)])
-  model_ppl = np.array([[stream_ppl(adapter, params, model_h[p][t],
-                                    test_ids[t]) for t in range(m)]
-                        for p in range(P + 1)])
-  seconds["evaluate"] += time.perf_counter() - t5
-  seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
-      "propagate"]
-  seconds["total"] = time.perf_counter() - t_start
-  return WalkResult(prefs=prefs, ppl=model_ppl[:P], dense_ppl=dense_ppl,
-                    sparsity=zeros[:P] / max(weights_total, 1),
-                    layers=layers_out, seconds=seconds,
-                    global_ppl=model_ppl[P])
+  unit = mosp_unit(adapter, params, prefs, m, pattern=pattern, cfg=cfg,
+                   streams=streams, artifact_dir=artifact_dir, mesh=mesh)
+  res = walk.walk_layers(adapter, params, calib, test, [unit],
+                         batch_size=batch_size, checkpoint=checkpoint,
+                         log=log, on_layer_done=on_layer_done)
+  return WalkResult(prefs=prefs, ppl=res.ppl[:P], dense_ppl=res.dense_ppl,
+                    sparsity=res.sparsity[:P], layers=res.layers,
+                    seconds=res.seconds, global_ppl=res.ppl[P])
 
 
-def stream_ppl(adapter: Any, params: Any, stream: list[jax.Array],
-               ids: list[jax.Array]) -> float:
-  """Perplexity of hidden states after the last layer `(B, T, d)` batches
-  against their token batches `(B, T)`."""
-  total = sum(float(jax.device_get(_nll(adapter, params, h, i)))
-              for h, i in zip(stream, ids, strict=True))
-  count = sum(i.shape[0] * (i.shape[1] - 1) for i in ids)
-  return float(np.exp(total / count))
+class _Solved(NamedTuple):
+  """What MOSP's solve of one layer hands to its evaluation: per linear
+  its Pareto set and solver info; per group the task Grams on the device
+  (key: the group's first linear) and on the host; the global model."""
+  sets: dict[str, Any]
+  infos: dict[str, Any]
+  grams_dev: dict[str, jax.Array]
+  task_grams: dict[int, walk.Grams]
+  global_params: Any
+
+
+def mosp_unit(adapter: Any, params: Any, prefs: np.ndarray, m: int, *,
+              pattern: Pattern, cfg: SolverConfig, streams: str = "global",
+              artifact_dir: str | None = None,
+              mesh: jax.sharding.Mesh | None = None) -> walk.Unit:
+  """MOSP as a `walk.Unit`: every task's calibration stream, one Pareto set
+  per linear, the `P` preference models of `prefs (P, m)` and the global
+  model `W` evaluated (in that order). Arguments as `prune_and_evaluate`."""
+  model = dict(adapter=adapter, params=params, pattern=pattern, cfg=cfg)
+  return walk.Unit(
+      tasks=tuple(range(m)), models=prefs.shape[0] + 1,
+      solve=functools.partial(_solve_layer, **model, streams=streams,
+                              mesh=mesh),
+      evaluate=functools.partial(_evaluate_layer, **model,
+                                 prefs=jax.device_put(prefs)),
+      commit=None if artifact_dir is None else functools.partial(
+          _save_layer, artifact_dir, groups=adapter.linear_groups(),
+          cfg=cfg))
+
+
+def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
+                 adapter: Any, params: Any, pattern: Pattern,
+                 cfg: SolverConfig, streams: str,
+                 mesh: jax.sharding.Mesh | None
+                 ) -> tuple[list[Any], _Solved]:
+  """One Pareto set per linear of `layer` from the `m` tasks' Grams; the
+  layers the calibration streams go through (`W`, or `W_i` for task i)."""
+  m = len(task_grams)
+  sets, infos, grams_dev = {}, {}, {}
+  global_params, task_params = params, [params] * m
+  for group in adapter.linear_groups():
+    G_dev = jax.device_put(np.stack([task_grams[i][group[0]]
+                                     for i in range(m)]))
+    grams_dev[group[0]] = G_dev
+    for name in group:
+      W0 = adapter.get_kernel(params, layer, name)
+      par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
+                              mesh=mesh)
+      if mesh is not None:
+        par, info = sharding.to_local((par, info), W0)
+      where = f"layer {layer} {name}: pruned weights"
+      walk.check_finite(par.W, where)
+      walk.check_finite(par.W_tasks, where)
+      global_params = adapter.set_kernel(global_params, layer, name, par.W)
+      if streams == "task":
+        for i, w in enumerate(_unstack(par.W_tasks)):
+          task_params[i] = adapter.set_kernel(task_params[i], layer, name, w)
+      sets[name], infos[name] = par, info
+  through = task_params if streams == "task" else [global_params] * m
+  return ([adapter.layer_params(tp, layer) for tp in through],
+          _Solved(sets, infos, grams_dev, task_grams, global_params))
+
+
+def _evaluate_layer(layer: int, s: _Solved, *, adapter: Any, params: Any,
+                    prefs: jax.Array, pattern: Pattern,
+                    cfg: SolverConfig) -> walk.Evaluated:
+  """Materialises the `(P, m)` preferences' models of `layer`; their layers
+  and the global model's, zeros, and per linear the solver iterations and
+  `(P + 1, m)` relative errors on the calibration Grams."""
+  P = prefs.shape[0]
+  model_params = [params] * P
+  stats, zeros, weights = {}, np.zeros(P + 1), 0
+  for group in adapter.linear_groups():
+    G_dev = s.grams_dev[group[0]]
+    for name in group:
+      W0 = adapter.get_kernel(params, layer, name)
+      par = s.sets[name]
+      W, _ = mosp_materialize(par, prefs, pattern=pattern, cfg=cfg,
+                              grams=G_dev, W0=W0)
+      for p, w in enumerate(_unstack(W)):
+        model_params[p] = adapter.set_kernel(model_params[p], layer, name, w)
+      (errs, nz), info = jax.device_get((walk.model_stats(
+          G_dev, W0, jnp.concatenate([W, par.W[None]])), s.infos[name]))
+      zeros += nz
+      weights += W0.size
+      stats[name] = {"stage1_iters": int(info.stage1.iters),
+                     "stage2_iters": np.asarray(info.stage2.iters).tolist(),
+                     "rel_error": np.asarray(errs).tolist()}
+  layers = [adapter.layer_params(mp, layer)
+            for mp in [*model_params, s.global_params]]
+  return walk.Evaluated(layers, zeros, weights, {"linears": stats})
+
+
+def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
+                groups: list[list[str]], cfg: SolverConfig) -> None:
+  """Saves the layer's Pareto sets to the artifact."""
+  # [ours] A refit needs the Grams again when a preference is
+  # materialised later (export); the paper's Pareto set does not.
+  m = len(s.task_grams)
+  grams = ({g[0]: np.stack([s.task_grams[i][g[0]] for i in range(m)])
+            for g in groups} if cfg.pref_refit_iters > 0 else None)
+  artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
+                      grams=grams)

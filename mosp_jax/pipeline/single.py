@@ -12,14 +12,13 @@ Two protocols (docs/METHOD_NOTES.md#baselines):
   linear on `H_lam = sum_i lam_i G_i / tr(W0^T G_i W0)` and advance the
   model's streams. At a vertex `e_i` this is the single-task run.
 
-A data-free method (magnitude) builds one model. Capture, propagation and
-evaluation reuse `prune.py`'s helpers, so a baseline and MOSP see
-identical inputs and numerics.
+A data-free method (magnitude) builds one model. Each model is a
+`walk.Unit` of the one layer walk (`walk.py`) that MOSP's walk uses too, so
+a baseline and MOSP see identical inputs and numerics.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,20 +27,10 @@ import numpy as np
 
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
-from mosp_jax.pipeline.grams import layer_grams
-from mosp_jax.pipeline.prune import (
-  WalkResult,
-  _check_finite,
-  _device_batches,
-  _embed,
-  _propagate,
-  eta_text,
-  stream_ppl,
-)
-from mosp_jax.solvers import Pattern, concat_gram, mixed_gram
+from mosp_jax.pipeline import walk
+from mosp_jax.pipeline.prune import WalkResult
+from mosp_jax.solvers import Pattern
 
-_mix = jax.jit(mixed_gram)
-_concat = jax.jit(concat_gram)
 PROTOCOLS = ("concat", "mixed", "data-free")
 
 
@@ -91,105 +80,58 @@ def baseline_walk(
     raise ValueError(f"prefs must be (P, {m}), got {prefs.shape}")
   if protocol != "mixed":
     prefs = np.full((1, m), 1.0 / m, np.float32)
-  n_models = prefs.shape[0]
-  used = [[] if protocol == "data-free" else
-          [i for i in range(m) if prefs[p, i] > 0] for p in range(n_models)]
-  lams = [jax.device_put(prefs[p]) for p in range(n_models)]
-  seconds = dict.fromkeys(("capture", "solve", "propagate", "evaluate"),
-                          0.0)
-  t_start = time.perf_counter()
+  units = [baseline_unit(adapter, params, prefs[p], method=method,
+                         protocol=protocol, pattern=pattern, cfg=cfg,
+                         where=f"{method} model {p}, ")
+           for p in range(prefs.shape[0])]
+  res = walk.walk_layers(adapter, params, calib, test, units,
+                         batch_size=batch_size, label=f"{method}-{protocol} ",
+                         log=log)
+  return WalkResult(prefs=prefs, ppl=res.ppl, dense_ppl=res.dense_ppl,
+                    sparsity=res.sparsity, layers=res.layers,
+                    seconds=res.seconds)
 
-  def embed(ids):
-    return [_embed(adapter, params, b)
-            for b in _device_batches(np.asarray(ids), batch_size)]
 
-  def advance(lp, stream):
-    return [_propagate(adapter, lp, h) for h in stream]
+def baseline_unit(adapter: Any, params: Any, lam: np.ndarray, *,
+                  method: str, protocol: str, pattern: Pattern,
+                  cfg: SolverConfig, where: str = "") -> walk.Unit:
+  """One baseline model as a `walk.Unit`: the calibration streams of the
+  tasks with `lam_i > 0` (none for 'data-free') go through the model that
+  `method` prunes on the protocol's Gram; `lam (m,)` is used by 'mixed'.
+  Arguments as `baseline_walk`."""
+  m = lam.shape[0]
+  used = () if protocol == "data-free" else tuple(
+      i for i in range(m) if lam[i] > 0)
+  lam_dev = jax.device_put(lam)
+  groups = adapter.linear_groups()
 
-  def gram(G_dev, W0, p):
+  def gram(G_dev, W0):
     if protocol == "data-free":
       return None
     if protocol == "concat":
-      return _concat(G_dev)
-    return _mix(G_dev, W0, lams[p])
+      return walk.concat_gram_jit(G_dev)
+    return walk.mixed_gram_jit(G_dev, W0, lam_dev)
 
-  needed = sorted({i for u in used for i in u})
-  calib_h0 = {i: embed(calib[i]) for i in needed}
-  calib_h = [{i: calib_h0[i] for i in used[p]} for p in range(n_models)]
-  test_ids = [_device_batches(np.asarray(t), batch_size) for t in test]
-  test_h0 = [embed(t) for t in test]
-  dense_h = list(test_h0)
-  model_h = [list(test_h0) for _ in range(n_models)]
+  def solve(layer, grams):
+    mp, zeros, weights = params, 0, 0
+    for group in groups:
+      G_dev = None
+      if used:
+        # Tasks the model does not weigh enter as zero Grams.
+        G = np.zeros((m, *grams[used[0]][group[0]].shape), np.float32)
+        for i in used:
+          G[i] = grams[i][group[0]]
+        G_dev = jax.device_put(G)
+      for name in group:
+        W0 = adapter.get_kernel(params, layer, name)
+        W = baselines.prune_single(method, gram(G_dev, W0), W0,
+                                   pattern=pattern, cfg=cfg)
+        walk.check_finite(W, f"{where}layer {layer} {name}: pruned weights")
+        mp = adapter.set_kernel(mp, layer, name, W)
+        zeros += int(jax.device_get(_zeros(W)))
+        weights += W0.size
+    lp = adapter.layer_params(mp, layer)
+    return [lp] * len(used), walk.Evaluated([lp], [zeros], weights, {})
 
-  n_layers = adapter.num_layers(params)
-  groups = adapter.linear_groups()
-  zeros, weights_total = np.zeros(n_models), 0
-  layers_out, durations = [], []
-  for layer in range(n_layers):
-    lp = adapter.layer_params(params, layer)
-    t_cap = t_solve = t_prop = t_eval = 0.0
-    for p in range(n_models):
-      t0 = time.perf_counter()
-      grams = {i: layer_grams(adapter, lp, calib_h[p][i],
-                              where=f"{method} model {p}, layer {layer}, "
-                              f"task {i}") for i in used[p]}
-      t1 = time.perf_counter()
-      mp = params
-      for group in groups:
-        G_dev = None
-        if used[p]:
-          G = np.zeros((m, *grams[used[p][0]][group[0]].shape), np.float32)
-          for i in used[p]:
-            G[i] = grams[i][group[0]]
-          G_dev = jax.device_put(G)
-        for name in group:
-          W0 = adapter.get_kernel(params, layer, name)
-          W = baselines.prune_single(method, gram(G_dev, W0, p), W0,
-                                     pattern=pattern, cfg=cfg)
-          _check_finite(W, f"{method} model {p}, layer {layer} {name}: "
-                        "pruned weights")
-          mp = adapter.set_kernel(mp, layer, name, W)
-          zeros[p] += int(jax.device_get(_zeros(W)))
-          if p == 0:
-            weights_total += W0.size
-      t2 = time.perf_counter()
-      lpp = adapter.layer_params(mp, layer)
-      calib_h[p] = {i: advance(lpp, h) for i, h in calib_h[p].items()}
-      for i, stream in calib_h[p].items():
-        for h in stream:
-          _check_finite(h, f"{method} model {p}, layer {layer}: task {i} "
-                        "activations")
-      t3 = time.perf_counter()
-      model_h[p] = jax.block_until_ready([advance(lpp, h)
-                                          for h in model_h[p]])
-      t4 = time.perf_counter()
-      t_cap, t_solve = t_cap + t1 - t0, t_solve + t2 - t1
-      t_prop, t_eval = t_prop + t3 - t2, t_eval + t4 - t3
-    t0 = time.perf_counter()
-    dense_h = jax.block_until_ready([advance(lp, h) for h in dense_h])
-    t_eval += time.perf_counter() - t0
-    for key, value in (("capture", t_cap), ("solve", t_solve),
-                       ("propagate", t_prop), ("evaluate", t_eval)):
-      seconds[key] += value
-    durations.append(t_cap + t_solve + t_prop + t_eval)
-    layers_out.append({"layer": layer, "capture_s": t_cap,
-                       "solve_s": t_solve, "propagate_s": t_prop,
-                       "evaluate_s": t_eval})
-    done = time.perf_counter() - t_start
-    log(f"{method}-{protocol} layer {layer + 1}/{n_layers}: capture "
-        f"{t_cap:.1f}s, solve {t_solve:.1f}s, propagate {t_prop:.1f}s, "
-        f"evaluate {t_eval:.1f}s | elapsed {done:.0f}s, "
-        f"{eta_text(durations, n_layers - layer - 1)}")
-
-  t5 = time.perf_counter()
-  dense_ppl = np.array([stream_ppl(adapter, params, dense_h[t], test_ids[t])
-                        for t in range(m)])
-  ppl = np.array([[stream_ppl(adapter, params, model_h[p][t], test_ids[t])
-                   for t in range(m)] for p in range(n_models)])
-  seconds["evaluate"] += time.perf_counter() - t5
-  seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
-      "propagate"]
-  seconds["total"] = time.perf_counter() - t_start
-  return WalkResult(prefs=prefs, ppl=ppl, dense_ppl=dense_ppl,
-                    sparsity=zeros / max(weights_total, 1),
-                    layers=layers_out, seconds=seconds)
+  return walk.Unit(tasks=used, models=1, solve=solve,
+                   evaluate=lambda layer, evaluated: evaluated, where=where)

@@ -1,0 +1,382 @@
+"""The sequential layer walk, written once: streams, embed, advance, NLL.
+
+Every model in the repository is evaluated the same way (docs/METHOD_NOTES.md
+#whole-model): token segments are cut into device batches (a *stream*),
+embedded, advanced one decoder layer at a time and scored by the head, so
+no model is ever held whole. MOSP's walk (`prune.py`), the baselines' walk
+(`single.py`), the layer-level capture (`experiments/layer_compare.py`) and
+the export's parity check (`bridge/verify.py`) all use these functions, so
+they see identical inputs and numerics.
+
+`walk_layers` is the pruning walk. Per decoder layer and per `Unit` (one
+pruning decision and the streams it governs): capture the Grams of the
+unit's calibration streams on the dense layer, let the unit solve, advance
+its calibration streams through the layers it chose, then let it build its
+evaluated models and advance their test streams; the dense model's test
+streams are advanced last. The caller supplies only what differs: what to
+prune and which stream goes through which model.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosp_jax.pipeline.checkpoint import LayerCheckpoint
+from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
+from mosp_jax.solvers import concat_gram, mixed_gram
+
+Stream = list[jax.Array]  # device batches (B, T) of ids or (B, T, d) states
+Grams = dict[str, np.ndarray]  # {first linear of a group: (n_in, n_in)}
+
+
+# Model functions, compiled once per adapter and batch shape.
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def embed(adapter: Any, params: Any, ids: jax.Array) -> jax.Array:
+  """Token ids `(B, T)` int32 -> hidden states `(B, T, d)`."""
+  return adapter.embed(params, ids)
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def advance(adapter: Any, layer_params: Any, hidden: jax.Array) -> jax.Array:
+  """Hidden states `(B, T, d)` through one decoder layer."""
+  return adapter.apply_block(layer_params, hidden)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("adapter",))
+def nll(adapter: Any, params: Any, hidden: jax.Array,
+        ids: jax.Array) -> jax.Array:
+  """Summed next-token negative log-likelihood (nats, float32 scalar) of
+  `(B, T)` segments from their last-layer states `(B, T, d)`."""
+  logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  tgt = ids[:, 1:, None]
+  return -jnp.sum(jnp.take_along_axis(logp, tgt, axis=-1))
+
+
+# Gram combinations of the baselines, jitted once for every caller.
+mixed_gram_jit = jax.jit(mixed_gram)
+concat_gram_jit = jax.jit(concat_gram)
+
+
+@jax.jit
+def model_stats(grams: jax.Array, W0: jax.Array,
+                W: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(P, m)` relative reconstruction error of each of the models
+  `W (P, n, o)` on each task's Gram `grams (m, n, n)` against the dense
+  `W0 (n, o)`, and `(P,)` exact zeros per model."""
+  E = W - W0[None]                                        # (P, n, o)
+  num = jnp.einsum("pio,mij,pjo->pm", E, grams, E)
+  den = jnp.einsum("io,mij,jo->m", W0, grams, W0)
+  return (num / jnp.where(den > 0, den, 1.0)[None],
+          jnp.sum(W == 0, axis=(1, 2)))
+
+
+# Streams.
+
+
+def device_batches(ids: np.ndarray, batch_size: int) -> Stream:
+  """Host `(N, T)` -> device batches; a stream is a list of these (no
+  device-side slicing, so nothing moves implicitly)."""
+  return [jax.device_put(ids[lo:lo + batch_size])
+          for lo in range(0, ids.shape[0], batch_size)]
+
+
+def embed_stream(adapter: Any, params: Any, ids: np.ndarray,
+                 batch_size: int) -> Stream:
+  """Host segments `(N, T)` -> the stream of their embeddings."""
+  return [embed(adapter, params, b)
+          for b in device_batches(np.asarray(ids), batch_size)]
+
+
+def advance_stream(adapter: Any, layer_params: Any,
+                   stream: Stream) -> Stream:
+  """Every batch of `stream` through one decoder layer."""
+  return [advance(adapter, layer_params, h) for h in stream]
+
+
+def dense_stream(adapter: Any, params: Any, ids: np.ndarray, *,
+                 batch_size: int, layers: int | None = None) -> Stream:
+  """The dense model's states entering layer `layers` (default: after the
+  last layer) for host segments `(N, T)`."""
+  stream = embed_stream(adapter, params, ids, batch_size)
+  stop = adapter.num_layers(params) if layers is None else layers
+  for layer in range(stop):
+    stream = advance_stream(adapter, adapter.layer_params(params, layer),
+                            stream)
+  return stream
+
+
+def stream_ppl(adapter: Any, params: Any, stream: Stream,
+               ids: Stream) -> float:
+  """Perplexity of hidden states after the last layer `(B, T, d)` batches
+  against their token batches `(B, T)`: exp of the mean next-token NLL,
+  summed per batch on the host in float64."""
+  total = sum(float(jax.device_get(nll(adapter, params, h, i)))
+              for h, i in zip(stream, ids, strict=True))
+  count = sum(i.shape[0] * (i.shape[1] - 1) for i in ids)
+  return float(np.exp(total / count))
+
+
+def perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
+               batch_size: int) -> float:
+  """Perplexity of the dense `params` on host segments `(N, T)` int32,
+  layer by layer exactly as a walk evaluates its dense model."""
+  ids = device_batches(np.asarray(segments), batch_size)
+  return stream_ppl(adapter, params, dense_stream(
+      adapter, params, segments, batch_size=batch_size), ids)
+
+
+def check_finite(x: Any, where: str) -> None:
+  """Raises `NonFiniteError` naming `where` when `x` has NaN or Inf."""
+  if not bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
+    raise NonFiniteError(f"{where}: NaN or Inf")
+
+
+# Progress.
+
+
+def eta_seconds(durations: Sequence[float], remaining: int) -> float:
+  """Seconds left for `remaining` layers, from the layers done so far; the
+  first layer (which compiles every function) is left out once others
+  are measured, so it does not inflate the estimate."""
+  steady = durations[1:] if len(durations) > 1 else durations
+  return float(np.mean(steady)) * remaining if steady else 0.0
+
+
+def eta_text(durations: Sequence[float], remaining: int) -> str:
+  """The ETA of a progress line: 'ETA 4m05s' from the layers after the
+  first; after the first layer alone (its time includes compilation, so
+  it would inflate any estimate) it says when an estimate comes."""
+  if remaining <= 0:
+    return "ETA 0s"
+  if len(durations) < 2:
+    return "ETA after the next layer (this one included compilation)"
+  eta = round(eta_seconds(durations, remaining))
+  return f"ETA {eta // 60}m{eta % 60:02d}s" if eta >= 60 else f"ETA {eta}s"
+
+
+# The pruning walk.
+
+
+class Evaluated(NamedTuple):
+  """What a unit's models are after one layer.
+
+  layers: per evaluated model, the decoder layer its test streams go
+    through.
+  zeros: per evaluated model, exact zeros in its pruned linears.
+  weights: weights in the pruned linears of one model.
+  record: JSON-able entries of the layer's record (e.g. 'linears').
+  """
+  layers: list[Any]
+  zeros: Sequence[int]
+  weights: int
+  record: dict
+
+
+class Unit(NamedTuple):
+  """One pruning decision per layer and the streams it governs.
+
+  tasks: the tasks whose calibration streams the unit captures and
+    advances (each unit has its own copy of them).
+  models: how many models it evaluates (each on every task's test stream).
+  solve: `(layer, {task: Grams}) -> (layers, carry)`: prunes the layer;
+    `layers[j]` is the decoder layer task `tasks[j]`'s calibration stream
+    goes through; timed as 'solve'.
+  evaluate: `(layer, carry) -> Evaluated`: the evaluated models' layers
+    (e.g. materialised preferences); timed as 'evaluate'.
+  commit: `(layer, carry) -> None` or None: saves what the layer made
+    (untimed, before the layer is checkpointed).
+  where: prefix of error messages ('sparsegpt model 2, ').
+  """
+  tasks: tuple[int, ...]
+  models: int
+  solve: Callable[[int, dict[int, Grams]], tuple[list[Any], Any]]
+  evaluate: Callable[[int, Any], Evaluated]
+  commit: Callable[[int, Any], None] | None = None
+  where: str = ""
+
+
+class Walk(NamedTuple):
+  """What `walk_layers` measured.
+
+  ppl: `(M, m)` perplexity of each evaluated model (the units' models in
+    order) on each task's test segments.
+  dense_ppl: `(m,)` perplexity of the dense model.
+  sparsity: `(M,)` fraction of exact zeros over the pruned linears.
+  layers: per layer, `{'layer', 'capture_s', 'solve_s', 'propagate_s',
+    'evaluate_s'}` and the units' records.
+  seconds: wall time per phase: 'capture', 'solve', 'propagate', 'evaluate'
+    (test streams, perplexity), 'walk' (= capture + solve + propagate) and
+    'total'.
+  """
+  ppl: np.ndarray
+  dense_ppl: np.ndarray
+  sparsity: np.ndarray
+  layers: list[dict]
+  seconds: dict[str, float]
+
+
+_PHASES = ("capture", "solve", "propagate", "evaluate")
+
+
+def _capture(adapter, layer, lp, unit, calib) -> dict[int, Grams]:
+  return {i: layer_grams(adapter, lp, s,
+                         where=f"{unit.where}layer {layer}, task {i}")
+          for i, s in zip(unit.tasks, calib, strict=True)}
+
+
+def _advance_calib(adapter, layer, unit, layers, calib) -> list[Stream]:
+  calib = [advance_stream(adapter, lp, s)
+           for lp, s in zip(layers, calib, strict=True)]
+  for i, stream in zip(unit.tasks, calib, strict=True):
+    for h in stream:
+      check_finite(h, f"{unit.where}layer {layer}: task {i} activations")
+  return calib
+
+
+def _walk_layer(adapter, params, layer, units, state):
+  """One decoder layer of every unit: `(state, times, record, zeros,
+  weights)`, times per phase in seconds."""
+  times = dict.fromkeys(_PHASES, 0.0)
+  t0 = time.perf_counter()
+  lp = adapter.layer_params(params, layer)
+  for name in adapter.linear_names():
+    check_finite(adapter.get_kernel(params, layer, name),
+                 f"layer {layer} {name}: dense weights")
+  times["capture"] += time.perf_counter() - t0
+  record, zeros, weights = {}, [], []
+  calib, tests = list(state["calib"]), list(state["test"])
+  for u, unit in enumerate(units):
+    t0 = time.perf_counter()
+    grams = _capture(adapter, layer, lp, unit, calib[u])
+    t1 = time.perf_counter()
+    layers, carry = unit.solve(layer, grams)
+    t2 = time.perf_counter()
+    calib[u] = _advance_calib(adapter, layer, unit, layers, calib[u])
+    t3 = time.perf_counter()
+    ev = unit.evaluate(layer, carry)
+    tests[u] = [[advance_stream(adapter, lpm, s) for s in streams]
+                for lpm, streams in zip(ev.layers, tests[u], strict=True)]
+    # Dispatch is asynchronous: wait, or this work would be timed as the
+    # next phase.
+    jax.block_until_ready(tests[u])
+    t4 = time.perf_counter()
+    for key, dt in zip(_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+                       strict=True):
+      times[key] += dt
+    if unit.commit is not None:
+      unit.commit(layer, carry)
+    record |= ev.record
+    zeros += list(ev.zeros)
+    weights += [ev.weights] * unit.models
+  t0 = time.perf_counter()
+  dense = jax.block_until_ready([advance_stream(adapter, lp, s)
+                                 for s in state["dense"]])
+  times["evaluate"] += time.perf_counter() - t0
+  return ({"calib": calib, "test": tests, "dense": dense}, times, record,
+          np.asarray(zeros, np.float64), np.asarray(weights, np.float64))
+
+
+def walk_layers(
+    adapter: Any, params: Any, calib: Sequence[np.ndarray],
+    test: Sequence[np.ndarray], units: Sequence[Unit], *, batch_size: int,
+    label: str = "", checkpoint: LayerCheckpoint | None = None,
+    log: Callable[[str], None] = print,
+    on_layer_done: Callable[[int], None] | None = None) -> Walk:
+  """Walks the decoder layers of `params`, pruning each with `units`.
+
+  Args:
+    adapter: the family adapter of the model.
+    params: dense model parameters (device arrays).
+    calib: per task, `(N, T)` int32 calibration segments.
+    test: per task, `(n_i, T')` int32 test segments.
+    units: the pruning decisions and the streams each governs.
+    batch_size: sequences per forward batch.
+    label: prefix of the progress line ('sparsegpt-mixed ').
+    checkpoint: where to save every stream after each layer; when it holds
+      a step, the walk resumes after that layer (same inputs required) and
+      ends with identical results.
+    log: progress sink, one line per layer.
+    on_layer_done: called with the layer index once it is checkpointed.
+
+  Returns:
+    `Walk` of the units' models and the dense model.
+  """
+  t_start = time.perf_counter()
+  seconds = dict.fromkeys(_PHASES, 0.0)
+  state = _embedded(adapter, params, calib, test, units, batch_size)
+  test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
+  n_models = sum(u.models for u in units)
+  zeros, weights = np.zeros(n_models), np.zeros(n_models)
+  n_layers = adapter.num_layers(params)
+  layers_out, durations, first = [], [], 0
+  if checkpoint is not None and checkpoint.latest_layer() is not None:
+    done_layer, saved, meta = checkpoint.restore(
+        {"streams": state, "zeros": zeros, "weights": weights})
+    state = saved["streams"]
+    zeros = np.asarray(saved["zeros"], np.float64)
+    weights = np.asarray(saved["weights"], np.float64)
+    layers_out = meta["layers"]
+    seconds.update(meta["seconds"])
+    first = done_layer + 1
+    log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
+  for layer in range(first, n_layers):
+    state, times, record, z, w = _walk_layer(adapter, params, layer, units,
+                                             state)
+    zeros, weights = zeros + z, weights + w
+    for key in _PHASES:
+      seconds[key] += times[key]
+    durations.append(sum(times.values()))
+    layers_out.append({"layer": layer, **{f"{k}_s": times[k]
+                                          for k in _PHASES}, **record})
+    if checkpoint is not None:
+      checkpoint.save(layer, {"streams": state, "zeros": zeros,
+                              "weights": weights},
+                      {"layers": layers_out, "seconds": seconds})
+    done = time.perf_counter() - t_start
+    log(f"{label}layer {layer + 1}/{n_layers}: capture "
+        f"{times['capture']:.1f}s, solve {times['solve']:.1f}s, propagate "
+        f"{times['propagate']:.1f}s, evaluate {times['evaluate']:.1f}s | "
+        f"elapsed {done:.0f}s, {eta_text(durations, n_layers - layer - 1)}")
+    if on_layer_done is not None:
+      on_layer_done(layer)
+
+  t5 = time.perf_counter()
+
+  def model_ppl(model):  # per task, the model's stream after the last layer
+    return [stream_ppl(adapter, params, s, ids)
+            for s, ids in zip(model, test_ids, strict=True)]
+
+  dense_ppl = np.array(model_ppl(state["dense"]))
+  ppl = np.array([model_ppl(model) for unit_tests in state["test"]
+                  for model in unit_tests])
+  seconds["evaluate"] += time.perf_counter() - t5
+  seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
+      "propagate"]
+  seconds["total"] = time.perf_counter() - t_start
+  return Walk(ppl=ppl.reshape(n_models, len(test)), dense_ppl=dense_ppl,
+              sparsity=zeros / np.maximum(weights, 1), layers=layers_out,
+              seconds=seconds)
+
+
+def _embedded(adapter, params, calib, test, units, batch_size) -> dict:
+  """The walk's streams before the first layer: each unit's calibration
+  streams and each of its models' test streams, and the dense model's
+  test streams; every copy starts from the same embedded batches."""
+  needed = sorted({i for u in units for i in u.tasks})
+  calib_h0 = {i: embed_stream(adapter, params, calib[i], batch_size)
+              for i in needed}
+  test_h0 = [embed_stream(adapter, params, t, batch_size) for t in test]
+  return {"calib": [[calib_h0[i] for i in u.tasks] for u in units],
+          "test": [[list(test_h0) for _ in range(u.models)]
+                   for u in units],
+          "dense": list(test_h0)}
