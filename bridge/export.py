@@ -6,14 +6,14 @@ r"""Export one preference of a MOSP run as a Hugging Face PyTorch checkpoint.
 --preference is 'centroid' or one weight per task. Writes a new folder
 (safetensors weights, config.json, tokenizer files, mosp_export.json) that
 stock `transformers.AutoModelForCausalLM.from_pretrained` loads; see
-`bridge.exporter`. Check it with `python -m bridge.parity --checkpoint=DIR`.
+`bridge.torch_export`. Check it with `python -m bridge.parity --checkpoint=DIR`.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-from bridge.exporter import DTYPES, export_preference
+from bridge.torch_export import DTYPES, export_preference
 from mosp_jax import cli
 
 flags.DEFINE_string("run_dir", None, "A finished experiments.run directory.")

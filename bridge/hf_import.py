@@ -14,7 +14,7 @@
 
 Pickled PyTorch weights (`*.bin`, `*.pt`, ...) are refused unless
 `trust_pickle=True`: unpickling runs arbitrary code. Spec resolution and the
-up-front integrity checks live in `bridge.sources`.
+up-front integrity checks live in `bridge.model_files`.
 
 Non-Flax sources go through PyTorch (`AutoModelForCausalLM`), then the rename
 table of `bridge.rename` and a tree diff against the Flax model. The result
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridge import rename
-from bridge.sources import (
+from bridge.model_files import (
     FLAX_WEIGHTS,
     PINNED_GGUF,
     SMOLLM2,

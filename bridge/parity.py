@@ -8,7 +8,7 @@ mosp_export.json. Prints the perplexity of every task with PyTorch (stock
 transformers on the checkpoint) and with JAX (the run's layer walk) on the
 run's test segments, the per-linear sparsity against the masks, and every
 problem; exits 1 when any check fails (a relative perplexity difference
-above --rtol, a mask or a weight that differs, ...; see `bridge.verify`).
+above --rtol, a mask or a weight that differs, ...; see `bridge.parity_check`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from bridge.verify import DEFAULT_RTOL, check_parity, format_report
+from bridge.parity_check import DEFAULT_RTOL, check_parity, format_report
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact
 

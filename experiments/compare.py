@@ -58,7 +58,7 @@ from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, pareto, walk
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.prune import prune_and_evaluate
-from mosp_jax.pipeline.single import baseline_walk
+from mosp_jax.pipeline.single_objective import baseline_walk
 
 PROTOCOLS = ("concat", "mixed")
 PAPER_REFERENCE = "sparsegpt-concat"

@@ -78,8 +78,9 @@ flags.DEFINE_float("pause_seconds", 0.0, "See --pause_after_layer.")
 flags.DEFINE_string("export_pref", "none", "After the run, export this "
                     "preference ('centroid' or weights, e.g. 0.5,0.25,0.25; "
                     "'none': skip) to <out_dir>/export_<pref>/ as a PyTorch "
-                    "checkpoint and check its parity (bridge.verify); the "
-                    "result goes to results.json['export'].")
+                    "checkpoint and check its parity "
+                    "(bridge.parity_check); the result goes to "
+                    "results.json['export'].")
 # Solver hyperparameters: defaults are SolverConfig's (the paper's).
 flags.DEFINE_float("alpha", _D.alpha, "Share of the budget k in the shared "
                    "core S_c [paper 0.5].")
@@ -559,7 +560,7 @@ def main(argv):
 def export_and_check(out: pathlib.Path, pref: str) -> None:
   """--export_pref: export + parity into results.json; exits 1 on failure.
   Skipped when results.json already records a passing export of `pref`."""
-  from bridge import verify
+  from bridge import parity_check
   res = json.loads((out / RESULTS_FILE).read_text())
   tag = bridge_pruned.preference_tag(pref)
   done = res.get("export") or {}
@@ -570,7 +571,7 @@ def export_and_check(out: pathlib.Path, pref: str) -> None:
     return
   print(f"exporting preference {pref} and checking its parity ...",
         flush=True)
-  res["export"] = verify.export_and_check(
+  res["export"] = parity_check.export_and_check(
       out, pref, log=functools.partial(print, flush=True))
   artifact.write_json(out / RESULTS_FILE, res)
   if not res["export"]["ok"]:

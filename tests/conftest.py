@@ -90,8 +90,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run):
   """`(folder, ExportInfo)` of the centroid of `tiny_run`, exported."""
-  from bridge import exporter
+  from bridge import torch_export
 
   out = tiny_run / "exported"
-  info = exporter.export_preference(tiny_run, "centroid", out)
+  info = torch_export.export_preference(tiny_run, "centroid", out)
   return out, info

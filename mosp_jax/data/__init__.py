@@ -1,5 +1,12 @@
 """Named text sources and tokenised calibration/test segments per task."""
 
+from mosp_jax.data.corpora import (
+    OFFLINE_SOURCES,
+    SOURCES,
+    Document,
+    SourceUnavailableError,
+    get_source,
+)
 from mosp_jax.data.segments import (
     DEFAULT_SEPARATOR,
     Stream,
@@ -9,13 +16,6 @@ from mosp_jax.data.segments import (
     split_documents,
     test_segments,
     tokenize_stream,
-)
-from mosp_jax.data.sources import (
-    OFFLINE_SOURCES,
-    SOURCES,
-    Document,
-    SourceUnavailableError,
-    get_source,
 )
 from mosp_jax.data.task import TaskData, check_task, load_task
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mosp_jax import fetch
-from mosp_jax.data import segments, sources
+from mosp_jax.data import corpora, segments
 
 _CACHE_VERSION = 1
 _log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   return h.hexdigest()
 
 
-def documents_fingerprint(docs: Sequence[sources.Document]) -> str:
+def documents_fingerprint(docs: Sequence[corpora.Document]) -> str:
   """A hash of the documents' texts, groups and splits, in order."""
   h = hashlib.sha256()
   for doc in docs:
@@ -92,30 +92,30 @@ def documents_fingerprint(docs: Sequence[sources.Document]) -> str:
   return h.hexdigest()
 
 
-def _sides(docs: Sequence[sources.Document], *, test_fraction: float,
-           split_seed: int) -> tuple[list[sources.Document],
-                                     list[sources.Document]]:
+def _sides(docs: Sequence[corpora.Document], *, test_fraction: float,
+           split_seed: int) -> tuple[list[corpora.Document],
+                                     list[corpora.Document]]:
   """Calibration and test documents, each side in a seeded random order."""
   fixed = {doc.split for doc in docs}
   if fixed == {None}:
     return segments.split_documents(
         docs, test_fraction=test_fraction, seed=split_seed,
         group_key=lambda d: d.group)
-  if not fixed <= {sources.CALIB, sources.TEST} or len(fixed) != 2:
+  if not fixed <= {corpora.CALIB, corpora.TEST} or len(fixed) != 2:
     raise ValueError(f"documents carry splits {fixed}; an official split "
-                     f"needs every document on {sources.CALIB!r} or "
-                     f"{sources.TEST!r}, both present")
+                     f"needs every document on {corpora.CALIB!r} or "
+                     f"{corpora.TEST!r}, both present")
   rng = np.random.default_rng(split_seed)
   out = []
-  for side in (sources.CALIB, sources.TEST):
+  for side in (corpora.CALIB, corpora.TEST):
     part = [d for d in docs if d.split == side]
     out.append([part[i] for i in rng.permutation(len(part))])
   return out[0], out[1]
 
 
-def _split(name: str, docs: Sequence[sources.Document], *,
+def _split(name: str, docs: Sequence[corpora.Document], *,
            test_fraction: float, split_seed: int
-           ) -> tuple[list[sources.Document], list[sources.Document]]:
+           ) -> tuple[list[corpora.Document], list[corpora.Document]]:
   """`_sides`, with an error that names the task and says what it needs."""
   try:
     return _sides(docs, test_fraction=test_fraction, split_seed=split_seed)
@@ -136,7 +136,7 @@ def check_task(name: str | os.PathLike, *,
     FileNotFoundError, ValueError: naming the task file.
   """
   name = os.fspath(name)
-  _split(name, sources.get_source(name), test_fraction=test_fraction,
+  _split(name, corpora.get_source(name), test_fraction=test_fraction,
          split_seed=0)
 
 
@@ -191,7 +191,7 @@ def load_task(
   """Calibration and test segments of one task.
 
   Args:
-    name: a source name (`sources.SOURCES`) or a `.txt`/`.jsonl` path.
+    name: a source name (`corpora.SOURCES`) or a `.txt`/`.jsonl` path.
     tokenizer: a Hugging Face tokenizer.
     nsamples, seqlen: calibration segments, drawn with `seed` from a stream
       of about `pool_factor * nsamples * seqlen` tokens (fewer if the
@@ -208,7 +208,7 @@ def load_task(
     use_cache: read and write tokenised streams in the cache.
   """
   name = os.fspath(name)
-  docs = sources.get_source(name)
+  docs = corpora.get_source(name)
   separator_ids = segments.resolve_separator(tokenizer, separator)
   params = dict(
       separator_ids=separator_ids, test_fraction=test_fraction,

@@ -3,10 +3,11 @@
 Every model in the repository is evaluated the same way (docs/METHOD_NOTES.md
 #whole-model): token segments are cut into device batches (a *stream*),
 embedded, advanced one decoder layer at a time and scored by the head, so
-no model is ever held whole. MOSP's walk (`prune.py`), the baselines' walk
-(`single.py`), the layer-level capture (`experiments/layer_compare.py`) and
-the export's parity check (`bridge/verify.py`) all use these functions, so
-they see identical inputs and numerics.
+no model is ever held whole. MOSP's walk (`prune.py`), the baselines'
+walk (`single_objective.py`), the layer-level capture
+(`experiments/layer_compare.py`) and the export's parity check
+(`bridge/parity_check.py`) all use these functions, so they see identical
+inputs and numerics.
 
 `walk_layers` is the pruning walk. Per decoder layer and per `Unit` (one
 pruning decision and the streams it governs): capture the Grams of the

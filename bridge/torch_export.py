@@ -12,7 +12,7 @@ The model is `bridge.pruned.materialize` of the preference, i.e. exactly
 the model the run evaluated. Names and layouts come from the one rename
 table (`bridge.rename.flax_to_pt`), diffed against the PyTorch model's own
 state dict before anything is written. Pruned weights are exact zeros in
-every dtype (0 casts to 0). `bridge.verify` (`python -m bridge.parity`)
+every dtype (0 casts to 0). `bridge.parity_check` (`python -m bridge.parity`)
 checks an export.
 """
 

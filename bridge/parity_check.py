@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bridge import exporter, hf_import, pruned, rename, sources
+from bridge import hf_import, model_files, pruned, rename, torch_export
 from mosp_jax import cli
 from mosp_jax.pipeline import pareto, walk
 
@@ -165,7 +165,7 @@ def _read_state(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _provenance(folder: pathlib.Path) -> dict:
-  path = folder / exporter.EXPORT_META
+  path = folder / torch_export.EXPORT_META
   return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -205,7 +205,7 @@ def check_provenance(prov: dict, run: pruned.RunInfo,
   if differ:
     raise ValueError(
         f"--run_dir {run.run_dir}: not the run {folder} was exported from "
-        f"(its {exporter.EXPORT_META} names run {prov.get('run_dir')}); "
+        f"(its {torch_export.EXPORT_META} names run {prov.get('run_dir')}); "
         + "; ".join(f"{k}: export {theirs[k]}, run {ours[k]}"
                     for k in differ))
 
@@ -240,28 +240,28 @@ def check_parity(
     the report; `report.ok` is False when any check failed.
 
   Raises:
-    bridge.sources.ModelLoadError, bridge.pruned.RunDirError, ValueError:
+    bridge.model_files.ModelLoadError, bridge.pruned.RunDirError, ValueError:
       the inputs cannot be read at all.
   """
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   folder = pathlib.Path(checkpoint)
-  source = sources.resolve(str(folder))  # Refuses pickled weights.
+  source = model_files.resolve(str(folder))  # Refuses pickled weights.
   if source.kind != "torch":
-    raise sources.ModelLoadError(
+    raise model_files.ModelLoadError(
         f"{folder}: not a PyTorch safetensors checkpoint ({source.kind})")
   check_checkpoint_files(folder)
   prov = _provenance(folder)
   run_dir = run_dir or prov.get("run_dir")
   if run_dir is None:
     raise cli.UsageError(f"--run_dir: required ({folder} has no "
-                         f"{exporter.EXPORT_META})")
+                         f"{torch_export.EXPORT_META})")
   run = pruned.read_run(run_dir)
   check_provenance(prov, run, folder)
   if preference is None:
     if "preference" not in prov:
       raise cli.UsageError("--preference: required (the checkpoint has no "
-                           f"{exporter.EXPORT_META})")
+                           f"{torch_export.EXPORT_META})")
     pref = np.asarray(prov["preference"], np.float32)
   else:
     with cli.usage_errors("--preference"):
@@ -276,17 +276,17 @@ def check_parity(
                      f"that of {model.preference.tolist()}")
   adapter, config = model.adapter, model.adapter.config
   state, dtype = _read_state(folder)
-  if dtype not in exporter.DTYPES:
+  if dtype not in torch_export.DTYPES:
     problems.append(f"weights: stored as {dtype}, expected one of "
-                    f"{exporter.DTYPES}")
+                    f"{torch_export.DTYPES}")
     dtype = "float32"
-  jax_flat = {k: exporter.round_like_export(v, dtype)
+  jax_flat = {k: torch_export.round_like_export(v, dtype)
               for k, v in rename.flatten(model.params).items()}
 
   # Names and weights, in PyTorch names.
   differing: dict[str, float] = {}
   linears: list[LinearCheck] = []
-  jax_state = exporter.to_torch_state(config, rename.unflatten(jax_flat),
+  jax_state = torch_export.to_torch_state(config, rename.unflatten(jax_flat),
                                       what="the JAX model")
   try:
     rename.tree_diff({(k,): v for k, v in state.items()},
@@ -432,7 +432,7 @@ def export_and_check(run_dir: str | pathlib.Path, preference: str, *,
   run = pruned.read_run(run_dir)
   model = pruned.materialize(
       run, pruned.parse_preference(preference, run.tasks), log=log)
-  exporter.export_model(run, model, out, dtype=dtype, overwrite=True,
+  torch_export.export_model(run, model, out, dtype=dtype, overwrite=True,
                         log=log)
   report = check_parity(out, run_dir, preference, rtol=rtol, model=model,
                         log=log)
