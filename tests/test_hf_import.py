@@ -78,7 +78,7 @@ def test_smollm2_from_gguf():
   cfg = model.config
   assert (cfg.rope_theta, cfg.tie_word_embeddings) == (100000.0, True)
   assert cfg.num_hidden_layers == 30 and "lm_head" not in params
-  # METHOD.md section 8: exposed, not repaired.
+  # Exposed, not repaired (README, "The exports' tokenizer").
   info = hf_import.special_tokens(cfg, tok)
   assert info == hf_import.SpecialTokens(
       bos_id=1, adds_bos=True, tokenizer_eos_id=1, config_eos_id=2,

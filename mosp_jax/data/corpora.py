@@ -1,6 +1,7 @@
 """Named text sources: each returns a list of documents in a fixed order.
 
-Offline stand-ins (METHOD.md section 7), read from pinned registry packages:
+Offline stand-ins (docs/METHOD_NOTES.md, "Data and model sources"), read
+from pinned registry packages:
 
 - `general`: npm `nlp-corpus@4.4.0`, 100 files of 1000 shuffled English
   sentences; every run of `GENERAL_SENTENCES_PER_DOC` sentences of one file

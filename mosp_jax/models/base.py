@@ -1,6 +1,7 @@
 """The adapter protocol: a HF Flax causal LM, one decoder layer at a time.
 
-The pruning pipeline walks a model layer by layer (METHOD.md section 6) and
+The pruning pipeline walks a model layer by layer (docs/METHOD_NOTES.md,
+"Whole model") and
 needs only this:
 
   h = adapter.embed(params, input_ids)                 # (B, T, d)

@@ -1,7 +1,7 @@
 """Llama family (SmolLM2, Llama-2): a corrected HF Flax model and its adapter.
 
 HF's `FlaxLlamaForCausalLM` (transformers 4.x) has two silent faults for
-SmolLM2 (METHOD.md section 8):
+SmolLM2 (docs/METHOD_NOTES.md, "Model loading"):
 
 1. RoPE ignores `config.rope_theta`: `create_sinusoidal_positions` hard-codes
    base 10000 (SmolLM2 uses 100000). It also slices the last axis of its

@@ -5,7 +5,8 @@ of every linear is captured by the adapter (Flax method interception) batch
 by batch, and `X^T X` is summed per group of linears that share an input
 (q/k/v; gate/up). Each batch's product is formed in float32 on the device
 and summed on the host in float64, so long streams do not lose precision;
-the result is divided by the token count (METHOD.md: per-token mean).
+the result is divided by the token count (a per-token mean,
+docs/METHOD_NOTES.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MOSP on one linear layer: a Pareto set of pruned weights.
 
-The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD.md sections
-2-5), for `m` tasks with Grams `G_i` and the concatenated Gram
+The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD_NOTES.md,
+"One linear layer"), for `m` tasks with Grams `G_i` and the concatenated Gram
 `H = mean_i G_i`:
 
   stage 1  one dual ADMM on `H` [paper-summary]: the global model `W` (the

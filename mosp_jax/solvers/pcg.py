@@ -1,4 +1,4 @@
-"""Vectorised masked preconditioned conjugate gradient (METHOD.md section 4).
+"""Vectorised masked preconditioned conjugate gradient (docs/METHOD_NOTES.md).
 
 Refines weights on a fixed support: for every output column `c`,
 
