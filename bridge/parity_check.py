@@ -40,7 +40,7 @@ import numpy as np
 
 from bridge import hf_import, model_files, pruned, rename, torch_export
 from mosp_jax import cli
-from mosp_jax.pipeline import pareto, walk
+from mosp_jax.pipeline import preferences, walk
 
 DEFAULT_RTOL = 1e-3
 
@@ -392,7 +392,7 @@ def format_report(report: ParityReport, *, verbose: bool = False) -> str:
   """The report as text: a perplexity table, sparsity, then problems."""
   lines = [f"parity of {report.checkpoint} ({report.dtype}) with "
            f"{report.run_dir}, preference "
-           f"{pareto.format_pref(report.preference)}", "",
+           f"{preferences.format_pref(report.preference)}", "",
            f"{'task':<12} {'PPL torch':>12} {'PPL jax':>12} "
            f"{'rel diff':>9} {'PPL run':>12} {'jax/run':>9}"]
   for r in report.ppl:

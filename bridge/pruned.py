@@ -32,7 +32,7 @@ import numpy as np
 
 from mosp_jax import data as data_lib
 from mosp_jax.config import SolverConfig
-from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline import artifact, preferences
 from mosp_jax.solvers import NM, Unstructured, mosp_materialize
 
 CENTROID = "centroid"
@@ -160,7 +160,7 @@ def parse_preference(text: str, tasks: Sequence[str], *,
     raise ValueError(f"{flag}: expected '{CENTROID}' or {m} comma-"
                      f"separated weights (tasks {', '.join(tasks)}), got "
                      f"{text!r}") from e
-  pareto.check_prefs(pref, m, flag=flag)
+  preferences.check_prefs(pref, m, flag=flag)
   return pref[0]
 
 

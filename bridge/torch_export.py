@@ -33,7 +33,7 @@ import numpy as np
 from bridge import pruned as pruned_lib
 from bridge import rename
 from mosp_jax import cli
-from mosp_jax.pipeline import pareto
+from mosp_jax.pipeline import preferences
 
 WEIGHTS = "model.safetensors"
 EXPORT_META = "mosp_export.json"
@@ -277,7 +277,7 @@ def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
       "linears": stats}
   write_checkpoint(out, config, state, model.tokenizer, dtype=dtype,
                    provenance=provenance, overwrite=overwrite)
-  log(f"wrote {out} ({dtype}, preference {pareto.format_pref(pref)}, "
+  log(f"wrote {out} ({dtype}, preference {preferences.format_pref(pref)}, "
       f"sparsity {provenance['sparsity']:.4f})")
   return ExportInfo(out=out, preference=pref, dtype=dtype,
                     provenance=provenance)

@@ -55,7 +55,13 @@ from experiments.layer_compare import Entry
 from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact, pareto, walk
+from mosp_jax.pipeline import (
+  artifact,
+  front_plot,
+  hypervolume,
+  preferences,
+  walk,
+)
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single_objective import baseline_walk
@@ -181,30 +187,30 @@ def summarize(points: dict[str, np.ndarray]) -> dict:
   values > 0) in log space, under the shared reference and, when
   SparseGPT-concat is among them, the paper's."""
   logs = {k: np.log(np.asarray(v, np.float64)) for k, v in points.items()}
-  shared = pareto.reference_point(list(logs.values()), margin=MARGIN)
+  shared = hypervolume.reference_point(list(logs.values()), margin=MARGIN)
   mosp = logs["mosp"]
   others = [k for k in logs if not k.startswith("mosp")]
   out = {
       "space": "log",
       "reference": shared.tolist(),
-      "hypervolume": {k: pareto.hypervolume(v, shared)
+      "hypervolume": {k: hypervolume.hypervolume(v, shared)
                       for k, v in logs.items()},
-      "mosp_dominates": {k: pareto.dominated_count(mosp, logs[k])
+      "mosp_dominates": {k: hypervolume.dominated_count(mosp, logs[k])
                          for k in others},
-      "dominates_mosp": {k: pareto.dominated_count(logs[k], mosp)
+      "dominates_mosp": {k: hypervolume.dominated_count(logs[k], mosp)
                          for k in others},
       "points": {k: int(v.shape[0]) for k, v in logs.items()},
   }
   if PAPER_REFERENCE in logs:
     ref = logs[PAPER_REFERENCE][0] + MARGIN
     out["paper_reference"] = ref.tolist()
-    out["paper_hypervolume"] = {k: pareto.hypervolume(v, ref)
+    out["paper_hypervolume"] = {k: hypervolume.hypervolume(v, ref)
                                 for k, v in logs.items()}
   return out
 
 
 def _pref(p: np.ndarray) -> str:
-  return pareto.format_pref(p)  # 0.333, 0.5, 0
+  return preferences.format_pref(p)  # 0.333, 0.5, 0
 
 
 def _value_table(tasks: list[str], prefs: np.ndarray,
@@ -362,7 +368,7 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
 
 
 def _plot(path, tasks, prefs, values, dense, *, title, metric):
-  pareto.plot_fronts(path, tasks, prefs, values["mosp"], dense, title=title,
+  front_plot.plot_fronts(path, tasks, prefs, values["mosp"], dense, title=title,
                      extra={k: v for k, v in values.items()
                             if k not in ("mosp", "mosp+W")},
                      metric=metric)

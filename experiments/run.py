@@ -30,7 +30,7 @@ from bridge import pruned as bridge_pruned
 from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import PREF_MAPS, RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline import artifact, front_plot, preferences
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import NM, Unstructured
@@ -147,14 +147,14 @@ def _prefs(f, m: int) -> np.ndarray:
       raise cli.UsageError(f"--prefs: expected ';'-separated rows of ','-"
                            f"separated numbers, got {f.prefs!r}") from e
     with cli.usage_errors("--prefs"):
-      pareto.check_prefs(prefs, m, flag="--prefs")
+      preferences.check_prefs(prefs, m, flag="--prefs")
   else:
     if f.pref_grid < 1:
       raise cli.UsageError(f"--pref_grid must be >= 1, got {f.pref_grid}")
-    prefs = pareto.simplex_grid(m, f.pref_grid)
+    prefs = preferences.simplex_grid(m, f.pref_grid)
     if f.pref_centroid:
-      prefs = pareto.with_centroid(prefs)
-  return pareto.ensure_vertices(prefs)
+      prefs = preferences.with_centroid(prefs)
+  return preferences.ensure_vertices(prefs)
 
 
 def check_task_flag(task: str) -> None:
@@ -399,7 +399,7 @@ def _report(run: RunConfig, res, sparsity: list[float], seconds: dict,
   for p, (pref, row) in enumerate(zip(res.prefs, res.ppl, strict=True)):
     cells = [f"**{x:.2f}**" if best[t] == p else f"{x:.2f}"
              for t, x in enumerate(row)]
-    lines.append("| " + pareto.format_pref(pref) + " | "
+    lines.append("| " + preferences.format_pref(pref) + " | "
                  + " | ".join(cells) + f" | {sparsity[p]:.3f} |")
   lines.append("| global model W | " + " | ".join(
       f"{x:.2f}" for x in res.global_ppl) + f" | {run.pattern.sparsity:.3f}"
@@ -495,7 +495,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   artifact.write_json(out / RESULTS_FILE, results)
   artifact.write_text(out / "report.md", _report(
       run, res, sparsity, seconds, {"test_segments": n_test}))
-  pareto.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
+  front_plot.plot_fronts(out / "pareto.png", list(run.tasks), res.prefs,
                      res.ppl, res.dense_ppl,
                      title=f"{run.model}, {run.pattern}",
                      extra={"global model W": res.global_ppl[None]})
@@ -507,7 +507,7 @@ def summary_lines(res: dict) -> list[str]:
   """The console summary of a run's results: PPL per model and timings."""
   tasks = res["tasks"]
   rows = [("dense", [res["dense_ppl"][t] for t in tasks])]
-  rows += [(pareto.format_pref(m["preference"]),
+  rows += [(preferences.format_pref(m["preference"]),
             [m["ppl"][t] for t in tasks]) for m in res["models"]]
   rows.append(("global model W", [res["global_model"]["ppl"][t]
                                   for t in tasks]))

@@ -12,7 +12,7 @@ from mosp_jax.baselines import (
   sparsegpt_prune,
   wanda_prune,
 )
-from mosp_jax.pipeline import pareto
+from mosp_jax.pipeline import hypervolume
 from mosp_jax.solvers import NM, Unstructured, mixed_gram
 from tests.conftest import correlated_gram, guarded, rel_err
 
@@ -168,23 +168,23 @@ def test_every_method_meets_the_budget(rng, method):
 def test_hypervolume_2d_by_hand():
   pts = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
   # Staircase under (4, 4): slabs of width 1 and heights 1, 2, 3.
-  assert pareto.hypervolume(pts, [4.0, 4.0]) == pytest.approx(6.0)
+  assert hypervolume.hypervolume(pts, [4.0, 4.0]) == pytest.approx(6.0)
   # Dominated, duplicate and out-of-reference points add nothing.
   more = np.concatenate([pts, [[2.5, 2.5], [2.0, 2.0], [0.5, 5.0]]])
-  assert pareto.hypervolume(more, [4.0, 4.0]) == pytest.approx(6.0)
-  assert pareto.hypervolume(pts[:1], [4.0, 4.0]) == pytest.approx(3.0)
-  assert pareto.hypervolume(np.zeros((0, 2)), [1.0, 1.0]) == 0.0
+  assert hypervolume.hypervolume(more, [4.0, 4.0]) == pytest.approx(6.0)
+  assert hypervolume.hypervolume(pts[:1], [4.0, 4.0]) == pytest.approx(3.0)
+  assert hypervolume.hypervolume(np.zeros((0, 2)), [1.0, 1.0]) == 0.0
 
 
 def test_hypervolume_3d_by_hand():
-  assert pareto.hypervolume([[0, 0, 0]], [1, 2, 3]) == pytest.approx(6.0)
+  assert hypervolume.hypervolume([[0, 0, 0]], [1, 2, 3]) == pytest.approx(6.0)
   # Boxes of 2*2*1 = 4 and 1*1*2 = 2 overlapping in [1,2]^3 (volume 1).
   pts = [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
-  assert pareto.hypervolume(pts, [2, 2, 2]) == pytest.approx(5.0)
+  assert hypervolume.hypervolume(pts, [2, 2, 2]) == pytest.approx(5.0)
   # Boxes 1*2*2 = 4 each, pairwise overlaps 1*1*2 = 2, triple 1:
   # 3*4 - 3*2 + 1 = 7.
   pts = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
-  assert pareto.hypervolume(pts, [2, 2, 2]) == pytest.approx(7.0)
+  assert hypervolume.hypervolume(pts, [2, 2, 2]) == pytest.approx(7.0)
 
 
 def test_hypervolume_matches_inclusion_exclusion(rng):
@@ -196,7 +196,7 @@ def test_hypervolume_matches_inclusion_exclusion(rng):
     for sub in itertools.combinations(range(6), r):
       corner = pts[list(sub)].max(axis=0)
       want += (-1) ** (r + 1) * np.prod(ref - corner)
-  assert pareto.hypervolume(pts, ref) == pytest.approx(want)
+  assert hypervolume.hypervolume(pts, ref) == pytest.approx(want)
 
 
 def test_dominated_count():
@@ -205,5 +205,5 @@ def test_dominated_count():
                      [1.5, 2.0],    # dominated by [1, 2]
                      [3.0, 3.0],    # dominated by both
                      [0.5, 5.0]])   # not dominated
-  assert pareto.dominated_count(front, others) == 2
-  assert pareto.dominated_count(others, front) == 0
+  assert hypervolume.dominated_count(front, others) == 2
+  assert hypervolume.dominated_count(others, front) == 0

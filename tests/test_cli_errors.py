@@ -22,7 +22,7 @@ import pytest
 
 from experiments import run as run_lib
 from mosp_jax import cli
-from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline import artifact, front_plot, preferences
 from mosp_jax.pipeline.walk import eta_text
 
 from .conftest import TINY_RUN_FLAGS
@@ -392,16 +392,16 @@ def test_eta_leaves_the_compiling_first_layer_out():
 
 
 def test_preferences_print_short():
-  assert pareto.format_pref(np.full(3, 1 / 3, np.float32)) == (
+  assert preferences.format_pref(np.full(3, 1 / 3, np.float32)) == (
       "0.333, 0.333, 0.333")
-  assert pareto.format_pref([1.0, 0.0, 0.5]) == "1, 0, 0.5"
+  assert preferences.format_pref([1.0, 0.0, 0.5]) == "1, 0, 0.5"
 
 
 def test_front_2d_and_single_task_plot(tmp_path):
   x = np.array([3.0, 1.0, 2.0, 2.5, 1.0])
   y = np.array([1.0, 3.0, 2.0, 2.5, 4.0])
-  np.testing.assert_array_equal(pareto.front_2d(x, y), [1, 2, 0])
+  np.testing.assert_array_equal(front_plot.front_2d(x, y), [1, 2, 0])
   png = tmp_path / "one.png"
-  pareto.plot_fronts(png, ["general"], np.ones((1, 1)), np.array([[9.0]]),
+  front_plot.plot_fronts(png, ["general"], np.ones((1, 1)), np.array([[9.0]]),
                      np.array([5.0]))
   assert png.stat().st_size > 5_000

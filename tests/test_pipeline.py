@@ -7,7 +7,7 @@ import torch
 
 from bridge.hf_import import torch_to_flax
 from mosp_jax import models
-from mosp_jax.pipeline import artifact, pareto
+from mosp_jax.pipeline import artifact, preferences
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.solvers import ParetoLayer
 
@@ -73,15 +73,15 @@ def test_artifact_round_trip(tmp_path):
 
 
 def test_preference_sets():
-  g = pareto.simplex_grid(3, 2)
+  g = preferences.simplex_grid(3, 2)
   assert g.shape == (6, 3)
   np.testing.assert_allclose(g.sum(1), 1)
   np.testing.assert_array_equal(g[:3], np.eye(3))  # vertices first
-  assert pareto.with_centroid(g).shape == (7, 3)
-  p = pareto.ensure_vertices(np.array([[0.5, 0.5, 0.0]], np.float32))
+  assert preferences.with_centroid(g).shape == (7, 3)
+  p = preferences.ensure_vertices(np.array([[0.5, 0.5, 0.0]], np.float32))
   assert p.shape == (4, 3)
   for bad, msg in [(np.array([[0.5, 0.6, -0.1]]), ">= 0"),
                    (np.array([[0.5, 0.6, 0.1]]), "sum to 1"),
                    (np.array([[0.5, 0.5]]), "3 weights")]:
     with pytest.raises(ValueError, match=msg):
-      pareto.check_prefs(bad, 3, flag="--prefs")
+      preferences.check_prefs(bad, 3, flag="--prefs")
