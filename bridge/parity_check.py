@@ -40,7 +40,7 @@ import numpy as np
 
 from bridge import hf_import, model_files, pruned, rename, torch_export
 from mosp_jax import cli
-from mosp_jax.pipeline import preferences, walk
+from mosp_jax.pipeline import preferences, run_record, walk
 
 DEFAULT_RTOL = 1e-3
 
@@ -200,7 +200,7 @@ def check_provenance(prov: dict, run: pruned.RunInfo,
   theirs = {"tasks": list(prov.get("tasks", [])), "model": prov.get("model"),
             "pattern": prov.get("pattern")}
   ours = {"tasks": list(run.tasks), "model": run.model,
-          "pattern": run.meta["pattern"]}
+          "pattern": run_record.pattern_to_dict(run.pattern)}
   differ = [k for k in theirs if theirs[k] != ours[k]]
   if differ:
     raise ValueError(
@@ -266,7 +266,7 @@ def check_parity(
   else:
     with cli.usage_errors("--preference"):
       pref = pruned.parse_preference(preference, run.tasks)
-  batch_size = batch_size or int(run.config.get("batch_size", 8))
+  batch_size = batch_size or run.config.run.batch_size
   problems: list[str] = []
 
   if model is None:
@@ -332,13 +332,14 @@ def check_parity(
 
   # The run's test segments, through both tokenizers.
   segments = pruned.run_test_segments(run, model.tokenizer)
-  recorded = ((run.results or {}).get("test") or {}).get("sha256")
+  recorded = (run.results.test.sha256 if run.results and run.results.test
+              else None)
   if recorded is None:
     log("results.json records no test fingerprints; the segments are "
         "rebuilt from config.json unchecked")
   else:
     for task, seg in segments.items():
-      if recorded.get(task) != pruned.segments_sha256(seg):
+      if recorded.get(task) != run_record.segments_sha256(seg):
         problems.append(f"run: the test segments of {task} rebuilt now "
                         "are not the ones the run evaluated")
   exported_tok = AutoTokenizer.from_pretrained(str(folder))
@@ -360,7 +361,7 @@ def check_parity(
   run_ppl = None
   if (model.run_index is not None and run.results is not None
       and dtype == "float32"):
-    run_ppl = run.results["models"][model.run_index]["ppl"]
+    run_ppl = run.results.models[model.run_index].ppl
   jax_params = rename.unflatten(jax_flat)
   ppl = []
   for task, seg in segments.items():

@@ -21,22 +21,21 @@ another size differently in the last bit); any other one alone.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from bridge import load
 from mosp_jax import data as data_lib
 from mosp_jax.config import SolverConfig
-from mosp_jax.pipeline import artifact, preferences
-from mosp_jax.solvers import NM, Unstructured, mosp_materialize
+from mosp_jax.models.base import Adapter
+from mosp_jax.pipeline import artifact, preferences, run_record
+from mosp_jax.solvers import Pattern, mosp_materialize
 
 CENTROID = "centroid"
-_PATTERNS = {"Unstructured": Unstructured, "NM": NM}
 
 
 class RunDirError(ValueError):
@@ -49,29 +48,45 @@ class RunInfo:
 
   Attributes:
     run_dir: the run directory.
-    model: the model spec the run loaded.
-    tasks: the task names, one per objective.
-    pattern: the sparsity pattern of every linear.
-    solver: the solver hyperparameters.
-    prefs: `(P, m)` float32, the preferences the run evaluated.
-    num_layers: decoder layers in the artifact.
-    groups: linears of a layer grouped by shared Gram.
-    config: `config.json` (nsamples, seqlen, test_tokens, seed, ...).
-    meta: `pareto/meta.json`.
+    config: `config.json` (the run and solver configs).
+    meta: `pareto/meta.json` (model, tasks, pattern, solver, preferences,
+      layers, linears, dense fingerprint).
     results: `results.json`, or None when the run has not finished.
   """
 
   run_dir: pathlib.Path
-  model: str
-  tasks: tuple[str, ...]
-  pattern: Any
-  solver: SolverConfig
-  prefs: np.ndarray
-  num_layers: int
-  groups: list[list[str]]
-  config: dict
-  meta: dict
-  results: dict | None
+  config: run_record.ConfigRecord
+  meta: run_record.ArtifactMeta
+  results: run_record.Results | None
+
+  @property
+  def model(self) -> str:
+    return self.meta.model
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return self.meta.tasks
+
+  @property
+  def pattern(self) -> Pattern:
+    return self.meta.pattern
+
+  @property
+  def solver(self) -> SolverConfig:
+    return self.meta.solver
+
+  @property
+  def prefs(self) -> np.ndarray:
+    """`(P, m)` float32, the preferences the run evaluated."""
+    return self.meta.prefs
+
+  @property
+  def num_layers(self) -> int:
+    return self.meta.num_layers
+
+  @property
+  def groups(self) -> tuple[tuple[str, ...], ...]:
+    return self.meta.groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,33 +106,12 @@ class PrunedModel:
 
   preference: np.ndarray
   run_index: int | None
-  adapter: Any
+  adapter: Adapter
   params: dict
   masks: dict[tuple[int, str], np.ndarray]
   budgets: dict[tuple[int, str], int]
   tokenizer: Any
   dense_sha256: str
-
-
-def _read_json(path: pathlib.Path, root: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError as e:
-    raise RunDirError(f"{path}: missing; is {root} a finished run "
-                      "directory of experiments.run?") from e
-  except ValueError as e:
-    raise RunDirError(f"{path}: not valid JSON ({e})") from e
-
-
-def pattern_from_dict(d: Mapping[str, Any]) -> Any:
-  """`{'kind': 'Unstructured', 'sparsity': s}` or `{'kind': 'NM', 'n', 'm'}`
-  -> the typed pattern."""
-  fields = dict(d)
-  kind = fields.pop("kind", None)
-  if kind not in _PATTERNS:
-    raise RunDirError(f"unknown sparsity pattern {kind!r}; known: "
-                      f"{sorted(_PATTERNS)}")
-  return _PATTERNS[kind](**fields)
 
 
 def read_run(run_dir: str | pathlib.Path) -> RunInfo:
@@ -127,23 +121,15 @@ def read_run(run_dir: str | pathlib.Path) -> RunInfo:
   root = pathlib.Path(run_dir)
   if not root.is_dir():
     raise RunDirError(f"{root}: no such run directory")
-  meta_path = root / "pareto" / artifact.META
-  meta = _read_json(meta_path, root)
-  config = _read_json(root / "config.json", root)
-  results = (_read_json(root / "results.json", root)
-             if (root / "results.json").exists() else None)
   try:
-    run = RunInfo(
-        run_dir=root, model=meta["model"], tasks=tuple(meta["tasks"]),
-        pattern=pattern_from_dict(meta["pattern"]),
-        solver=SolverConfig(**meta["solver"]),
-        prefs=np.asarray(meta["prefs"], np.float32),
-        num_layers=int(meta["num_layers"]), groups=meta["groups"],
-        config=config, meta=meta, results=results)
-  except (KeyError, TypeError, ValueError) as e:
-    raise RunDirError(f"{meta_path}: not the meta.json of a run "
-                      f"({type(e).__name__}: {e})") from e
-  artifact.check_layers(root / "pareto", run.num_layers)
+    meta = run_record.read_meta(root)
+    config = run_record.read_config(root)
+    results = (run_record.read_results(root)
+               if (root / run_record.RESULTS_FILE).exists() else None)
+  except run_record.RunRecordError as e:
+    raise RunDirError(str(e)) from e
+  run = RunInfo(run_dir=root, config=config, meta=meta, results=results)
+  artifact.check_layers(root / run_record.ARTIFACT_DIR, run.num_layers)
   return run
 
 
@@ -178,72 +164,6 @@ def run_index(run: RunInfo, pref: np.ndarray) -> int | None:
   return int(hits[0]) if hits.size else None
 
 
-def params_sha256(params: Any) -> str:
-  """A fingerprint of a parameter tree: paths, dtypes, shapes and bytes."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  h = hashlib.sha256()
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(
-      kv[0])):
-    arr = np.ascontiguousarray(jax.device_get(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|"
-             .encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
-
-
-def segments_sha256(segments: np.ndarray) -> str:
-  """A fingerprint of `(N, T)` token segments (as int32)."""
-  arr = np.ascontiguousarray(segments, np.int32)
-  return hashlib.sha256(f"{arr.shape}|".encode() + arr.tobytes()).hexdigest()
-
-
-TINY_LLAMA = "tiny-llama"
-
-
-def load_tokenizer(spec: str) -> Any:
-  """The tokenizer of a run's model spec, read without converting the
-  model ('tiny-llama' uses SmolLM2's; a `random:` paper model SmolLM2's
-  with ids modulo its vocabulary, `paper_configs.ModuloVocabTokenizer`;
-  else `bridge.hf_import.load_tokenizer`). A bad `random:` spec raises
-  `paper_configs.RandomSpecError`.
-  """
-  from bridge import hf_import
-  from mosp_jax.models import paper_configs
-  random_spec = paper_configs.parse_random_spec(spec)
-  if random_spec is not None:
-    return paper_configs.random_tokenizer(
-        hf_import.load_tokenizer(hf_import.SMOLLM2), random_spec)
-  return hf_import.load_tokenizer(
-      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec)
-
-
-def load_dense(spec: str, tokenizer: Any = None) -> tuple[Any, dict, Any]:
-  """(adapter, float32 numpy params, tokenizer) of a run's model spec; the
-  one loader of `experiments.run` and of the bridge.
-
-  'tiny-llama' is the seeded random 2-layer Llama with SmolLM2's
-  tokenizer; `random:<name>[:<n_layers>]` a paper model's config with
-  seeded random weights (`mosp_jax.models.paper_configs`; refused over
-  its memory limit); anything else goes to `bridge.hf_import`.
-  `tokenizer` defaults to `load_tokenizer(spec)`. `materialize` checks
-  the result against the run's fingerprint.
-  """
-  from bridge import hf_import
-  from mosp_jax import models
-  from mosp_jax.models import paper_configs
-  if tokenizer is None:
-    tokenizer = load_tokenizer(spec)
-  random_spec = paper_configs.parse_random_spec(spec)
-  if spec == TINY_LLAMA:
-    model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
-  elif random_spec is not None:
-    model, params = paper_configs.random_model(random_spec, seed=0)
-  else:
-    model, params, _ = hf_import.load_model(spec)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
-  return models.adapter_for(model), params, tokenizer
-
-
 def materialize(run: RunInfo, pref: np.ndarray, *,
                 log=lambda s: None) -> PrunedModel:
   """The model of preference `pref (m,)` from the run's Pareto set.
@@ -256,9 +176,9 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
   if pref.shape != (len(run.tasks),):
     raise ValueError(f"preference must have {len(run.tasks)} weights "
                      f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
-  adapter, params, tokenizer = load_dense(run.model)
-  dense_sha = params_sha256(params)
-  want = run.meta.get("dense_sha256")
+  adapter, params, tokenizer = load.load_dense(run.model)
+  dense_sha = run_record.params_sha256(params)
+  want = run.meta.dense_sha256
   if want is not None and want != dense_sha:
     raise RunDirError(
         f"{run.run_dir}: the dense model {run.model!r} loaded now "
@@ -319,12 +239,12 @@ def run_test_segments(run: RunInfo, tokenizer: Any
   """The run's test segments per task, `(n_test, seqlen)` int32 each,
   rebuilt from `config.json` as the runner builds them (every task trimmed
   to the same count)."""
-  cfg = run.config
+  cfg = run.config.run
   test = {}
   for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=cfg["nsamples"],
-                            seqlen=cfg["seqlen"],
-                            test_tokens=cfg["test_tokens"], seed=cfg["seed"])
+    td = data_lib.load_task(task, tokenizer, nsamples=cfg.nsamples,
+                            seqlen=cfg.seqlen, test_tokens=cfg.test_tokens,
+                            seed=cfg.seed)
     test[task] = td.test
   n_test = min(t.shape[0] for t in test.values())
   return {task: t[:n_test] for task, t in test.items()}

@@ -33,7 +33,7 @@ import numpy as np
 from bridge import pruned as pruned_lib
 from bridge import rename
 from mosp_jax import cli
-from mosp_jax.pipeline import preferences
+from mosp_jax.pipeline import preferences, run_record
 
 WEIGHTS = "model.safetensors"
 EXPORT_META = "mosp_export.json"
@@ -265,11 +265,12 @@ def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
           f"{dtype}; its sparsity exceeds the mask's")
   run_ppl = None
   if model.run_index is not None and run.results is not None:
-    run_ppl = run.results["models"][model.run_index]["ppl"]
+    run_ppl = run.results.models[model.run_index].ppl
   provenance = {
       "format": 1, "run_dir": str(run.run_dir.resolve()),
       "model": run.model, "tasks": list(run.tasks),
-      "pattern": run.meta["pattern"], "preference": pref.tolist(),
+      "pattern": run_record.pattern_to_dict(run.pattern),
+      "preference": pref.tolist(),
       "run_index": model.run_index, "run_ppl": run_ppl, "dtype": dtype,
       "dense_sha256": model.dense_sha256,
       "sparsity": float(sum(s["zeros"] for s in stats.values())

@@ -49,8 +49,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments import layer_compare
-from experiments import run as run_lib
+from bridge import load
+from experiments import layer_compare, runner, shared_flags
 from experiments.layer_compare import Entry
 from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
@@ -479,13 +479,13 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  run, solver = run_lib.configs_from_flags()
+  run, solver = shared_flags.configs_from_flags()
   with cli.usage_errors():
     entries = entries_from_flags(solver)
   out = check_out_dir(run, FLAGS.overwrite)
-  run_lib.check_inputs(run)
+  runner.check_inputs(run)
   if FLAGS.layer_level:
-    _, n_layers = run_lib.model_shape(run.model)
+    _, n_layers = load.model_shape(run.model)
     if n_layers is not None and not -1 <= FLAGS.layer < n_layers:
       raise cli.UsageError(f"--layer {FLAGS.layer}: {run.model} has "
                            f"{n_layers} layers (0..{n_layers - 1}; -1: the "

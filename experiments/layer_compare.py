@@ -22,7 +22,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from experiments import run as run_lib
+from bridge import load
+from experiments import runner
 from mosp_jax import baselines, cli, fetch
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, walk
@@ -64,11 +65,11 @@ def load_inputs(run: RunConfig, *, log: Callable[[str], None] = print):
   """
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
-  tokenizer = run_lib.load_tokenizer(run.model)
-  calib, test = run_lib.load_data(run, tokenizer)
+  tokenizer = load.load_tokenizer(run.model)
+  calib, test = runner.load_data(run, tokenizer)
   t_data = time.perf_counter() - t0
   log(f"loading the model {run.model} ...")
-  adapter, params, _ = run_lib.load_model(run.model, tokenizer)
+  adapter, params, _ = load.load_dense(run.model, tokenizer)
   params = jax.device_put(params)
   return adapter, params, calib, test, (time.perf_counter() - t0 - t_data,
                                         t_data)

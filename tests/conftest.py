@@ -76,14 +76,14 @@ def tiny_run(tmp_path_factory):
   from absl import flags
   from absl.testing import flagsaver
 
-  from experiments import run as run_lib
+  from experiments import runner, shared_flags
 
   out = tmp_path_factory.mktemp("run")
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["run", *TINY_RUN_FLAGS, f"--out_dir={out}"])
-    run, solver = run_lib.configs_from_flags()
-  run_lib.run_experiment(run, solver, log=lambda s: None)
+    run, solver = shared_flags.configs_from_flags()
+  runner.run_experiment(run, solver, log=lambda s: None)
   return out
 
 

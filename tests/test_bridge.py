@@ -25,7 +25,7 @@ from bridge import (
   rename,
   torch_export,
 )
-from experiments import run as run_lib
+from experiments import runner, shared_flags
 from mosp_jax import cli, models
 from mosp_jax.pipeline import artifact
 
@@ -187,8 +187,8 @@ def test_refit_run_exports_the_runs_models(tmp_path):
     flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
                  f"--out_dir={tmp_path / 'run'}", "--nsamples=2",
                  "--test_tokens=128", "--pref_refit_iters=5"])
-    run, solver = run_lib.configs_from_flags()
-  run_lib.run_experiment(run, solver, log=lambda s: None)
+    run, solver = shared_flags.configs_from_flags()
+  runner.run_experiment(run, solver, log=lambda s: None)
   grams = artifact.load_grams(tmp_path / "run" / "pareto", 0)
   assert sorted(grams) == ["mlp.down_proj", "mlp.gate_proj",
                            "self_attn.o_proj", "self_attn.q_proj"]
@@ -214,7 +214,7 @@ def test_materialized_model_owns_its_arrays(tiny_run):
 
 
 def test_runner_export_pref_records_parity(tiny_run):
-  run_lib.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
+  runner.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
   res = json.loads((tiny_run / "results.json").read_text())
   exp = res["export"]
   assert exp["ok"] and exp["problems"] == [] and exp["max_rel_diff"] < 1e-5

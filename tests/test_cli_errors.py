@@ -20,9 +20,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import run as run_lib
+from experiments import shared_flags
 from mosp_jax import cli
-from mosp_jax.pipeline import artifact, front_plot, preferences
+from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
 from mosp_jax.pipeline.walk import eta_text
 
 from .conftest import TINY_RUN_FLAGS
@@ -337,14 +337,14 @@ def test_overwrite_deletes_every_output_of_the_previous_run(tiny_run,
   (out / "export_centroid").mkdir(exist_ok=True)
   (out / "export_0.5-0.25-0.25").mkdir()
   (out / "notes.txt").write_text("mine\n")
-  run, solver = _configs(out, "--sparsity=0.6")
+  rec = run_record.ConfigRecord(*_configs(out, "--sparsity=0.6"))
   with pytest.raises(cli.UsageError, match="another configuration"):
-    run_lib.check_run_dir(run, solver, overwrite=False)
-  assert run_lib.check_run_dir(run, solver, overwrite=True)[1] is False
-  run_lib.start_run_dir(run, solver, overwrite=True, resuming=False)
+    run_record.check_run_dir(rec, overwrite=False)
+  assert run_record.check_run_dir(rec, overwrite=True)[1] is False
+  run_record.start_run_dir(rec, overwrite=True, resuming=False)
   others = {p.name for p in tiny_run.iterdir()
-            if p.name not in run_lib.RUN_OUTPUTS
-            and not p.name.startswith(run_lib.EXPORT_PREFIX)}
+            if p.name not in run_record.RUN_OUTPUTS
+            and not p.name.startswith(run_record.EXPORT_PREFIX)}
   assert {p.name for p in out.iterdir()} == {"config.json", "notes.txt",
                                              *others}
   rec = json.loads((out / "config.json").read_text())
@@ -372,7 +372,7 @@ def _configs(out_dir, *extra):
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["run", *TINY_RUN_FLAGS, f"--out_dir={out_dir}", *extra])
-    return run_lib.configs_from_flags()
+    return shared_flags.configs_from_flags()
 
 
 def test_outputs_have_the_usual_permissions(tmp_path):

@@ -7,8 +7,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import compare
-from experiments import run as run_lib
+from experiments import compare, shared_flags
 
 SMOKE = "experiments/configs/smoke.flags"
 # The three vertices only: a mixed baseline builds 3 models.
@@ -18,7 +17,7 @@ FEW = ("--pref_grid=1", "--nopref_centroid")
 def parse(*args):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["compare", f"--flagfile={SMOKE}", *FEW, *args])
-  run, solver = run_lib.configs_from_flags()
+  run, solver = shared_flags.configs_from_flags()
   return run, solver, compare.entries_from_flags(solver)
 
 

@@ -19,7 +19,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import run as run_lib
+from experiments import shared_flags
 from mosp_jax.solvers import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -122,11 +122,11 @@ def test_device_flags_name_the_flag(args, message):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["run", *args])
   with pytest.raises(ValueError, match=message):
-    run_lib.mesh_from_flags()
+    shared_flags.mesh_from_flags()
 
 
 @flagsaver.flagsaver
 def test_default_device_flags_mean_one_device():
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["run"])
-  assert run_lib.mesh_from_flags() is None
+  assert shared_flags.mesh_from_flags() is None

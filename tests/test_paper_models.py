@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import run as run_lib
+from bridge import load
 from mosp_jax import cli, models
 from mosp_jax.models import paper_configs as pc
 from mosp_jax.models.base import tree_get
@@ -69,14 +69,14 @@ def test_parse_random_spec():
 def test_bad_random_specs_are_usage_errors_naming_model(spec, match):
   # Through the runner's check, which precedes any loading.
   with pytest.raises(cli.UsageError, match=match) as e:
-    run_lib.model_shape(spec)
+    load.model_shape(spec)
   assert str(e.value).startswith("--model")
 
 
 def test_model_shape_of_random_specs():
-  assert run_lib.model_shape("random:llama-2-7b:2") == (4096, 2)
-  assert run_lib.model_shape("random:llama-3.2-1b") == (131072, 16)
-  assert run_lib.model_shape("random:opt-30b:1") == (2048, 1)
+  assert load.model_shape("random:llama-2-7b:2") == (4096, 2)
+  assert load.model_shape("random:llama-3.2-1b") == (131072, 16)
+  assert load.model_shape("random:opt-30b:1") == (2048, 1)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -8,9 +8,9 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import run as run_lib
+from experiments import runner, shared_flags
 from mosp_jax.config import SolverConfig
-from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline import artifact, run_record
 from mosp_jax.solvers import NM, Unstructured
 
 SMOKE = "experiments/configs/smoke.flags"
@@ -19,7 +19,7 @@ SMOKE = "experiments/configs/smoke.flags"
 def parse(*args):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["run", f"--flagfile={SMOKE}", *args])
-  return run_lib.configs_from_flags()
+  return shared_flags.configs_from_flags()
 
 
 @flagsaver.flagsaver
@@ -68,18 +68,18 @@ def test_bad_flags_name_the_flag(tmp_path, args, message):
 @flagsaver.flagsaver
 def test_out_dir_rules(tmp_path):
   (tmp_path / "keep.txt").write_text("x")
-  run, solver = parse(f"--out_dir={tmp_path}")
+  rec = run_record.ConfigRecord(*parse(f"--out_dir={tmp_path}"))
   with pytest.raises(ValueError, match="not empty and holds no run"):
-    run_lib.prepare_run_dir(run, solver, overwrite=False)
+    run_record.prepare_run_dir(rec, overwrite=False)
   # --overwrite deletes only a run's own outputs.
-  _, resuming = run_lib.prepare_run_dir(run, solver, overwrite=True)
+  _, resuming = run_record.prepare_run_dir(rec, overwrite=True)
   assert not resuming and (tmp_path / "keep.txt").read_text() == "x"
   # The same configuration resumes; another is refused, naming the field.
-  assert run_lib.prepare_run_dir(run, solver, overwrite=False)[1]
-  run2, solver2 = parse(f"--out_dir={tmp_path}", "--sparsity=0.6",
-                        "--alpha=0.4")
+  assert run_record.prepare_run_dir(rec, overwrite=False)[1]
+  rec2 = run_record.ConfigRecord(*parse(f"--out_dir={tmp_path}",
+                                         "--sparsity=0.6", "--alpha=0.4"))
   with pytest.raises(ValueError, match="differs in: pattern, solver"):
-    run_lib.prepare_run_dir(run2, solver2, overwrite=False)
+    run_record.prepare_run_dir(rec2, overwrite=False)
 
 
 @flagsaver.flagsaver
@@ -92,7 +92,7 @@ def test_unknown_task_and_long_seqlen_fail_fast(tmp_path):
                  "--seqlen=9000", "--test_tokens=9000")
   with pytest.raises(ValueError, match="--seqlen 9000 exceeds the context "
                      "of smollm2-135m \\(8192"):
-    run_lib.check_model_fits(run)
+    runner.check_model_fits(run)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def smoke_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("smoke")
   with flagsaver.flagsaver():
     run, solver = parse(f"--out_dir={out}")
-  return out, run, run_lib.run_experiment(run, solver, log=lambda s: None)
+  return out, run, runner.run_experiment(run, solver, log=lambda s: None)
 
 
 def test_smoke_run_outputs(smoke_run):
@@ -136,8 +136,8 @@ def test_smoke_run_outputs(smoke_run):
 def test_sparsity_zero_models_equal_dense(tmp_path):
   run, solver = parse(f"--out_dir={tmp_path}", "--sparsity=0",
                       "--pref_grid=1", "--nopref_centroid")
-  res = run_lib.run_experiment(run, solver, log=lambda s: None)
-  dense = np.array([res["dense_ppl"][t] for t in run.tasks])
-  for mdl in res["models"]:
-    np.testing.assert_allclose([mdl["ppl"][t] for t in run.tasks], dense,
+  res = runner.run_experiment(run, solver, log=lambda s: None)
+  dense = np.array([res.dense_ppl[t] for t in run.tasks])
+  for mdl in res.models:
+    np.testing.assert_allclose([mdl.ppl[t] for t in run.tasks], dense,
                                rtol=1e-4)

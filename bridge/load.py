@@ -1,0 +1,95 @@
+"""Model specs -> tokenizer, dense model and shape: the one model loader.
+
+`experiments.run`, `experiments.compare`, the layer-level comparison and
+the bridge (`bridge.pruned.materialize`) load models only through here. A
+spec is 'smollm2-135m', a local folder, a .gguf file or a hub id
+(`bridge.hf_import`), 'tiny-llama' (a seeded random 2-layer Llama with
+SmolLM2's tokenizer, for smoke tests) or `random:<name>[:<n_layers>]` (a
+paper model's config with seeded random weights,
+`mosp_jax.models.paper_configs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from mosp_jax import cli
+from mosp_jax.models.base import Adapter
+
+TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_CONTEXT = 2048
+TINY_LLAMA_LAYERS = 2
+
+
+def load_tokenizer(spec: str) -> Any:
+  """The tokenizer of a run's model spec, read without converting the
+  model ('tiny-llama' uses SmolLM2's; a `random:` paper model SmolLM2's
+  with ids modulo its vocabulary, `paper_configs.ModuloVocabTokenizer`;
+  else `bridge.hf_import.load_tokenizer`). A bad `random:` spec raises
+  `paper_configs.RandomSpecError`.
+  """
+  from bridge import hf_import
+  from mosp_jax.models import paper_configs
+  random_spec = paper_configs.parse_random_spec(spec)
+  if random_spec is not None:
+    return paper_configs.random_tokenizer(
+        hf_import.load_tokenizer(hf_import.SMOLLM2), random_spec)
+  return hf_import.load_tokenizer(
+      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec)
+
+
+def load_dense(spec: str, tokenizer: Any = None
+               ) -> tuple[Adapter, dict, Any]:
+  """(adapter, float32 numpy params, tokenizer) of a run's model spec; the
+  one loader of `experiments.run` and of the bridge.
+
+  'tiny-llama' is the seeded random 2-layer Llama with SmolLM2's
+  tokenizer; `random:<name>[:<n_layers>]` a paper model's config with
+  seeded random weights (`mosp_jax.models.paper_configs`; refused over
+  its memory limit); anything else goes to `bridge.hf_import`.
+  `tokenizer` defaults to `load_tokenizer(spec)`. `materialize` checks
+  the result against the run's fingerprint.
+  """
+  from bridge import hf_import
+  from mosp_jax import models
+  from mosp_jax.models import paper_configs
+  if tokenizer is None:
+    tokenizer = load_tokenizer(spec)
+  random_spec = paper_configs.parse_random_spec(spec)
+  if spec == TINY_LLAMA:
+    model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
+  elif random_spec is not None:
+    model, params = paper_configs.random_model(random_spec, seed=0)
+  else:
+    model, params, _ = hf_import.load_model(spec)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  return models.adapter_for(model), params, tokenizer
+
+
+def model_shape(spec: str) -> tuple[int | None, int | None]:
+  """`(context tokens, decoder layers)` of a model spec, read from its
+  config alone (None where the config does not say); `cli.UsageError`
+  when --model names no file, or a `random:` spec that is unknown, has a
+  bad layer count or is over the memory limit of random models."""
+  if spec == TINY_LLAMA:
+    return TINY_LLAMA_CONTEXT, TINY_LLAMA_LAYERS
+  from mosp_jax.models import paper_configs
+  with cli.usage_errors("--model"):
+    random_spec = paper_configs.parse_random_spec(spec)
+    if random_spec is not None:  # A config without weights: check its size.
+      paper_configs.check_random_spec(random_spec)
+      config = random_spec.config()
+      return config.max_position_embeddings, random_spec.num_layers
+  from bridge import hf_import
+  try:
+    config = hf_import.load_config(spec)
+  except FileNotFoundError as e:
+    raise cli.UsageError(f"--model: {e}") from e
+  context = (getattr(config, "max_position_embeddings", None)
+             or getattr(config, "n_positions", None))
+  layers = (getattr(config, "num_hidden_layers", None)
+            or getattr(config, "n_layer", None))
+  return context, layers

@@ -1,0 +1,81 @@
+"""mosp_jax.pipeline.run_record: typed records of a run directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bridge import pruned
+from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.pipeline import artifact, run_record
+from mosp_jax.solvers import NM, Unstructured
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.0),
+                                     NM(2, 4), NM(1, 8)])
+def test_pattern_round_trips(pattern):
+  d = run_record.pattern_to_dict(pattern)
+  assert d["kind"] == type(pattern).__name__
+  assert run_record.pattern_from_dict(json.loads(json.dumps(d))) == pattern
+
+
+def test_unknown_pattern_is_refused():
+  with pytest.raises(run_record.RunRecordError, match="unknown sparsity "
+                     "pattern 'Blocks'"):
+    run_record.pattern_from_dict({"kind": "Blocks", "size": 4})
+
+
+def test_config_record_round_trips_and_ignores_out_dir():
+  run = RunConfig(model="tiny-llama", tasks=("general", "math"),
+                  pattern=NM(2, 4), nsamples=4, seqlen=64, test_tokens=256,
+                  prefs=((1.0, 0.0), (0.0, 1.0), (0.5, 0.5)), batch_size=4,
+                  seed=3, out_dir="/a", streams="task")
+  rec = run_record.ConfigRecord(run, SolverConfig(alpha=0.25))
+  d = json.loads(json.dumps(rec.to_dict()))
+  assert "out_dir" not in d and d["pattern"] == {"kind": "NM", "n": 2,
+                                                 "m": 4}
+  back = run_record.ConfigRecord.from_dict(d, out_dir="/a")
+  assert back == rec
+  moved = run_record.ConfigRecord(
+      RunConfig(**{**run.__dict__, "out_dir": "/b"}), rec.solver)
+  assert moved.to_dict() == rec.to_dict()  # A run dir may move.
+
+
+def test_records_of_a_run_read_back_exactly(tiny_run):
+  """What the runner wrote parses into the typed records and serialises
+  back to the same JSON, key for key."""
+  for name, read in ((run_record.RESULTS_FILE, run_record.read_results),
+                     (run_record.CONFIG_FILE, run_record.read_config)):
+    on_disk = json.loads((tiny_run / name).read_text())
+    on_disk.pop("export", None)  # Another test may add the export report.
+    got = read(tiny_run).to_dict()
+    got.pop("export", None)
+    assert got == on_disk, name
+  meta_disk = json.loads((tiny_run / "pareto" / artifact.META).read_text())
+  meta = run_record.read_meta(tiny_run)
+  assert meta.to_dict() == meta_disk
+  results = run_record.read_results(tiny_run)
+  assert meta.prefs.dtype == np.float32 and meta.prefs.shape == (7, 3)
+  assert [m.preference for m in results.models] == [
+      tuple(p) for p in meta.prefs.tolist()]
+  assert meta.dense_sha256 == pruned.materialize(
+      pruned.read_run(tiny_run), meta.prefs[0]).dense_sha256
+
+
+@pytest.mark.parametrize("name, damage, match", [
+    ("results.json", "{", "not valid JSON"),
+    ("results.json", '{"model": "x"}', "not a run's results.json"),
+    ("config.json", '{"model": "x"}', "not a run's config.json"),
+    ("pareto/meta.json", "[]", "not the meta.json of a run"),
+])
+def test_damaged_records_name_the_file(tiny_run, tmp_path, name, damage,
+                                       match):
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(tiny_run, out)
+  (out / name).write_text(damage)
+  with pytest.raises(pruned.RunDirError, match=match) as e:
+    pruned.read_run(out)
+  assert str(out / name) in str(e.value)
