@@ -153,9 +153,15 @@ def test_baseline_walk_equals_whole_models(problem, walks, method, protocol):
 # Perplexities of the walks above computed by the code before the walk was
 # written once (commit 7ca1e85: `prune_and_evaluate`, `baseline_walk` and
 # `bridge.verify.jax_perplexity`, now `bridge.parity_check`, each with their
-# own loop), on the CPU with
-# jax 0.10.2. Held as exact float64 reprs: the refactor changed no bit. Other
-# backends or XLA versions may round differently, so it runs on the CPU only.
+# own loop), on the CPU with jax 0.10.2, as exact float64 reprs: on the
+# machine that recorded them the refactor changed no bit. Another CPU's XLA
+# code rounds differently in the last bit: measured on an AMD EPYC with the
+# same jax, the baselines' and the dense values moved by at most 2.3e-7
+# relative, and MOSP's ADMM turned such bits into a few other top-k picks
+# (W by 6.1e-4, the preference models by up to 2.1e-3). So the check is
+# exact where the bits agree and otherwise bounded at about 5-10x the drift
+# seen; for MOSP that bound checks the magnitude only, and the
+# reference-loop tests above are the same-machine bitwise checks.
 BEFORE = {
     "mosp-global": [[65.0423162701117, 69.62446221493055],
                     [65.07003606391964, 69.53717605180691],
@@ -179,7 +185,13 @@ def test_walks_equal_the_code_before_them(walks):
   got = {k: w.ppl.tolist() for k, w in walks.items()}
   got["mosp-global:W"] = walks["mosp-global"].global_ppl.tolist()
   got["dense"] = walks["mosp-global"].dense_ppl.tolist()
-  assert got == BEFORE
+  assert got.keys() == BEFORE.keys()
+  if got == BEFORE:
+    return
+  for name, want in BEFORE.items():
+    rtol = 1e-2 if name.startswith("mosp") else 2e-6
+    np.testing.assert_allclose(got[name], want, rtol=rtol, atol=0,
+                               err_msg=name)
 
 
 class _Killed(Exception):
