@@ -353,6 +353,7 @@ def load_model(
   source = resolve(spec, trust_pickle=trust_pickle)
   if source.kind == "flax":
     return load_flax_dir(source.location, dtype=dtype)
+  assert source.cache_name is not None  # only Flax folders are not cached
   cached = model_cache_dir(source.cache_name)
   if cache and _cache_hit(cached, source):
     model, params, tokenizer = load_flax_dir(cached, dtype=dtype)
@@ -402,6 +403,7 @@ def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
     if _cache_hit(cached, source):
       return AutoTokenizer.from_pretrained(str(cached))
   if source.kind == "gguf":
+    assert source.cache_name is not None  # every GGUF source is cached
     tok_dir = tokenizer_cache_dir(source.cache_name)
     if _cache_hit(tok_dir, source):
       return AutoTokenizer.from_pretrained(str(tok_dir))

@@ -22,11 +22,21 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
 Flat = dict[tuple[str, ...], np.ndarray]
+
+
+class Shaped(Protocol):
+  """A leaf with a shape: an array, a `jax.ShapeDtypeStruct`, a meta
+  tensor."""
+
+  @property
+  def shape(self) -> Sequence[int]: ...
+
 
 # (PyTorch leaf, Flax leaf, transpose), tried in order.
 LEAF_RULES: tuple[tuple[str, str, bool], ...] = (
@@ -85,8 +95,8 @@ def _hint(name: str, candidates: list[str]) -> str:
 
 
 def tree_diff(
-    got: Mapping[tuple[str, ...], object],
-    expected: Mapping[tuple[str, ...], object],
+    got: Mapping[tuple[str, ...], Shaped],
+    expected: Mapping[tuple[str, ...], Shaped],
     *,
     what: str,
 ) -> None:
@@ -118,7 +128,7 @@ def tree_diff(
 
 def pt_to_flax(
     state_dict: Mapping[str, np.ndarray],
-    expected: Mapping[tuple[str, ...], object],
+    expected: Mapping[tuple[str, ...], Shaped],
     *,
     model_type: str,
     tie_word_embeddings: bool,
@@ -187,7 +197,7 @@ def drop_tied_flax_head(
 
 def flax_to_pt(
     flat: Mapping[tuple[str, ...], np.ndarray],
-    expected: Mapping[str, object],
+    expected: Mapping[str, Shaped],
     *,
     model_type: str,
     tie_word_embeddings: bool,
@@ -212,7 +222,7 @@ def flax_to_pt(
   want = {k: v for k, v in expected.items()
           if not any(re.search(p, k) for p in IGNORED_PT_KEYS)}
   head_key, _ = TIED_HEADS.get(model_type, (None, None))
-  if tie_word_embeddings:
+  if tie_word_embeddings and head_key is not None:
     want.pop(head_key, None)
   out: dict[str, np.ndarray] = {}
   for path, arr in flat.items():

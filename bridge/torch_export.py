@@ -227,7 +227,7 @@ def export_preference(run_dir: str | os.PathLike, preference: str,
   """
   _torch_dtype(dtype)
   _check_out(pathlib.Path(out), overwrite)
-  run = pruned_lib.read_run(run_dir)
+  run = pruned_lib.read_run(pathlib.Path(run_dir))
   with cli.usage_errors("--preference"):
     pref = pruned_lib.parse_preference(preference, run.tasks)
   model = pruned_lib.materialize(run, pref, log=log)

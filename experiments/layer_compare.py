@@ -91,7 +91,10 @@ def _save(path: pathlib.Path, prob: LayerProblem) -> None:
   arrays["meta"] = np.frombuffer(json.dumps(
       {"layer": prob.layer, "num_layers": prob.num_layers,
        "groups": prob.groups}).encode(), np.uint8)
-  artifact.atomic_write(path, lambda f: np.savez(f, **arrays))
+  # numpy's stub checks `**arrays` against `allow_pickle: bool` too; no
+  # key here is 'allow_pickle'.
+  artifact.atomic_write(
+      path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def _load(path: pathlib.Path) -> LayerProblem:

@@ -122,7 +122,8 @@ def tokenize_stream(
     limit = batch_chars
     if max_tokens is not None:  # ~6 characters a token at most, usually
       limit = min(batch_chars, max(4096, 6 * (max_tokens - total)))
-    batch, chars = [], 0
+    batch: list[str] = []
+    chars = 0
     while i < len(texts) and (not batch or chars < limit):
       batch.append(texts[i])
       chars += len(texts[i])
@@ -186,4 +187,6 @@ def test_segments(tokens: np.ndarray, *, seqlen: int,
   return tokens[:n * seqlen].reshape(n, seqlen).astype(np.int32)
 
 
-test_segments.__test__ = False  # not a pytest test, despite its name
+# Not a pytest test, despite its name (mypy does not model function
+# attributes).
+test_segments.__test__ = False  # type: ignore[attr-defined]

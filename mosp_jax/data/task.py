@@ -142,7 +142,7 @@ def check_task(name: str | os.PathLike, *,
 
 def _build(calib_docs, test_docs, tokenizer, *, separator_ids,
            calib_budget, test_budget) -> dict[str, Any]:
-  out = {}
+  out: dict[str, Any] = {}
   for side, side_docs, budget in (("calib", calib_docs, calib_budget),
                                   ("test", test_docs, test_budget)):
     stream = segments.tokenize_stream(

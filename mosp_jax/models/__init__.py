@@ -7,10 +7,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import jax.numpy as jnp
-from transformers import FlaxGPT2LMHeadModel, FlaxOPTForCausalLM
+from transformers import (
+  FlaxGPT2LMHeadModel,
+  FlaxOPTForCausalLM,
+  FlaxPreTrainedModel,
+  PretrainedConfig,
+)
 from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
 
 from mosp_jax.models.base import Adapter, BaseAdapter, Params
@@ -22,7 +27,7 @@ from mosp_jax.models.llama import (
 )
 from mosp_jax.models.opt import OptAdapter
 
-_FAMILIES: dict[str, tuple[type, type[BaseAdapter]]] = {
+_FAMILIES: dict[str, tuple[type[FlaxPreTrainedModel], type[BaseAdapter]]] = {
     "llama": (FlaxLlamaForCausalLMFixed, LlamaAdapter),
     "opt": (FlaxOPTForCausalLM, OptAdapter),
     "gpt2": (FlaxGPT2LMHeadModel, Gpt2Adapter),
@@ -34,7 +39,8 @@ class UnsupportedModelError(ValueError):
   """The config's `model_type` has no adapter here."""
 
 
-def _family(config: Any) -> tuple[type, type[BaseAdapter]]:
+def _family(config: PretrainedConfig
+            ) -> tuple[type[FlaxPreTrainedModel], type[BaseAdapter]]:
   model_type = getattr(config, "model_type", None)
   if model_type not in _FAMILIES:
     raise UnsupportedModelError(
@@ -43,12 +49,17 @@ def _family(config: Any) -> tuple[type, type[BaseAdapter]]:
   return _FAMILIES[model_type]
 
 
-def model_class(config: Any) -> type:
-  """The Flax causal-LM class to instantiate for `config`."""
+def model_class(config: PretrainedConfig
+                ) -> Callable[..., FlaxPreTrainedModel]:
+  """The Flax causal-LM class to instantiate for `config`.
+
+  Typed as a callable: the family classes take `(config, **kwargs)`, which
+  their base `FlaxPreTrainedModel` does not.
+  """
   return _family(config)[0]
 
 
-def adapter_for(model: Any) -> Adapter:
+def adapter_for(model: FlaxPreTrainedModel) -> Adapter:
   """The adapter of a HF Flax causal LM (uses its config and dtype).
 
   Raises:

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Mapping[str, Any]
 
@@ -79,7 +80,7 @@ class Adapter(Protocol):
     """Kernel of linear `name` in layer i, as (n_in, n_out)."""
 
   def set_kernel(
-      self, params: Params, i: int, name: str, w: jax.Array
+      self, params: Params, i: int, name: str, w: jax.Array | np.ndarray
   ) -> Params:
     """New params with linear `name` of layer i replaced by w (n_in, n_out)."""
 
@@ -125,14 +126,14 @@ class BaseAdapter:
   """
 
   config: Any
-  dtype: Any = jnp.float32
+  dtype: jnp.dtype = jnp.float32
 
   family: ClassVar[str] = ""
   # Path of the dict holding layers '0', '1', ... in the params tree.
   layers_path: ClassVar[tuple[str, ...]] = ()
   groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
   # Module classes whose __call__ is a linear to capture.
-  linear_types: ClassVar[tuple[type, ...]] = (nn.Dense,)
+  linear_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Dense,)
   # True where the family stores kernels as (n_out, n_in).
   kernel_is_out_in: ClassVar[bool] = False
 
@@ -183,8 +184,9 @@ class BaseAdapter:
 
   def embed(self, params: Params, input_ids: jax.Array) -> jax.Array:
     ids = jnp.asarray(input_ids, jnp.int32)
-    return self._model_module().apply(
-        {"params": params}, ids, method=type(self)._embed)
+    # `apply` without `mutable` returns the output alone.
+    return cast(jax.Array, self._model_module().apply(
+        {"params": params}, ids, method=type(self)._embed))
 
   def layer_params(self, params: Params, i: int) -> Params:
     return tree_get(params, self.layers_path + (str(i),))
@@ -251,7 +253,7 @@ class BaseAdapter:
     return k.T if self.kernel_is_out_in else k
 
   def set_kernel(
-      self, params: Params, i: int, name: str, w: jax.Array
+      self, params: Params, i: int, name: str, w: jax.Array | np.ndarray
   ) -> Params:
     """New params with one kernel replaced; cast to the stored dtype.
 
@@ -272,8 +274,8 @@ class BaseAdapter:
     return tree_set(params, path, w.T if self.kernel_is_out_in else w)
 
   def head(self, params: Params, hidden: jax.Array) -> jax.Array:
-    return self._model_module().apply(
-        {"params": params}, hidden, method=type(self)._head)
+    return cast(jax.Array, self._model_module().apply(
+        {"params": params}, hidden, method=type(self)._head))
 
   # Shared helpers for families.
 

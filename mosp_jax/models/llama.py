@@ -104,6 +104,7 @@ def rope_inv_freq(head_dim: int, theta: float,
   if kind != "llama3":
     raise NotImplementedError(
         f"rope_type {kind!r} is none of {', '.join(ROPE_TYPES)}")
+  assert rope_scaling is not None  # rope_type(None) is 'default'
   f32 = np.float32
   factor = f32(rope_scaling["factor"])
   low = f32(rope_scaling["low_freq_factor"])

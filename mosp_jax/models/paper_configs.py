@@ -35,7 +35,12 @@ import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
-from transformers import LlamaConfig, OPTConfig
+from transformers import (
+  FlaxPreTrainedModel,
+  LlamaConfig,
+  OPTConfig,
+  PretrainedConfig,
+)
 
 RANDOM_PREFIX = "random:"
 
@@ -114,7 +119,8 @@ class RandomSpecError(ValueError):
   count, or is too large to build."""
 
 
-def paper_config(name: str, *, num_layers: int | None = None) -> Any:
+def paper_config(name: str, *, num_layers: int | None = None
+                 ) -> PretrainedConfig:
   """The HF config of paper model `name` (a key of PAPER_CONFIGS), with
   only its first `num_layers` decoder layers when given."""
   if name not in PAPER_CONFIGS:
@@ -127,7 +133,7 @@ def paper_config(name: str, *, num_layers: int | None = None) -> Any:
   return cls(**fields)
 
 
-def param_shapes(config: Any) -> dict:
+def param_shapes(config: PretrainedConfig) -> dict:
   """The parameter tree of the Flax model of `config` as
   `jax.ShapeDtypeStruct` leaves (float32), from `jax.eval_shape` of its
   init: no weight is allocated."""
@@ -136,7 +142,7 @@ def param_shapes(config: Any) -> dict:
   return model.params_shape_tree
 
 
-def param_count(config: Any) -> int:
+def param_count(config: PretrainedConfig) -> int:
   """Number of parameters of the Flax model of `config` (tied matrices
   once, as HF's `num_parameters()`)."""
   import jax
@@ -163,7 +169,7 @@ class RandomSpec(NamedTuple):
   name: str
   num_layers: int
 
-  def config(self) -> Any:
+  def config(self) -> PretrainedConfig:
     return paper_config(self.name, num_layers=self.num_layers)
 
 
@@ -258,19 +264,20 @@ def random_tree(shapes: Any, *, std: float, seed: int = 0,
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def init_std(config: Any) -> float:
+def init_std(config: PretrainedConfig) -> float:
   """HF's init std of a config (`initializer_range`; OPT: `init_std`)."""
   return getattr(config, "initializer_range", None) or config.init_std
 
 
-def random_params(config: Any, *, seed: int = 0) -> dict:
+def random_params(config: PretrainedConfig, *, seed: int = 0) -> dict:
   """Seeded float32 numpy weights for the Flax model of `config`
   (`random_tree` of its parameter shapes)."""
   return random_tree(param_shapes(config), std=init_std(config), seed=seed)
 
 
 def random_model(spec: RandomSpec, *, seed: int = 0,
-                 check_size: bool = True) -> tuple[Any, dict]:
+                 check_size: bool = True
+                 ) -> tuple[FlaxPreTrainedModel, dict]:
   """`(uninitialised Flax model, float32 numpy params)` of a random spec;
   `check_size` refuses specs over MAX_RANDOM_GB (RandomSpecError)."""
   from mosp_jax import models

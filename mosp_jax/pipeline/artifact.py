@@ -85,7 +85,7 @@ def _pack(name: str, W: np.ndarray) -> dict[str, np.ndarray]:
           f"{name}/shape": np.asarray(W.shape, np.int64)}
 
 
-def _unpack(z: Any, name: str) -> np.ndarray:
+def _unpack(z: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
   shape = tuple(int(s) for s in z[f"{name}/shape"])
   size = int(np.prod(shape))
   nz = np.unpackbits(z[f"{name}/nonzero"], count=size).astype(bool)
@@ -107,15 +107,18 @@ def save_layer(root: str | os.PathLike, layer: int,
     grams: `{group key: (m, n_in, n_in)}` task Grams, stored only for a
       refit of the preference models [ours; `pref_refit_iters`].
   """
-  arrays = {f"{GRAM}/{k}": np.asarray(g, np.float32)
-            for k, g in (grams or {}).items()}
+  arrays: dict[str, np.ndarray] = {
+      f"{GRAM}/{k}": np.asarray(g, np.float32)
+      for k, g in (grams or {}).items()}
   for name, par in linears.items():
     arrays[f"{name}/core"] = np.packbits(np.asarray(par.core).ravel())
     arrays |= _pack(f"{name}/W", np.asarray(par.W))
     arrays |= _pack(f"{name}/W_tasks", np.asarray(par.W_tasks))
     arrays[f"{name}/d"] = np.asarray(par.d, np.float32)
+  # numpy's stub checks `**arrays` against `allow_pickle: bool` too; no
+  # key here is 'allow_pickle'.
   atomic_write(layer_path(pathlib.Path(root), layer),
-                lambda f: np.savez(f, **arrays))
+               lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def _unreadable(path: pathlib.Path, e: BaseException) -> ArtifactError:

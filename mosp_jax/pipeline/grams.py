@@ -12,11 +12,12 @@ docs/METHOD_NOTES.md).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mosp_jax.models.base import Adapter, Params
 
 
 class NonFiniteError(FloatingPointError):
@@ -24,8 +25,8 @@ class NonFiniteError(FloatingPointError):
 
 
 @functools.partial(jax.jit, static_argnames=("adapter", "keys"))
-def _batch_grams(adapter: Any, layer_params: Any, hidden: jax.Array, *,
-                 keys: tuple[str, ...]) -> dict[str, jax.Array]:
+def _batch_grams(adapter: Adapter, layer_params: Params, hidden: jax.Array,
+                 *, keys: tuple[str, ...]) -> dict[str, jax.Array]:
   _, xs = adapter.apply_block(layer_params, hidden, capture=True)
   out = {}
   for key in keys:
@@ -35,7 +36,8 @@ def _batch_grams(adapter: Any, layer_params: Any, hidden: jax.Array, *,
   return out
 
 
-def layer_grams(adapter: Any, layer_params: Any, stream: list[jax.Array],
+def layer_grams(adapter: Adapter, layer_params: Params,
+                stream: list[jax.Array],
                 *, where: str = "") -> dict[str, np.ndarray]:
   """Per-token mean Gram of each linear group's input for one stream.
 
@@ -51,20 +53,25 @@ def layer_grams(adapter: Any, layer_params: Any, stream: list[jax.Array],
 
   Raises:
     NonFiniteError: a Gram has NaN or Inf (names `where` and the group).
+    ValueError: `stream` is empty.
   """
   keys = tuple(g[0] for g in adapter.linear_groups())
-  acc = {k: None for k in keys}
+  acc: dict[str, np.ndarray | None] = dict.fromkeys(keys)
   tokens = 0
   for batch in stream:
     got = jax.device_get(_batch_grams(adapter, layer_params, batch,
                                       keys=keys))
     for k in keys:
       g = np.asarray(got[k], np.float64)
-      acc[k] = g if acc[k] is None else acc[k] + g
+      prev = acc[k]
+      acc[k] = g if prev is None else prev + g
     tokens += batch.shape[0] * batch.shape[1]
   out = {}
   for k in keys:
-    g = acc[k] / tokens
+    total = acc[k]
+    if total is None:
+      raise ValueError(f"{where}: the stream is empty; no Gram of {k!r}")
+    g = total / tokens
     if not np.isfinite(g).all():
       raise NonFiniteError(f"{where}: the Gram of {k!r} has NaN or Inf "
                            "(the activations entering it are not finite)")

@@ -21,16 +21,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mosp_jax.config import SolverConfig
+from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline import artifact, walk
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.solvers import (
+  MospInfo,
+  ParetoLayer,
   Pattern,
   mosp_materialize,
   mosp_pareto,
@@ -39,7 +42,7 @@ from mosp_jax.solvers import (
 
 
 @jax.jit
-def _unstack(x):
+def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(x[i] for i in range(x.shape[0]))
 
 
@@ -73,7 +76,7 @@ class WalkResult:
 
 
 def prune_and_evaluate(
-    adapter: Any, params: Any, calib: Sequence[np.ndarray],
+    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
     cfg: SolverConfig, batch_size: int, streams: str = "global",
     artifact_dir: str | None = None,
@@ -130,26 +133,27 @@ class _Solved(NamedTuple):
   """What MOSP's solve of one layer hands to its evaluation: per linear
   its Pareto set and solver info; per group the task Grams on the device
   (key: the group's first linear) and on the host; the global model."""
-  sets: dict[str, Any]
-  infos: dict[str, Any]
+  sets: dict[str, ParetoLayer]
+  infos: dict[str, MospInfo]
   grams_dev: dict[str, jax.Array]
   task_grams: dict[int, walk.Grams]
-  global_params: Any
+  global_params: Params
 
 
-def mosp_unit(adapter: Any, params: Any, prefs: np.ndarray, m: int, *,
+def mosp_unit(adapter: Adapter, params: Params, prefs: np.ndarray, m: int, *,
               pattern: Pattern, cfg: SolverConfig, streams: str = "global",
               artifact_dir: str | None = None,
               mesh: jax.sharding.Mesh | None = None) -> walk.Unit:
   """MOSP as a `walk.Unit`: every task's calibration stream, one Pareto set
   per linear, the `P` preference models of `prefs (P, m)` and the global
   model `W` evaluated (in that order). Arguments as `prune_and_evaluate`."""
-  model = dict(adapter=adapter, params=params, pattern=pattern, cfg=cfg)
   return walk.Unit(
       tasks=tuple(range(m)), models=prefs.shape[0] + 1,
-      solve=functools.partial(_solve_layer, **model, streams=streams,
+      solve=functools.partial(_solve_layer, adapter=adapter, params=params,
+                              pattern=pattern, cfg=cfg, streams=streams,
                               mesh=mesh),
-      evaluate=functools.partial(_evaluate_layer, **model,
+      evaluate=functools.partial(_evaluate_layer, adapter=adapter,
+                                 params=params, pattern=pattern, cfg=cfg,
                                  prefs=jax.device_put(prefs)),
       commit=None if artifact_dir is None else functools.partial(
           _save_layer, artifact_dir, groups=adapter.linear_groups(),
@@ -157,10 +161,10 @@ def mosp_unit(adapter: Any, params: Any, prefs: np.ndarray, m: int, *,
 
 
 def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
-                 adapter: Any, params: Any, pattern: Pattern,
+                 adapter: Adapter, params: Params, pattern: Pattern,
                  cfg: SolverConfig, streams: str,
                  mesh: jax.sharding.Mesh | None
-                 ) -> tuple[list[Any], _Solved]:
+                 ) -> tuple[list[Params], _Solved]:
   """One Pareto set per linear of `layer` from the `m` tasks' Grams; the
   layers the calibration streams go through (`W`, or `W_i` for task i)."""
   m = len(task_grams)
@@ -189,7 +193,8 @@ def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
           _Solved(sets, infos, grams_dev, task_grams, global_params))
 
 
-def _evaluate_layer(layer: int, s: _Solved, *, adapter: Any, params: Any,
+def _evaluate_layer(layer: int, s: _Solved, *, adapter: Adapter,
+                    params: Params,
                     prefs: jax.Array, pattern: Pattern,
                     cfg: SolverConfig) -> walk.Evaluated:
   """Materialises the `(P, m)` preferences' models of `layer`; their layers

@@ -20,13 +20,13 @@ a baseline and MOSP see identical inputs and numerics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
+from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.prune import WalkResult
 from mosp_jax.solvers import Pattern
@@ -40,7 +40,7 @@ def _zeros(W: jax.Array) -> jax.Array:
 
 
 def baseline_walk(
-    adapter: Any, params: Any, calib: Sequence[np.ndarray],
+    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, method: str,
     pattern: Pattern, cfg: SolverConfig, batch_size: int,
     protocol: str = "mixed",
@@ -92,7 +92,7 @@ def baseline_walk(
                     seconds=res.seconds)
 
 
-def baseline_unit(adapter: Any, params: Any, lam: np.ndarray, *,
+def baseline_unit(adapter: Adapter, params: Params, lam: np.ndarray, *,
                   method: str, protocol: str, pattern: Pattern,
                   cfg: SolverConfig, where: str = "") -> walk.Unit:
   """One baseline model as a `walk.Unit`: the calibration streams of the

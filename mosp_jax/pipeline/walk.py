@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
 from mosp_jax.solvers import concat_gram, mixed_gram
@@ -41,19 +42,20 @@ Grams = dict[str, np.ndarray]  # {first linear of a group: (n_in, n_in)}
 
 
 @functools.partial(jax.jit, static_argnames=("adapter",))
-def embed(adapter: Any, params: Any, ids: jax.Array) -> jax.Array:
+def embed(adapter: Adapter, params: Params, ids: jax.Array) -> jax.Array:
   """Token ids `(B, T)` int32 -> hidden states `(B, T, d)`."""
   return adapter.embed(params, ids)
 
 
 @functools.partial(jax.jit, static_argnames=("adapter",))
-def advance(adapter: Any, layer_params: Any, hidden: jax.Array) -> jax.Array:
+def advance(adapter: Adapter, layer_params: Params,
+            hidden: jax.Array) -> jax.Array:
   """Hidden states `(B, T, d)` through one decoder layer."""
   return adapter.apply_block(layer_params, hidden)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("adapter",))
-def nll(adapter: Any, params: Any, hidden: jax.Array,
+def nll(adapter: Adapter, params: Params, hidden: jax.Array,
         ids: jax.Array) -> jax.Array:
   """Summed next-token negative log-likelihood (nats, float32 scalar) of
   `(B, T)` segments from their last-layer states `(B, T, d)`."""
@@ -91,20 +93,20 @@ def device_batches(ids: np.ndarray, batch_size: int) -> Stream:
           for lo in range(0, ids.shape[0], batch_size)]
 
 
-def embed_stream(adapter: Any, params: Any, ids: np.ndarray,
+def embed_stream(adapter: Adapter, params: Params, ids: np.ndarray,
                  batch_size: int) -> Stream:
   """Host segments `(N, T)` -> the stream of their embeddings."""
   return [embed(adapter, params, b)
           for b in device_batches(np.asarray(ids), batch_size)]
 
 
-def advance_stream(adapter: Any, layer_params: Any,
+def advance_stream(adapter: Adapter, layer_params: Params,
                    stream: Stream) -> Stream:
   """Every batch of `stream` through one decoder layer."""
   return [advance(adapter, layer_params, h) for h in stream]
 
 
-def dense_stream(adapter: Any, params: Any, ids: np.ndarray, *,
+def dense_stream(adapter: Adapter, params: Params, ids: np.ndarray, *,
                  batch_size: int, layers: int | None = None) -> Stream:
   """The dense model's states entering layer `layers` (default: after the
   last layer) for host segments `(N, T)`."""
@@ -116,7 +118,7 @@ def dense_stream(adapter: Any, params: Any, ids: np.ndarray, *,
   return stream
 
 
-def stream_ppl(adapter: Any, params: Any, stream: Stream,
+def stream_ppl(adapter: Adapter, params: Params, stream: Stream,
                ids: Stream) -> float:
   """Perplexity of hidden states after the last layer `(B, T, d)` batches
   against their token batches `(B, T)`: exp of the mean next-token NLL,
@@ -127,7 +129,7 @@ def stream_ppl(adapter: Any, params: Any, stream: Stream,
   return float(np.exp(total / count))
 
 
-def perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
+def perplexity(adapter: Adapter, params: Params, segments: np.ndarray, *,
                batch_size: int) -> float:
   """Perplexity of the dense `params` on host segments `(N, T)` int32,
   layer by layer exactly as a walk evaluates its dense model."""
@@ -136,7 +138,7 @@ def perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
       adapter, params, segments, batch_size=batch_size), ids)
 
 
-def check_finite(x: Any, where: str) -> None:
+def check_finite(x: jax.Array | np.ndarray, where: str) -> None:
   """Raises `NonFiniteError` naming `where` when `x` has NaN or Inf."""
   if not bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
     raise NonFiniteError(f"{where}: NaN or Inf")
@@ -177,8 +179,8 @@ class Evaluated(NamedTuple):
   weights: weights in the pruned linears of one model.
   record: JSON-able entries of the layer's record (e.g. 'linears').
   """
-  layers: list[Any]
-  zeros: Sequence[int]
+  layers: list[Params]
+  zeros: Sequence[int] | np.ndarray
   weights: int
   record: dict
 
@@ -200,7 +202,7 @@ class Unit(NamedTuple):
   """
   tasks: tuple[int, ...]
   models: int
-  solve: Callable[[int, dict[int, Grams]], tuple[list[Any], Any]]
+  solve: Callable[[int, dict[int, Grams]], tuple[list[Params], Any]]
   evaluate: Callable[[int, Any], Evaluated]
   commit: Callable[[int, Any], None] | None = None
   where: str = ""
@@ -229,22 +231,28 @@ class Walk(NamedTuple):
 _PHASES = ("capture", "solve", "propagate", "evaluate")
 
 
-def _capture(adapter, layer, lp, unit, calib) -> dict[int, Grams]:
+def _capture(adapter: Adapter, layer: int, lp: Params, unit: Unit,
+             calib: Sequence[Stream]) -> dict[int, Grams]:
   return {i: layer_grams(adapter, lp, s,
                          where=f"{unit.where}layer {layer}, task {i}")
           for i, s in zip(unit.tasks, calib, strict=True)}
 
 
-def _advance_calib(adapter, layer, unit, layers, calib) -> list[Stream]:
-  calib = [advance_stream(adapter, lp, s)
-           for lp, s in zip(layers, calib, strict=True)]
-  for i, stream in zip(unit.tasks, calib, strict=True):
+def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
+                   layers: Sequence[Params],
+                   calib: Sequence[Stream]) -> list[Stream]:
+  out = [advance_stream(adapter, lp, s)
+         for lp, s in zip(layers, calib, strict=True)]
+  for i, stream in zip(unit.tasks, out, strict=True):
     for h in stream:
       check_finite(h, f"{unit.where}layer {layer}: task {i} activations")
-  return calib
+  return out
 
 
-def _walk_layer(adapter, params, layer, units, state):
+def _walk_layer(
+    adapter: Adapter, params: Params, layer: int, units: Sequence[Unit],
+    state: dict[str, list]
+) -> tuple[dict[str, list], dict[str, float], dict, np.ndarray, np.ndarray]:
   """One decoder layer of every unit: `(state, times, record, zeros,
   weights)`, times per phase in seconds."""
   times = dict.fromkeys(_PHASES, 0.0)
@@ -254,7 +262,9 @@ def _walk_layer(adapter, params, layer, units, state):
     check_finite(adapter.get_kernel(params, layer, name),
                  f"layer {layer} {name}: dense weights")
   times["capture"] += time.perf_counter() - t0
-  record, zeros, weights = {}, [], []
+  record: dict = {}
+  zeros: list[int] = []
+  weights: list[int] = []
   calib, tests = list(state["calib"]), list(state["test"])
   for u, unit in enumerate(units):
     t0 = time.perf_counter()
@@ -288,7 +298,7 @@ def _walk_layer(adapter, params, layer, units, state):
 
 
 def walk_layers(
-    adapter: Any, params: Any, calib: Sequence[np.ndarray],
+    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], units: Sequence[Unit], *, batch_size: int,
     label: str = "", checkpoint: LayerCheckpoint | None = None,
     log: Callable[[str], None] = print,
@@ -369,7 +379,9 @@ def walk_layers(
               seconds=seconds)
 
 
-def _embedded(adapter, params, calib, test, units, batch_size) -> dict:
+def _embedded(adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
+              test: Sequence[np.ndarray], units: Sequence[Unit],
+              batch_size: int) -> dict[str, list]:
   """The walk's streams before the first layer: each unit's calibration
   streams and each of its models' test streams, and the dense model's
   test streams; every copy starts from the same embedded batches."""

@@ -44,7 +44,7 @@ class Support(NamedTuple):
 
 
 def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
-                 pattern: projection.Pattern, rho0: jax.Array,
+                 pattern: projection.Pattern, rho0: float | jax.Array,
                  update_every: int, max_iter: int, core_count: int = 0
                  ) -> tuple[Support, admm_lib.AdmmInfo]:
   """ALPS's ADMM on one scaled Gram, optionally carrying a core.

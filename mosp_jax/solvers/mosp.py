@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from mosp_jax.config import PAPER, SolverConfig
@@ -54,11 +55,14 @@ class ParetoLayer(NamedTuple):
     support, which contains `S_c`.
   d: `(n_in,)`, the column scale `sqrt(diag(H + damping))`; preference
     supports rank `|d_j w_jo|` (ALPS's scaled units).
+
+  The solver returns device arrays; `jax.device_get` of one and
+  `pipeline.artifact.load_layer` give numpy arrays.
   """
-  core: jax.Array
-  W: jax.Array
-  W_tasks: jax.Array
-  d: jax.Array
+  core: jax.Array | np.ndarray
+  W: jax.Array | np.ndarray
+  W_tasks: jax.Array | np.ndarray
+  d: jax.Array | np.ndarray
 
 
 class MospInfo(NamedTuple):
@@ -343,7 +347,7 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
         W_tasks=sharding_lib.place(pareto.W_tasks, layout.per_task),
         d=sharding_lib.place(pareto.d, layout.replicated))
     prefs = sharding_lib.place(prefs, layout.replicated)
-    if grams is not None:
+    if grams is not None and W0 is not None:  # both or neither, as above
       _, grams, W0 = sharding_lib.place_layer(mesh, grams, W0)
   (damping,) = sharding_lib.scalars((cfg.damping,), layout)
   return _materialize(pareto, prefs, grams, W0, damping, pattern=pattern,

@@ -18,6 +18,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ def core_count(pattern: Pattern, n_in: int, n_out: int, alpha: float) -> int:
   return int(math.floor(alpha * pattern.unit_keep(n_in, n_out)))
 
 
-def task_masks(Z: jax.Array, core: jax.Array, pattern: Pattern,
+def task_masks(Z: jax.Array, core: jax.Array | np.ndarray, pattern: Pattern,
                count: int) -> jax.Array:
   """The support outside a frozen core: top-`count` of `|Z_i|` per unit.
 

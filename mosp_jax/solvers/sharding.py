@@ -39,12 +39,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+T = TypeVar("T")
 
 TASKS, COLS = "tasks", "cols"
 COLUMNS = (COLS, TASKS)  # all devices, cols-major: refines P(None, cols)
@@ -168,7 +172,7 @@ def layout_for(mesh: Mesh, n_models: int | None = None) -> Layout:
   return Layout(mesh)
 
 
-def place(x, sharding: NamedSharding) -> jax.Array:
+def place(x: ArrayLike, sharding: NamedSharding) -> jax.Array:
   """Puts `x` (numpy or a jax.Array) on `sharding`, explicitly.
 
   Within one process this is `jax.device_put`. Across processes (after
@@ -224,7 +228,7 @@ def gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def to_local(tree, like: jax.Array):
+def to_local(tree: T, like: jax.Array) -> T:
   """Every array of `tree` moved (explicitly) onto `like`'s placement,
   e.g. a solver's mesh-split results back to the model's device. Arrays
   spread over other processes are gathered first."""
