@@ -11,13 +11,16 @@ paper model's config with seeded random weights,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from mosp_jax import cli
 from mosp_jax.models.base import Adapter
+
+if TYPE_CHECKING:  # transformers loads in seconds: only where a model is.
+  from transformers import FlaxPreTrainedModel
 
 TINY_LLAMA = "tiny-llama"
 TINY_LLAMA_CONTEXT = 2048
@@ -59,6 +62,7 @@ def load_dense(spec: str, tokenizer: Any = None
   if tokenizer is None:
     tokenizer = load_tokenizer(spec)
   random_spec = paper_configs.parse_random_spec(spec)
+  model: FlaxPreTrainedModel
   if spec == TINY_LLAMA:
     model, params = models.tiny_llama(vocab_size=len(tokenizer), seed=0)
   elif random_spec is not None:

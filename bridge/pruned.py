@@ -226,9 +226,10 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
         budgets[(layer, name)] = run.pattern.keep(*w.shape)
         kernels[(layer, name)] = w
       log(f"materialised layer {layer + 1}/{run.num_layers}")
+  tree: Any = params
   for (layer, name), w in kernels.items():  # Not under the guard: set_kernel
-    params = adapter.set_kernel(params, layer, name, w)  # makes jax arrays.
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+    tree = adapter.set_kernel(tree, layer, name, w)  # makes jax arrays.
+  params = jax.tree.map(np.asarray, jax.device_get(tree))
   return PrunedModel(preference=pref, run_index=index, adapter=adapter,
                      params=params, masks=masks, budgets=budgets,
                      tokenizer=tokenizer, dense_sha256=dense_sha)

@@ -44,6 +44,7 @@ import functools
 import json
 import pathlib
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -122,7 +123,7 @@ def prepare_out_dir(run: RunConfig, overwrite: bool) -> pathlib.Path:
 def _variant(text: str, solver: SolverConfig) -> tuple[str, SolverConfig]:
   """'alpha=0,p=1' -> ('mosp[alpha=0,p=1]', the overridden config)."""
   fields = {f.name: f.type for f in dataclasses.fields(SolverConfig)}
-  changes = {}
+  changes: dict[str, Any] = {}
   for item in text.split(","):
     name, _, value = item.strip().partition("=")
     if name not in fields or not value:
@@ -323,7 +324,9 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
   ppl = {k: w.ppl for k, w in walks.items()}
   for e in entries:
     if e.method == "mosp":
-      ppl[f"{e.name}:W"] = walks[e.name].global_ppl[None]
+      global_ppl = walks[e.name].global_ppl
+      assert global_ppl is not None  # MOSP walks evaluate W.
+      ppl[f"{e.name}:W"] = global_ppl[None]
   ppl = with_global(ppl)
   summary = summarize(ppl)
   time_s = {k: w.seconds["total"] for k, w in walks.items()}

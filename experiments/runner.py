@@ -71,6 +71,7 @@ def load_data(run: RunConfig, tokenizer
 def report_markdown(run: RunConfig, results: run_record.Results) -> str:
   """report.md: the PPL table of every model and the phase timings."""
   tasks = list(run.tasks)
+  assert results.test is not None  # Every run records its test set.
   lines = [f"# MOSP run: {run.model}, {run.pattern}", "",
            f"Tasks: {', '.join(tasks)}. Calibration {run.nsamples} x "
            f"{run.seqlen} tokens per task; test {results.test.segments} "

@@ -8,6 +8,10 @@ config from here with `dataclasses.replace`, never with its own literals.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # solvers import this module: no import cycle at run time.
+  from mosp_jax.solvers.projection import Pattern
 
 PREF_MAPS = ("power", "normalized")
 
@@ -104,7 +108,7 @@ class RunConfig:
   """
   model: str
   tasks: tuple[str, ...]
-  pattern: object
+  pattern: Pattern
   nsamples: int
   seqlen: int
   test_tokens: int

@@ -51,6 +51,10 @@ class Adapter(Protocol):
 
   family: ClassVar[str]
 
+  @property
+  def config(self) -> Any:
+    """The HF config of the model."""
+
   def num_layers(self, params: Params) -> int:
     """Number of decoder layers in `params`."""
 

@@ -95,6 +95,7 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str],
         t.remove()
       if cost == 0:
         break
+    assert best is not None  # _LABEL_SPOTS is not empty.
     taken.append(best[2])
 
 

@@ -7,6 +7,7 @@ a set of them is `(P, m)` float32.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,6 +64,7 @@ def check_prefs(prefs: np.ndarray, m: int, *, flag: str = "--prefs") -> None:
                      f"{sums[bad].tolist()}")
 
 
-def format_pref(pref: np.ndarray, sep: str = ", ") -> str:
+def format_pref(pref: np.ndarray | Sequence[float], sep: str = ", "
+                ) -> str:
   """A preference `(m,)` as short numbers: `0.333, 0.333, 0.333`."""
   return sep.join(f"{float(x):.3g}" for x in np.asarray(pref).reshape(-1))
