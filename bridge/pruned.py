@@ -164,18 +164,11 @@ def run_index(run: RunInfo, pref: np.ndarray) -> int | None:
   return int(hits[0]) if hits.size else None
 
 
-def materialize(run: RunInfo, pref: np.ndarray, *,
-                log=lambda s: None) -> PrunedModel:
-  """The model of preference `pref (m,)` from the run's Pareto set.
-
-  Raises:
-    RunDirError: the dense model differs from the one the run pruned
-      (fingerprints), or the artifact misses a layer or linear.
-  """
-  pref = np.asarray(pref, np.float32)
-  if pref.shape != (len(run.tasks),):
-    raise ValueError(f"preference must have {len(run.tasks)} weights "
-                     f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
+def load_run_dense(run: RunInfo, *, log=lambda s: None
+                   ) -> tuple[Adapter, dict, Any, str]:
+  """`(adapter, params, tokenizer, sha256)` of the dense model the run
+  pruned; RunDirError when the model loaded now is not that one (its
+  fingerprint or layer count differs)."""
   adapter, params, tokenizer = load.load_dense(run.model)
   dense_sha = run_record.params_sha256(params)
   want = run.meta.dense_sha256
@@ -190,38 +183,66 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
   if adapter.num_layers(params) != run.num_layers:
     raise RunDirError(f"{run.run_dir}: the artifact has {run.num_layers} "
                       f"layers, the model {adapter.num_layers(params)}")
+  return adapter, params, tokenizer, dense_sha
+
+
+def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array, row: int,
+                   adapter: Adapter, params: dict
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """`{linear: (kernel, mask)}` of one layer for row `row` of the
+  preference batch `pref_dev`; RunDirError for a missing linear or
+  Gram."""
+  root = run.run_dir / run_record.ARTIFACT_DIR
+  refit = run.solver.pref_refit_iters > 0
+  linears = artifact.load_layer(root, layer)
+  grams = artifact.load_grams(root, layer) if refit else {}
+  for group in run.groups:
+    if refit and group[0] not in grams:
+      raise RunDirError(f"{root}: layer {layer} has no Gram for "
+                        f"{group[0]!r}")
+  out = {}
+  for group in run.groups:
+    for name in group:
+      if name not in linears:
+        raise RunDirError(f"{root}: layer {layer} has no {name!r}")
+      W, M = mosp_materialize(
+          jax.device_put(linears[name]), pref_dev, pattern=run.pattern,
+          cfg=run.solver,
+          grams=jax.device_put(grams[group[0]]) if refit else None,
+          W0=jax.device_put(adapter.get_kernel(params, layer, name))
+          if refit else None)
+      W, M = jax.device_get((W, M))
+      # Copies: a view of row `row` would keep the whole batch alive.
+      w, mask = np.array(W[row]), np.array(M[row])
+      if np.any(w[~mask] != 0):
+        raise AssertionError(f"layer {layer} {name}: weights off the "
+                             "mask are not zero")
+      out[name] = (w, mask)
+  return out
+
+
+def materialize(run: RunInfo, pref: np.ndarray, *,
+                log=lambda s: None) -> PrunedModel:
+  """The model of preference `pref (m,)` from the run's Pareto set.
+
+  Raises:
+    RunDirError: the dense model differs from the one the run pruned
+      (fingerprints), or the artifact misses a layer or linear.
+  """
+  pref = np.asarray(pref, np.float32)
+  if pref.shape != (len(run.tasks),):
+    raise ValueError(f"preference must have {len(run.tasks)} weights "
+                     f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
+  adapter, params, tokenizer, dense_sha = load_run_dense(run, log=log)
   index = run_index(run, pref)
   batch = run.prefs if index is not None else pref[None]
   row = index if index is not None else 0
-  root = run.run_dir / "pareto"
   masks, budgets, kernels = {}, {}, {}
-  names = [name for group in run.groups for name in group]
   with jax.transfer_guard("disallow"):
     pref_dev = jax.device_put(batch)
-    refit = run.solver.pref_refit_iters > 0
     for layer in range(run.num_layers):
-      linears = artifact.load_layer(root, layer)
-      grams = artifact.load_grams(root, layer) if refit else {}
-      for group in run.groups:
-        if refit and group[0] not in grams:
-          raise RunDirError(f"{root}: layer {layer} has no Gram for "
-                            f"{group[0]!r}")
-      for name in names:
-        if name not in linears:
-          raise RunDirError(f"{root}: layer {layer} has no {name!r}")
-        key = next(g[0] for g in run.groups if name in g)
-        W, M = mosp_materialize(
-            jax.device_put(linears[name]), pref_dev, pattern=run.pattern,
-            cfg=run.solver,
-            grams=jax.device_put(grams[key]) if refit else None,
-            W0=jax.device_put(adapter.get_kernel(params, layer, name))
-            if refit else None)
-        W, M = jax.device_get((W, M))
-        # Copies: a view of row `row` would keep the whole batch alive.
-        w, mask = np.array(W[row]), np.array(M[row])
-        if np.any(w[~mask] != 0):
-          raise AssertionError(f"layer {layer} {name}: weights off the "
-                               "mask are not zero")
+      for name, (w, mask) in _layer_kernels(run, layer, pref_dev, row,
+                                            adapter, params).items():
         masks[(layer, name)] = mask
         budgets[(layer, name)] = run.pattern.keep(*w.shape)
         kernels[(layer, name)] = w
