@@ -243,9 +243,42 @@ def check_parity(
     bridge.model_files.ModelLoadError, bridge.pruned.RunDirError, ValueError:
       the inputs cannot be read at all.
   """
-  from transformers import AutoModelForCausalLM, AutoTokenizer
-
   folder = pathlib.Path(checkpoint)
+  run, pref = _run_and_preference(folder, run_dir, preference)
+  batch_size = batch_size or run.config.run.batch_size
+  model = _model_for(run, pref, model, log=log)
+  state, dtype = _read_state(folder)
+  problems: list[str] = []
+  if dtype not in torch_export.DTYPES:
+    problems.append(f"weights: stored as {dtype}, expected one of "
+                    f"{torch_export.DTYPES}")
+    dtype = "float32"
+  # The JAX side in the export's precision: what every check compares to.
+  jax_flat = {k: torch_export.round_like_export(v, dtype)
+              for k, v in rename.flatten(model.params).items()}
+  jax_state, differing, linears, found = _check_tensors(
+      folder, state, jax_flat, model, weight_atol=weight_atol)
+  problems += found
+  segments, found = _check_segments(run, model, folder, log=log)
+  problems += found
+  ppl, found = _check_perplexities(
+      folder, run, model, rename.unflatten(jax_flat), segments, dtype=dtype,
+      rtol=rtol, batch_size=batch_size, log=log)
+  problems += found
+  return ParityReport(
+      checkpoint=str(folder), run_dir=str(run.run_dir),
+      preference=pref.tolist(), dtype=dtype, ppl=ppl, linears=linears,
+      tensors_checked=len(jax_state), tensors_differing=differing,
+      problems=problems)
+
+
+def _run_and_preference(folder: pathlib.Path,
+                        run_dir: str | pathlib.Path | None,
+                        preference: str | None
+                        ) -> tuple[pruned.RunInfo, np.ndarray]:
+  """The run and the `(m,)` float32 preference an export is checked
+  against: the arguments, else what its `mosp_export.json` names. Refuses
+  a folder that is not a safetensors export of that run."""
   source = model_files.resolve(str(folder))  # Refuses pickled weights.
   if source.kind != "torch":
     raise model_files.ModelLoadError(
@@ -262,32 +295,46 @@ def check_parity(
     if "preference" not in prov:
       raise cli.UsageError("--preference: required (the checkpoint has no "
                            f"{torch_export.EXPORT_META})")
-    pref = np.asarray(prov["preference"], np.float32)
-  else:
-    with cli.usage_errors("--preference"):
-      pref = pruned.parse_preference(preference, run.tasks)
-  batch_size = batch_size or run.config.run.batch_size
-  problems: list[str] = []
+    return run, np.asarray(prov["preference"], np.float32)
+  with cli.usage_errors("--preference"):
+    return run, pruned.parse_preference(preference, run.tasks)
 
+
+def _model_for(run: pruned.RunInfo, pref: np.ndarray,
+               model: pruned.PrunedModel | None, *, log
+               ) -> pruned.PrunedModel:
+  """`model` when it is the preference's, else the preference's model
+  materialised from the run; raises ValueError for another preference's."""
   if model is None:
-    model = pruned.materialize(run, pref, log=log)
-  elif not np.array_equal(model.preference, pref):
+    return pruned.materialize(run, pref, log=log)
+  if not np.array_equal(model.preference, pref):
     raise ValueError(f"--preference {pref.tolist()}: the model given is "
                      f"that of {model.preference.tolist()}")
-  adapter, config = model.adapter, model.adapter.config
-  state, dtype = _read_state(folder)
-  if dtype not in torch_export.DTYPES:
-    problems.append(f"weights: stored as {dtype}, expected one of "
-                    f"{torch_export.DTYPES}")
-    dtype = "float32"
-  jax_flat = {k: torch_export.round_like_export(v, dtype)
-              for k, v in rename.flatten(model.params).items()}
+  return model
 
-  # Names and weights, in PyTorch names.
-  differing: dict[str, float] = {}
-  linears: list[LinearCheck] = []
+
+def _check_tensors(
+    folder: pathlib.Path, state: dict[str, np.ndarray],
+    jax_flat: rename.Flat, model: pruned.PrunedModel, *, weight_atol: float
+) -> tuple[dict[str, np.ndarray], dict[str, float], list[LinearCheck],
+           list[str]]:
+  """Names, weights and masks of the export against the JAX model.
+
+  Args:
+    folder: the export (named in errors).
+    state: the export's float32 tensors by PyTorch name.
+    jax_flat: the JAX weights rounded to the export dtype, by Flax path.
+    model: the preference's model (adapter, masks, budgets).
+    weight_atol: largest absolute weight difference allowed.
+
+  Returns:
+    `(jax_state, differing, linears, problems)`: the JAX weights by
+    PyTorch name, max |diff| of each differing tensor, one `LinearCheck`
+    per pruned linear (none when the names differ) and the problems.
+  """
+  config = model.adapter.config
   jax_state = torch_export.to_torch_state(config, rename.unflatten(jax_flat),
-                                      what="the JAX model")
+                                          what="the JAX model")
   try:
     rename.tree_diff({(k,): v for k, v in state.items()},
                      {(k,): v for k, v in jax_state.items()},
@@ -296,41 +343,59 @@ def check_parity(
         state, jax_flat, model_type=config.model_type,
         tie_word_embeddings=config.tie_word_embeddings, what=str(folder))
   except rename.CheckpointMismatchError as e:
-    problems.append(f"names: {e}")
-    got_flat = None
-  if got_flat is not None:
-    for key, want in jax_state.items():
-      diff = np.abs(state[key] - want)
-      if diff.size and not diff.max() <= weight_atol:  # NaN fails too.
-        differing[key] = float(np.nan_to_num(diff.max(), nan=np.inf))
-    for name, d in sorted(differing.items())[:10]:
-      problems.append(f"weights: {name} differs from the JAX model "
-                      f"(max |diff| {d:.3g})")
-    if len(differing) > 10:
-      problems.append(f"weights: ... {len(differing) - 10} more tensors")
-    got_params = rename.unflatten(got_flat)
-    jax_params = rename.unflatten(jax_flat)
-    for (layer, name), mask in model.masks.items():
-      w = np.asarray(adapter.get_kernel(got_params, layer, name))
-      w_jax = np.asarray(adapter.get_kernel(jax_params, layer, name))
-      nz = w != 0
-      check = LinearCheck(
-          name=f"{layer}.{name}", shape=tuple(mask.shape),
-          budget=model.budgets[(layer, name)], kept=int(mask.sum()),
-          mask_sparsity=1.0 - float(mask.mean()),
-          sparsity=1.0 - float(nz.mean()), off_mask=int(np.sum(nz & ~mask)),
-          mask_equal=bool(np.array_equal(nz, mask & (w_jax != 0))))
-      linears.append(check)
-      if not check.mask_equal:
-        problems.append(
-            f"masks: {check.name}: exported nonzeros differ from the mask "
-            f"({check.off_mask} nonzero outside it; sparsity "
-            f"{check.sparsity:.6f}, mask {check.mask_sparsity:.6f})")
-      if check.kept != check.budget:
-        problems.append(f"masks: {check.name}: the mask keeps "
-                        f"{check.kept}, the pattern allows {check.budget}")
+    return jax_state, {}, [], [f"names: {e}"]
+  differing: dict[str, float] = {}
+  for key, want in jax_state.items():
+    diff = np.abs(state[key] - want)
+    if diff.size and not diff.max() <= weight_atol:  # NaN fails too.
+      differing[key] = float(np.nan_to_num(diff.max(), nan=np.inf))
+  problems = [f"weights: {name} differs from the JAX model "
+              f"(max |diff| {d:.3g})"
+              for name, d in sorted(differing.items())[:10]]
+  if len(differing) > 10:
+    problems.append(f"weights: ... {len(differing) - 10} more tensors")
+  linears, found = _check_masks(model, rename.unflatten(got_flat),
+                                rename.unflatten(jax_flat))
+  return jax_state, differing, linears, problems + found
 
-  # The run's test segments, through both tokenizers.
+
+def _check_masks(model: pruned.PrunedModel, got_params: dict,
+                 jax_params: dict) -> tuple[list[LinearCheck], list[str]]:
+  """Per pruned linear, the exported kernel's nonzeros against the JAX
+  mask and the mask's count against the pattern's budget; returns the
+  checks and the problems."""
+  linears, problems = [], []
+  for (layer, name), mask in model.masks.items():
+    w = np.asarray(model.adapter.get_kernel(got_params, layer, name))
+    w_jax = np.asarray(model.adapter.get_kernel(jax_params, layer, name))
+    nz = w != 0
+    check = LinearCheck(
+        name=f"{layer}.{name}", shape=tuple(mask.shape),
+        budget=model.budgets[(layer, name)], kept=int(mask.sum()),
+        mask_sparsity=1.0 - float(mask.mean()),
+        sparsity=1.0 - float(nz.mean()), off_mask=int(np.sum(nz & ~mask)),
+        mask_equal=bool(np.array_equal(nz, mask & (w_jax != 0))))
+    linears.append(check)
+    if not check.mask_equal:
+      problems.append(
+          f"masks: {check.name}: exported nonzeros differ from the mask "
+          f"({check.off_mask} nonzero outside it; sparsity "
+          f"{check.sparsity:.6f}, mask {check.mask_sparsity:.6f})")
+    if check.kept != check.budget:
+      problems.append(f"masks: {check.name}: the mask keeps "
+                      f"{check.kept}, the pattern allows {check.budget}")
+  return linears, problems
+
+
+def _check_segments(run: pruned.RunInfo, model: pruned.PrunedModel,
+                    folder: pathlib.Path, *, log
+                    ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The run's test segments rebuilt with the run's tokenizer, checked
+  against the fingerprints in results.json and against the segments the
+  export's tokenizer cuts; returns `({task: (N, T) ids}, problems)`."""
+  from transformers import AutoTokenizer
+
+  problems = []
   segments = pruned.run_test_segments(run, model.tokenizer)
   recorded = (run.results.test.sha256 if run.results and run.results.test
               else None)
@@ -347,26 +412,27 @@ def check_parity(
     if not np.array_equal(seg, segments[task]):
       problems.append(f"tokenizer: the checkpoint's tokenizer cuts {task} "
                       "into other segments than the run's")
+  return segments, problems
 
-  # Perplexities.
-  import torch
-  tmodel, info = AutoModelForCausalLM.from_pretrained(
-      str(folder), **hf_import.torch_dtype_kwargs(torch.float32),
-      use_safetensors=True,
-      output_loading_info=True)
-  tmodel.eval()
-  for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-    if info.get(key):
-      problems.append(f"torch load: {key} {sorted(info[key])[:5]}")
+
+def _check_perplexities(
+    folder: pathlib.Path, run: pruned.RunInfo, model: pruned.PrunedModel,
+    jax_params: dict, segments: dict[str, np.ndarray], *, dtype: str,
+    rtol: float, batch_size: int, log) -> tuple[list[TaskPpl], list[str]]:
+  """Per task, perplexity of the export loaded by stock PyTorch against
+  the JAX walk on `jax_params` (the rounded weights), and the JAX one
+  against what the run recorded (float32 exports of a run preference);
+  returns the rows and the problems."""
+  tmodel, problems = _load_torch(folder)
   run_ppl = None
   if (model.run_index is not None and run.results is not None
       and dtype == "float32"):
     run_ppl = run.results.models[model.run_index].ppl
-  jax_params = rename.unflatten(jax_flat)
   ppl = []
   for task, seg in segments.items():
     p_torch = torch_perplexity(tmodel, seg, batch_size=batch_size)
-    p_jax = jax_perplexity(adapter, jax_params, seg, batch_size=batch_size)
+    p_jax = jax_perplexity(model.adapter, jax_params, seg,
+                           batch_size=batch_size)
     r = run_ppl[task] if run_ppl is not None else None
     row = TaskPpl(task=task, torch=p_torch, jax=p_jax,
                   rel_diff=_rel(p_torch, p_jax), run=r,
@@ -382,11 +448,23 @@ def check_parity(
       problems.append(f"run: {task}: JAX PPL {p_jax:.6g} vs {r:.6g} "
                       f"recorded by the run, relative difference "
                       f"{row.run_rel_diff:.3g} > {rtol:g}")
-  return ParityReport(
-      checkpoint=str(folder), run_dir=str(run.run_dir),
-      preference=pref.tolist(), dtype=dtype, ppl=ppl, linears=linears,
-      tensors_checked=len(jax_state), tensors_differing=differing,
-      problems=problems)
+  return ppl, problems
+
+
+def _load_torch(folder: pathlib.Path) -> tuple[Any, list[str]]:
+  """The export loaded by `AutoModelForCausalLM` in float32 (eval mode),
+  and a problem per kind of tensor the load missed or could not use."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  tmodel, info = AutoModelForCausalLM.from_pretrained(
+      str(folder), **hf_import.torch_dtype_kwargs(torch.float32),
+      use_safetensors=True,
+      output_loading_info=True)
+  tmodel.eval()
+  return tmodel, [f"torch load: {key} {sorted(info[key])[:5]}"
+                  for key in ("missing_keys", "unexpected_keys",
+                              "mismatched_keys") if info.get(key)]
 
 
 def format_report(report: ParityReport, *, verbose: bool = False) -> str:
