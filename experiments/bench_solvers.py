@@ -26,6 +26,7 @@ give the same masks and objectives on the mesh as on one device.
 from __future__ import annotations
 
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -215,19 +216,80 @@ def _memory(compiled) -> dict:
           "alias": int(ma.alias_size_in_bytes)}
 
 
+class _Pair(NamedTuple):
+  """One measurement on one device and on the mesh."""
+
+  one: Any
+  mesh: Any
+
+
 def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
                iters: int, repeats: int, pattern) -> tuple[dict, dict]:
   """MOSP on a device mesh vs one device: `("mesh" fields, details)`."""
   mesh = sharding.make_mesh(spec)
-  layout = sharding.layout_for(mesh)
   sharding.check_layer(mesh, n_out)
-  cfg = SolverConfig()
   grams_np = _grams(rng, m, n_in)
   W0_np = rng.standard_normal((n_in, n_out), np.float32)
   prefs_np = rng.dirichlet(np.ones(m), K).astype(np.float32)
+  mem, loop_s = _mesh_admm_loop(mesh, grams_np, W0_np, iters=iters,
+                                repeats=repeats, pattern=pattern)
+  res, mosp_s, err = _mesh_mosp(mesh, grams_np, W0_np, prefs_np,
+                                pattern=pattern)
+  masks_equal = bool(np.array_equal(res.one.masks, res.mesh.masks) and
+                     np.array_equal(res.one.pareto.core,
+                                    res.mesh.pareto.core))
+  iterate_bytes = lambda ma: ma["output"] + ma["temp"]  # noqa: E731
+  fields = {
+      "devices": mesh.size,
+      "bytes_per_device": iterate_bytes(mem.mesh),
+      "single_device_bytes": iterate_bytes(mem.one),
+      "masks_equal": masks_equal,
+      "max_rel_objective_diff": float(np.max(np.abs(err.mesh - err.one) /
+                                             np.abs(err.one))),
+      "iter_s": loop_s.mesh / iters,
+      "single_iter_s": loop_s.one / iters,
+  }
+  details = {
+      "spec": spec, "mesh_shape": dict(mesh.shape), "n_in": n_in,
+      "n_out": n_out, "m": m, "K": K, "pattern": str(pattern),
+      "timed_iters": iters,
+      "bytes": "outputs + temporaries of the compiled fixed-count stage-1 "
+               "ADMM loop per device; arguments (Grams, eigenvectors: "
+               "replicated) listed apart",
+      "memory_analysis_mesh": mem.mesh, "memory_analysis_single": mem.one,
+      "mosp_s": {"single": mosp_s.one, "mesh": mosp_s.mesh},
+      "mask_entries_differing": int(np.sum(res.one.masks != res.mesh.masks)),
+      "stage1_iters": [int(res.one.info.stage1.iters),
+                       int(res.mesh.info.stage1.iters)],
+      "stage2_iters": [_np(res.one.info.stage2.iters).tolist(),
+                       _np(res.mesh.info.stage2.iters).tolist()],
+  }
+  return fields, details
+
+
+def _mesh_admm_loop(mesh, grams: np.ndarray, W0: np.ndarray, *, iters: int,
+                    repeats: int, pattern) -> tuple[_Pair, _Pair]:
+  """`iters` stage-1 ADMM iterations compiled for one device and for the
+  mesh (iterates split by output column).
+
+  Args:
+    mesh: the device mesh.
+    grams: `(m, n_in, n_in)` task Grams; their concatenation is solved.
+    W0: `(n_in, n_out)` dense weights.
+    iters: iterations of the fixed-count loop.
+    repeats: timings per side; the best is kept.
+    pattern: the sparsity pattern.
+
+  Returns:
+    `(memory, seconds)`: per side, the `_memory` of the compiled loop and
+    its best wall time for `iters` iterations.
+  """
+  n_in, n_out = W0.shape
+  layout = sharding.layout_for(mesh)
+  cfg = SolverConfig()
   sc = jax.jit(lambda g, w: scale_problem(concat_gram(g), w,
                                           damping=cfg.damping))(
-      *jax.device_put((grams_np, W0_np)))
+      *jax.device_put((grams, W0)))
   Q, L = jax.jit(eig)(sc.G)
 
   core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
@@ -250,8 +312,19 @@ def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
   mem_one, mem_shd = _memory(one), _memory(shd)
   t_one, t_shd = _best_times([lambda: one(*one_args),
                               lambda: shd(*mesh_args)], repeats)
+  return _Pair(mem_one, mem_shd), _Pair(t_one, t_shd)
 
-  # Full MOSP, one device vs the mesh: masks and objectives.
+
+def _mesh_mosp(mesh, grams_np: np.ndarray, W0_np: np.ndarray,
+               prefs_np: np.ndarray, *, pattern
+               ) -> tuple[_Pair, _Pair, _Pair]:
+  """Full MOSP (pareto + materialize) on one device and on the mesh.
+
+  Returns:
+    `(results, seconds, errors)`: per side, `mosp_prune`'s result on the
+    host, its wall time (one run, compilation included) and the
+    `(models, m)` relative errors of its weights, computed on one device.
+  """
   grams, W0, prefs = jax.device_put((grams_np, W0_np, prefs_np))
   with jax.transfer_guard("disallow"):
     t = time.perf_counter()
@@ -265,35 +338,7 @@ def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
                          (None, None, 0)))
   e_one, e_shd = (_np(rel(grams, W0, jax.device_put(r.weights)))
                   for r in (r_one, r_shd))
-  masks_equal = bool(np.array_equal(r_one.masks, r_shd.masks) and
-                     np.array_equal(r_one.pareto.core, r_shd.pareto.core))
-  iterate_bytes = lambda mem: mem["output"] + mem["temp"]  # noqa: E731
-  fields = {
-      "devices": mesh.size,
-      "bytes_per_device": iterate_bytes(mem_shd),
-      "single_device_bytes": iterate_bytes(mem_one),
-      "masks_equal": masks_equal,
-      "max_rel_objective_diff": float(np.max(np.abs(e_shd - e_one) /
-                                             np.abs(e_one))),
-      "iter_s": t_shd / iters,
-      "single_iter_s": t_one / iters,
-  }
-  details = {
-      "spec": spec, "mesh_shape": dict(mesh.shape), "n_in": n_in,
-      "n_out": n_out, "m": m, "K": K, "pattern": str(pattern),
-      "timed_iters": iters,
-      "bytes": "outputs + temporaries of the compiled fixed-count stage-1 "
-               "ADMM loop per device; arguments (Grams, eigenvectors: "
-               "replicated) listed apart",
-      "memory_analysis_mesh": mem_shd, "memory_analysis_single": mem_one,
-      "mosp_s": {"single": s_one, "mesh": s_shd},
-      "mask_entries_differing": int(np.sum(r_one.masks != r_shd.masks)),
-      "stage1_iters": [int(r_one.info.stage1.iters),
-                       int(r_shd.info.stage1.iters)],
-      "stage2_iters": [_np(r_one.info.stage2.iters).tolist(),
-                       _np(r_shd.info.stage2.iters).tolist()],
-  }
-  return fields, details
+  return _Pair(r_one, r_shd), _Pair(s_one, s_shd), _Pair(e_one, e_shd)
 
 
 def _np(x) -> np.ndarray:
