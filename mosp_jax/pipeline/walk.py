@@ -323,23 +323,15 @@ def walk_layers(
     `Walk` of the units' models and the dense model.
   """
   t_start = time.perf_counter()
-  seconds = dict.fromkeys(_PHASES, 0.0)
   state = _embedded(adapter, params, calib, test, units, batch_size)
   test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
   n_models = sum(u.models for u in units)
-  zeros, weights = np.zeros(n_models), np.zeros(n_models)
   n_layers = adapter.num_layers(params)
-  layers_out, durations, first = [], [], 0
-  if checkpoint is not None and checkpoint.latest_layer() is not None:
-    done_layer, saved, meta = checkpoint.restore(
-        {"streams": state, "zeros": zeros, "weights": weights})
-    state = saved["streams"]
-    zeros = np.asarray(saved["zeros"], np.float64)
-    weights = np.asarray(saved["weights"], np.float64)
-    layers_out = meta["layers"]
-    seconds.update(meta["seconds"])
-    first = done_layer + 1
+  first, state, zeros, weights, layers_out, seconds = _start(
+      checkpoint, state, n_models)
+  if first > 0:
     log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
+  durations = []
   for layer in range(first, n_layers):
     state, times, record, z, w = _walk_layer(adapter, params, layer, units,
                                              state)
@@ -354,14 +346,66 @@ def walk_layers(
                               "weights": weights},
                       {"layers": layers_out, "seconds": seconds})
     done = time.perf_counter() - t_start
-    log(f"{label}layer {layer + 1}/{n_layers}: capture "
-        f"{times['capture']:.1f}s, solve {times['solve']:.1f}s, propagate "
-        f"{times['propagate']:.1f}s, evaluate {times['evaluate']:.1f}s | "
-        f"elapsed {done:.0f}s, {eta_text(durations, n_layers - layer - 1)}")
+    log(f"{label}layer {layer + 1}/{n_layers}: "
+        f"{_progress(times, done, durations, n_layers - layer - 1)}")
     if on_layer_done is not None:
       on_layer_done(layer)
 
   t5 = time.perf_counter()
+  dense_ppl, ppl = _final_ppl(adapter, params, state, test_ids)
+  seconds["evaluate"] += time.perf_counter() - t5
+  seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
+      "propagate"]
+  seconds["total"] = time.perf_counter() - t_start
+  return Walk(ppl=ppl.reshape(n_models, len(test)), dense_ppl=dense_ppl,
+              sparsity=zeros / np.maximum(weights, 1), layers=layers_out,
+              seconds=seconds)
+
+
+def _start(checkpoint: LayerCheckpoint | None, state: dict, n_models: int
+           ) -> tuple[int, dict, np.ndarray, np.ndarray, list[dict],
+                      dict[str, float]]:
+  """Where the walk starts: layer 0, or after the checkpoint's latest layer
+  when it holds one.
+
+  Args:
+    checkpoint: the walk's checkpoint, or None.
+    state: the streams before the first layer (also the structure that a
+      checkpoint restores).
+    n_models: models evaluated by the walk.
+
+  Returns:
+    `(first, state, zeros, weights, layers, seconds)`: the first layer to
+    walk, its input streams, the `(n_models,)` float64 counts of exact
+    zeros and of weights so far, the per-layer records and the seconds
+    per phase so far.
+  """
+  zeros, weights = np.zeros(n_models), np.zeros(n_models)
+  seconds = dict.fromkeys(_PHASES, 0.0)
+  if checkpoint is None or checkpoint.latest_layer() is None:
+    return 0, state, zeros, weights, [], seconds
+  done_layer, saved, meta = checkpoint.restore(
+      {"streams": state, "zeros": zeros, "weights": weights})
+  seconds.update(meta["seconds"])
+  return (done_layer + 1, saved["streams"],
+          np.asarray(saved["zeros"], np.float64),
+          np.asarray(saved["weights"], np.float64), meta["layers"], seconds)
+
+
+def _progress(times: dict[str, float], elapsed: float,
+              durations: Sequence[float], remaining: int) -> str:
+  """The progress line of a layer: seconds per phase, elapsed, ETA."""
+  return (f"capture {times['capture']:.1f}s, solve {times['solve']:.1f}s, "
+          f"propagate {times['propagate']:.1f}s, evaluate "
+          f"{times['evaluate']:.1f}s | elapsed {elapsed:.0f}s, "
+          f"{eta_text(durations, remaining)}")
+
+
+def _final_ppl(adapter: Any, params: Any, state: dict,
+               test_ids: Sequence[Stream]) -> tuple[np.ndarray, np.ndarray]:
+  """Perplexity per task of the streams after the last layer: the dense
+  model's `(tasks,)` and the unit models' `(models, tasks)`, in the order
+  of `state["test"]`."""
 
   def model_ppl(model):  # per task, the model's stream after the last layer
     return [stream_ppl(adapter, params, s, ids)
@@ -370,13 +414,7 @@ def walk_layers(
   dense_ppl = np.array(model_ppl(state["dense"]))
   ppl = np.array([model_ppl(model) for unit_tests in state["test"]
                   for model in unit_tests])
-  seconds["evaluate"] += time.perf_counter() - t5
-  seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
-      "propagate"]
-  seconds["total"] = time.perf_counter() - t_start
-  return Walk(ppl=ppl.reshape(n_models, len(test)), dense_ppl=dense_ppl,
-              sparsity=zeros / np.maximum(weights, 1), layers=layers_out,
-              seconds=seconds)
+  return dense_ppl, ppl
 
 
 def _embedded(adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
