@@ -180,6 +180,22 @@ def _load(path: pathlib.Path) -> dict[str, Any]:
   return out
 
 
+def _cache_path(name: str, docs: Sequence[corpora.Document], tokenizer: Any,
+                params: dict[str, Any],
+                cache_root: str | os.PathLike | None) -> pathlib.Path:
+  """The folder caching a task's tokenised streams, `<root>/<name>-<key>`:
+  the key hashes the documents, the tokenizer and `params` (separator,
+  split, budgets). Creates `root` (default `fetch.cache_dir() / "data"`),
+  not the folder."""
+  key = hashlib.sha256(json.dumps(dict(
+      params, version=_CACHE_VERSION, docs=documents_fingerprint(docs),
+      tokenizer=tokenizer_fingerprint(tokenizer))).encode()).hexdigest()
+  root = pathlib.Path(cache_root or fetch.cache_dir() / "data")
+  root.mkdir(parents=True, exist_ok=True)
+  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.Path(name).name)[:40]
+  return root / f"{slug}-{key[:24]}"
+
+
 def load_task(
     name: str | os.PathLike, tokenizer: Any, *, nsamples: int = 128,
     seqlen: int = 2048, test_tokens: int = 128 * 2048, seed: int = 0,
@@ -214,19 +230,12 @@ def load_task(
       separator_ids=separator_ids, test_fraction=test_fraction,
       split_seed=split_seed, test_budget=test_tokens,
       calib_budget=math.ceil(max(pool_factor, 1.0) * nsamples * seqlen))
-  path = None
+  path = (_cache_path(name, docs, tokenizer, params, cache_root)
+          if use_cache else None)
   built = None
-  if use_cache:
-    key = hashlib.sha256(json.dumps(dict(
-        params, version=_CACHE_VERSION, docs=documents_fingerprint(docs),
-        tokenizer=tokenizer_fingerprint(tokenizer))).encode()).hexdigest()
-    root = pathlib.Path(cache_root or fetch.cache_dir() / "data")
-    root.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.Path(name).name)[:40]
-    path = root / f"{slug}-{key[:24]}"
-    if (path / "meta.json").exists():
-      _log.info("task %s: cached streams in %s", name, path)
-      built = _load(path)
+  if path is not None and (path / "meta.json").exists():
+    _log.info("task %s: cached streams in %s", name, path)
+    built = _load(path)
   if built is None:
     sides = _split(name, docs, test_fraction=test_fraction,
                    split_seed=split_seed)
