@@ -180,6 +180,7 @@ def fixed_solve(inverse: jax.Array) -> LinearSolve:
   return LinearSolve(factor=lambda _: inverse, apply=_matmul)
 
 
+# Kept whole (80 lines): its while_loop body is ADMM and closes over the args.
 def run_admm(solve: LinearSolve, GB0: jax.Array, init: tuple[
     jax.Array, jax.Array, jax.Array], project: Projection, *, k: int,
              rho0: float | jax.Array, adaptive: bool, update_every: int,
