@@ -329,7 +329,7 @@ def walk_layers(
   n_layers = adapter.num_layers(params)
   first, state, zeros, weights, layers_out, seconds = _start(
       checkpoint, state, n_models)
-  if first > 0:
+  if checkpoint is not None and first > 0:
     log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
   durations = []
   for layer in range(first, n_layers):
@@ -362,9 +362,10 @@ def walk_layers(
               seconds=seconds)
 
 
-def _start(checkpoint: LayerCheckpoint | None, state: dict, n_models: int
-           ) -> tuple[int, dict, np.ndarray, np.ndarray, list[dict],
-                      dict[str, float]]:
+def _start(checkpoint: LayerCheckpoint | None, state: dict[str, list],
+           n_models: int
+           ) -> tuple[int, dict[str, list], np.ndarray, np.ndarray,
+                      list[dict], dict[str, float]]:
   """Where the walk starts: layer 0, or after the checkpoint's latest layer
   when it holds one.
 
@@ -401,7 +402,7 @@ def _progress(times: dict[str, float], elapsed: float,
           f"{eta_text(durations, remaining)}")
 
 
-def _final_ppl(adapter: Any, params: Any, state: dict,
+def _final_ppl(adapter: Adapter, params: Params, state: dict[str, list],
                test_ids: Sequence[Stream]) -> tuple[np.ndarray, np.ndarray]:
   """Perplexity per task of the streams after the last layer: the dense
   model's `(tasks,)` and the unit models' `(models, tasks)`, in the order
