@@ -457,10 +457,12 @@ def _load_torch(folder: pathlib.Path) -> tuple[Any, list[str]]:
   import torch
   from transformers import AutoModelForCausalLM
 
-  tmodel, info = AutoModelForCausalLM.from_pretrained(
+  # (model, info) with output_loading_info; transformers' stub says model.
+  loaded: Any = AutoModelForCausalLM.from_pretrained(
       str(folder), **hf_import.torch_dtype_kwargs(torch.float32),
       use_safetensors=True,
       output_loading_info=True)
+  tmodel, info = loaded
   tmodel.eval()
   return tmodel, [f"torch load: {key} {sorted(info[key])[:5]}"
                   for key in ("missing_keys", "unexpected_keys",

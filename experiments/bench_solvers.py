@@ -227,6 +227,8 @@ def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
                iters: int, repeats: int, pattern) -> tuple[dict, dict]:
   """MOSP on a device mesh vs one device: `("mesh" fields, details)`."""
   mesh = sharding.make_mesh(spec)
+  if mesh is None:  # make_mesh('') is one device: nothing to compare.
+    raise ValueError("bench_mesh needs a mesh spec ('4', '2x2'), got ''")
   sharding.check_layer(mesh, n_out)
   grams_np = _grams(rng, m, n_in)
   W0_np = rng.standard_normal((n_in, n_out), np.float32)
@@ -345,12 +347,13 @@ def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _check_flags() -> tuple[tuple[int, int], Unstructured]:
-  """Validates every flag before any timing; returns the mesh layer's
-  `(n_in, n_out)` and the pattern. Raises `cli.UsageError`."""
-  if not _OUT.value:
+def _check_flags() -> tuple[str, tuple[int, int], Unstructured]:
+  """Validates every flag before any timing; returns the `--out` path, the
+  mesh layer's `(n_in, n_out)` and the pattern. Raises `cli.UsageError`."""
+  out = _OUT.value
+  if not out:
     raise cli.UsageError("--out is required (a path for the JSON results)")
-  cli.check_out_file(_OUT.value, flag="--out")
+  cli.check_out_file(out, flag="--out")
   with cli.usage_errors("--sparsity"):
     pattern = Unstructured(_SPARSITY.value)
   for flag in (_ITERS, _REPEATS, _TASKS, _PREFS, _MESH_PREFS):
@@ -377,12 +380,12 @@ def _check_flags() -> tuple[tuple[int, int], Unstructured]:
       raise cli.UsageError(f"--mesh_layer {_MESH_LAYER.value}: {n_out} "
                            f"output columns do not split over {devices} "
                            "devices")
-  return (n_in, n_out), pattern
+  return out, (n_in, n_out), pattern
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  (mesh_in, mesh_out), pattern = _check_flags()
+  out, (mesh_in, mesh_out), pattern = _check_flags()
   rng = np.random.default_rng(0)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"
@@ -396,15 +399,15 @@ def main(argv):
         flush=True)
   cmp = bench_mosp_vs_alps(576, 1536, _TASKS.value, _PREFS.value, rng,
                            _REPEATS.value, pattern)
-  result = {"device": device, "sparsity": _SPARSITY.value, "shapes": rows,
-            "mosp_vs_alps": cmp}
+  result: dict[str, Any] = {"device": device, "sparsity": _SPARSITY.value,
+                            "shapes": rows, "mosp_vs_alps": cmp}
   if _MESH.value:
     print(f"timing MOSP on mesh {_MESH.value!r}, {mesh_in}x{mesh_out}, "
           f"m={_TASKS.value} ...", flush=True)
     result["mesh"], result["mesh_setup"] = bench_mesh(
         _MESH.value, mesh_in, mesh_out, _TASKS.value, _MESH_PREFS.value, rng,
         _ITERS.value, _REPEATS.value, pattern)
-  artifact.write_json(_OUT.value, result)
+  artifact.write_json(out, result)
   print(f"\ndevice: {device}   sparsity {_SPARSITY.value}")
   print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
         f" {'ratio':>6}")
@@ -428,7 +431,7 @@ def main(argv):
           f"{r['iter_s'] * 1e3:.0f} ms/iter vs {r['single_iter_s'] * 1e3:.0f}"
           f"; masks equal {r['masks_equal']}, max rel objective diff "
           f"{r['max_rel_objective_diff']:.1e}")
-  print(f"wrote {_OUT.value}")
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
