@@ -16,7 +16,6 @@ from mosp_jax.solvers import (
   rho_step,
 )
 from mosp_jax.solvers import admm as admm_lib
-from mosp_jax.solvers import alps as alps_module
 from mosp_jax.solvers.admm import CONTINUE, RESTART, STOP
 
 from .conftest import correlated_gram, guarded, rel_err
@@ -221,16 +220,6 @@ def test_degenerate_inputs(rng, case):
   assert not W[~mask].any()
   if case == "dead_inputs":  # weights on inputs that never fire go first
     assert not mask[:5].any()
-
-
-def test_compiles_once_across_data_and_rho(rng):
-  before = alps_module._alps._cache_size()
-  for rho0 in (0.1, 0.05):
-    G = correlated_gram(rng, 20)
-    W0 = rng.standard_normal((20, 7)).astype(np.float32)
-    run_alps(G, W0, Unstructured(0.6),
-             dataclasses.replace(SolverConfig(), rho0=rho0))
-  assert alps_module._alps._cache_size() - before == 1
 
 
 def test_cap_is_respected(rng):

@@ -179,7 +179,7 @@ def test_hub_sources_format(monkeypatch):
   code = corpora.get_source("code")
   assert code[0].text.startswith("### Instruction:\nAdd.")
   assert "### Input:\nx\n\n### Output:\na - b" in code[1].text
-  calib, test = task._sides(gsm, test_fraction=0.5, split_seed=1)
+  calib, test = task.split_sides(gsm, test_fraction=0.5, split_seed=1)
   assert sorted(d.text for d in test) == ["t0?\n#### 2", "t1?\n#### 2"]
   assert len(calib) == 4
 

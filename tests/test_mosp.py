@@ -307,22 +307,6 @@ def test_degenerate_inputs(case):
     assert not r.masks[:, :4].any()
 
 
-def test_compiles_once_across_data_and_hyperparameters(layer):
-  """A new layer of the same shape, or new rho values, reuse the
-  compiled stages; a new preference batch size compiles materialize once."""
-  grams, W0 = layer
-  pattern = Unstructured(0.55)
-  before = (mosp_lib._pareto._cache_size(),
-            mosp_lib._materialize._cache_size())
-  for rho0, seed in ((0.1, 0), (0.05, 1)):
-    rng = np.random.default_rng(seed)
-    cfg = dataclasses.replace(CFG, rho0=rho0, stage2_rho=rho0 * 5)
-    run(task_grams(rng, 3, N_IN), W0, PREFS, pattern, cfg)
-  after = (mosp_lib._pareto._cache_size(),
-           mosp_lib._materialize._cache_size())
-  assert after[0] - before[0] == 1 and after[1] - before[1] == 1
-
-
 def test_bad_shapes_raise(layer):
   grams, W0 = layer
   with pytest.raises(ValueError, match="prefs must be"):

@@ -92,9 +92,9 @@ def documents_fingerprint(docs: Sequence[corpora.Document]) -> str:
   return h.hexdigest()
 
 
-def _sides(docs: Sequence[corpora.Document], *, test_fraction: float,
-           split_seed: int) -> tuple[list[corpora.Document],
-                                     list[corpora.Document]]:
+def split_sides(docs: Sequence[corpora.Document], *, test_fraction: float,
+                split_seed: int
+                ) -> tuple[list[corpora.Document], list[corpora.Document]]:
   """Calibration and test documents, each side in a seeded random order."""
   fixed = {doc.split for doc in docs}
   if fixed == {None}:
@@ -116,9 +116,10 @@ def _sides(docs: Sequence[corpora.Document], *, test_fraction: float,
 def _split(name: str, docs: Sequence[corpora.Document], *,
            test_fraction: float, split_seed: int
            ) -> tuple[list[corpora.Document], list[corpora.Document]]:
-  """`_sides`, with an error that names the task and says what it needs."""
+  """`split_sides`, with an error that names the task and what it
+  needs."""
   try:
-    return _sides(docs, test_fraction=test_fraction, split_seed=split_seed)
+    return split_sides(docs, test_fraction=test_fraction, split_seed=split_seed)
   except ValueError as e:
     raise ValueError(
         f"task {name!r}: {e} (it holds {len(docs)} document(s): a task "
