@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # transformers loads in seconds: only where a model is.
 TINY_LLAMA = "tiny-llama"
 TINY_LLAMA_CONTEXT = 2048
 TINY_LLAMA_LAYERS = 2
+# len() of SmolLM2's tokenizer, the vocabulary `load_dense` gives
+# tiny-llama (the plan reads it before any tokenizer is loaded).
+TINY_LLAMA_VOCAB = 49152
 
 
 def load_tokenizer(spec: str) -> Any:
@@ -73,25 +76,42 @@ def load_dense(spec: str, tokenizer: Any = None
   return models.adapter_for(model), params, tokenizer
 
 
-def model_shape(spec: str) -> tuple[int | None, int | None]:
+def model_config(spec: str) -> Any:
+  """The HF config of a run's model spec, read without weights (a
+  `random:` spec is not checked against the memory limit of random
+  weights: nothing is built); `cli.UsageError` when --model names no
+  file or a bad `random:` spec."""
+  from mosp_jax import models
+  from mosp_jax.models import paper_configs
+  if spec == TINY_LLAMA:
+    return models.tiny_llama_config(TINY_LLAMA_VOCAB,
+                                    num_layers=TINY_LLAMA_LAYERS)
+  with cli.usage_errors("--model"):
+    random_spec = paper_configs.parse_random_spec(spec)
+  if random_spec is not None:
+    return random_spec.config()
+  from bridge import hf_import
+  try:
+    return hf_import.load_config(spec)
+  except FileNotFoundError as e:
+    raise cli.UsageError(f"--model: {e}") from e
+
+
+def model_shape(spec: str, *, weights: bool = True
+                ) -> tuple[int | None, int | None]:
   """`(context tokens, decoder layers)` of a model spec, read from its
   config alone (None where the config does not say); `cli.UsageError`
   when --model names no file, or a `random:` spec that is unknown, has a
-  bad layer count or is over the memory limit of random models."""
+  bad layer count or (when its `weights` will be built) is over the
+  memory limit of random models."""
   if spec == TINY_LLAMA:
     return TINY_LLAMA_CONTEXT, TINY_LLAMA_LAYERS
   from mosp_jax.models import paper_configs
   with cli.usage_errors("--model"):
     random_spec = paper_configs.parse_random_spec(spec)
-    if random_spec is not None:  # A config without weights: check its size.
+    if random_spec is not None and weights:  # Random weights: their size.
       paper_configs.check_random_spec(random_spec)
-      config = random_spec.config()
-      return config.max_position_embeddings, random_spec.num_layers
-  from bridge import hf_import
-  try:
-    config = hf_import.load_config(spec)
-  except FileNotFoundError as e:
-    raise cli.UsageError(f"--model: {e}") from e
+  config = model_config(spec)
   context = (getattr(config, "max_position_embeddings", None)
              or getattr(config, "n_positions", None))
   layers = (getattr(config, "num_hidden_layers", None)

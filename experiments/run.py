@@ -8,7 +8,9 @@ Writes into --out_dir: flags.txt (the resolved flags), results.json,
 report.md, pareto.png and pareto/ (the compact Pareto set: per linear the
 core support, the global and the task models and the column scale, from
 which any preference is materialised later with no Gram and no solve, e.g.
-by `python -m bridge.export`).
+by `python -m bridge.export`). Before the model is loaded it prints the
+run's memory and time plan and refuses a run that does not fit
+(--plan, --plan_only, --device_memory_gb; mosp_jax/pipeline/plan.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def main(argv):
     with cli.usage_errors("--export_pref"):
       pruned.parse_preference(FLAGS.export_pref, run.tasks,
                               flag="--export_pref")
+  memory = shared_flags.device_memory_bytes()
+  if FLAGS.plan_only:  # Nothing is loaded or written.
+    runner.check_inputs(run, weights=False)
+    runner.plan_run(run, solver, memory_bytes=memory, log=log)
+    return
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
   logging.info("solver mesh: %s", mesh and dict(mesh.shape))
@@ -63,7 +70,9 @@ def main(argv):
     # (cli.run); what was already written (artifact layers, checkpoint)
     # stays valid, and the same command resumes.
     res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
-                                log=log, on_layer_done=pause, mesh=mesh)
+                                log=log, on_layer_done=pause, mesh=mesh,
+                                plan=FLAGS.plan,
+                                device_memory_bytes=memory)
     artifact.write_text(out / run_record.FLAGS_FILE,
                         FLAGS.flags_into_string())
     log("\n".join(runner.summary_lines(res)))

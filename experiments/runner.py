@@ -25,6 +25,7 @@ from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
+from mosp_jax.pipeline import plan as plan_lib
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.prune import prune_and_evaluate
 
@@ -32,24 +33,43 @@ NOTHING_REDONE = ("{out} already holds this run's results; nothing was "
                   "redone (--overwrite redoes the run)")
 
 
-def check_model_fits(run: RunConfig) -> None:
+def check_model_fits(run: RunConfig, *, weights: bool = True) -> None:
   """Fails fast (`cli.UsageError`) when --model names no file or --seqlen
-  exceeds the model's context; reads the model config only."""
-  context, _ = load.model_shape(run.model)
+  exceeds the model's context (or, when its `weights` will be built, a
+  `random:` model is over their limit); reads the model config only."""
+  context, _ = load.model_shape(run.model, weights=weights)
   if context is not None and run.seqlen > context:
     raise cli.UsageError(f"--seqlen {run.seqlen} exceeds the context of "
                          f"{run.model} ({context} tokens)")
 
 
-def check_inputs(run: RunConfig) -> None:
+def check_inputs(run: RunConfig, *, weights: bool = True) -> None:
   """Validates what can be validated before any tokenizer or model is
   loaded: the model's context against --seqlen (`cli.UsageError`) and
   every local task file (readable, UTF-8, enough documents; ValueError
-  naming the file)."""
+  naming the file). `weights=False` (--plan_only) skips the size limit
+  of random weights, which are then never built."""
   for task in run.tasks:
     if task not in data_lib.SOURCES:
       data_lib.check_task(task)
-  check_model_fits(run)
+  check_model_fits(run, weights=weights)
+
+
+def plan_run(run: RunConfig, solver: SolverConfig, *,
+             memory_bytes: int | None = None, log=print
+             ) -> plan_lib.Plan:
+  """--plan: the run's memory and time plan from the model's config and
+  the device's rates measured now (`pipeline.plan`), printed as one
+  table; raises `cli.UsageError` (one line naming the flag to change)
+  when it does not fit `memory_bytes` (default: detected)."""
+  shapes = plan_lib.shapes_from_config(load.model_config(run.model))
+  device = plan_lib.measure_device(memory_bytes)
+  # [ours] float32 weights and activations: the only dtype of the walk.
+  plan = plan_lib.make_plan(shapes, run, solver, device, act_bytes=4)
+  log(plan_lib.format_plan(plan))
+  if not plan.fits():
+    raise cli.UsageError(plan_lib.refusal(plan))
+  return plan
 
 
 def load_data(run: RunConfig, tokenizer
@@ -178,7 +198,9 @@ def _write_outputs(out: pathlib.Path, run: RunConfig,
 def run_experiment(run: RunConfig, solver: SolverConfig, *,
                    overwrite: bool = False, log=print,
                    on_layer_done=None,
-                   mesh: jax.sharding.Mesh | None = None
+                   mesh: jax.sharding.Mesh | None = None,
+                   plan: bool = False,
+                   device_memory_bytes: int | None = None
                    ) -> run_record.Results:
   """Runs the whole job, resuming a killed run of the same configuration;
   returns the results also written to disk.
@@ -186,10 +208,14 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   Everything that can be checked (flags, --out_dir, task files, the
   tokenised data) is checked before --out_dir is touched or the model is
   loaded, and a model that fails to load takes its config.json back, so
-  a refused run leaves nothing that blocks the corrected one.
+  a refused run leaves nothing that blocks the corrected one. With
+  `plan`, the plan (`plan_run`, on `device_memory_bytes` or the detected
+  memory) is printed after those checks, and a plan that does not fit
+  refuses the run before --out_dir is touched.
 
   Raises:
-    cli.UsageError: --out_dir holds another run, --seqlen is too long.
+    cli.UsageError: --out_dir holds another run, --seqlen is too long,
+      the plan does not fit.
     ValueError, OSError, ...: a task file or the model cannot be used.
   """
   record = run_record.ConfigRecord(run=run, solver=solver)
@@ -198,6 +224,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
     log(NOTHING_REDONE.format(out=out))
     return run_record.read_results(out)
   check_inputs(run)
+  if plan:
+    plan_run(run, solver, memory_bytes=device_memory_bytes, log=log)
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
   tokenizer = load.load_tokenizer(run.model)

@@ -83,6 +83,17 @@ flags.DEFINE_integer("pref_refit_iters", _D.pref_refit_iters, "PCG "
                      "on F_lam's Gram [ours; 0 = the paper's weighted sum "
                      "and projection]; the artifact then keeps the task "
                      "Grams.")
+# The plan (mosp_jax/pipeline/plan.py), honoured by experiments.run.
+flags.DEFINE_bool("plan", True, "Before loading the model, print the "
+                  "run's memory and time plan (bytes per term, seconds per "
+                  "phase from the config and the device's matmul rate "
+                  "measured now) and refuse a run that does not fit.")
+flags.DEFINE_bool("plan_only", False, "Print the plan and exit (0 when it "
+                  "fits, 2 when not); loads no weights, writes nothing.")
+flags.DEFINE_float("device_memory_gb", 0.0, "Device memory the plan may "
+                   "use, in GiB (2^30 bytes); 0 = detect (the GPU "
+                   "allocator's limit, or the host's MemAvailable on "
+                   "CPU).")
 # Devices: the mesh the per-layer solvers run on, and multi-host setup.
 flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
                     "(one device), 'C' (output columns split over C "
@@ -178,6 +189,14 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
   except ValueError as e:
     raise cli.UsageError(f"--{e}") from e
   return run, solver
+
+
+def device_memory_bytes(f=FLAGS) -> int | None:
+  """--device_memory_gb in bytes; None = detect."""
+  if f.device_memory_gb < 0:
+    raise cli.UsageError(f"--device_memory_gb must be >= 0 (0 = detect), "
+                         f"got {f.device_memory_gb}")
+  return int(f.device_memory_gb * 2**30) if f.device_memory_gb else None
 
 
 def mesh_from_flags(f=FLAGS):

@@ -24,6 +24,7 @@ from mosp_jax.models.llama import (
   FlaxLlamaForCausalLMFixed,
   LlamaAdapter,
   tiny_llama,
+  tiny_llama_config,
 )
 from mosp_jax.models.opt import OptAdapter
 
@@ -82,6 +83,7 @@ __all__ = [
     "BaseAdapter",
     "FlaxLlamaForCausalLMFixed",
     "tiny_llama",
+    "tiny_llama_config",
     "Gpt2Adapter",
     "LlamaAdapter",
     "OptAdapter",

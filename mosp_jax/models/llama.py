@@ -319,6 +319,17 @@ class LlamaAdapter(BaseAdapter):
     return module.lm_logits(module.model.norm(hidden))
 
 
+def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64,
+                      num_layers: int = 2) -> LlamaConfig:
+  """The config of `tiny_llama` (SmolLM2's shape, scaled down)."""
+  return LlamaConfig(
+      vocab_size=vocab_size, hidden_size=hidden_size,
+      intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=2048, rope_theta=100000.0,
+      tie_word_embeddings=True)
+
+
 def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 64,
                num_layers: int = 2) -> tuple[FlaxLlamaForCausalLMFixed, dict]:
   """A random SmolLM2-shaped Llama built from a config, for smoke runs.
@@ -326,12 +337,8 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 64,
   Tied embeddings, grouped-query attention and rope_theta 1e5, as SmolLM2;
   HF's default init (std 0.02). Returns `(model, params)`.
   """
-  config = LlamaConfig(
-      vocab_size=vocab_size, hidden_size=hidden_size,
-      intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-      num_attention_heads=4, num_key_value_heads=2,
-      max_position_embeddings=2048, rope_theta=100000.0,
-      tie_word_embeddings=True)
+  config = tiny_llama_config(vocab_size, hidden_size=hidden_size,
+                             num_layers=num_layers)
   model = FlaxLlamaForCausalLMFixed(config, seed=seed)
   params = jax.tree.map(np.asarray, model.params)
   return model, params

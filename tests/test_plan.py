@@ -1,0 +1,187 @@
+"""mosp_jax.pipeline.plan and --plan / --plan_only: byte counts and work
+against references recomputed here from the configs, and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.models import paper_configs as pc
+from mosp_jax.pipeline import plan as plan_lib
+from mosp_jax.pipeline import preferences
+from mosp_jax.solvers import Unstructured
+from tests.tiny_models import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "--flagfile=experiments/configs/smoke.flags"
+# Rates of a made-up device (no measurement: fast, exact seconds).
+DEVICE = plan_lib.Device("test", memory_bytes=2**40, matmul_flops=1e11,
+                         eigh_flops=1e10, pass_rate=1e9, host_rate=5e8,
+                         host_is_device=False)
+
+
+def _run(m: int = 3, nsamples: int = 128, seqlen: int = 2048,
+         test_tokens: int = 262144, batch_size: int = 4,
+         streams: str = "global") -> RunConfig:
+  prefs = preferences.ensure_vertices(preferences.with_centroid(
+      preferences.simplex_grid(m, 2)))
+  return RunConfig(
+      model="x", tasks=tuple(f"t{i}" for i in range(m)),
+      pattern=Unstructured(0.5), nsamples=nsamples, seqlen=seqlen,
+      test_tokens=test_tokens, prefs=tuple(map(tuple, prefs.tolist())),
+      batch_size=batch_size, seed=0, out_dir="unused", streams=streams)
+
+
+def _rows(plan: plan_lib.Plan) -> dict[str, int]:
+  return {r.name: r.bytes for r in plan.rows}
+
+
+def test_tiny_llama_bytes_and_flops_by_hand():
+  config = tiny_config("llama")  # d 32, ffn 48, 4 heads, 2 kv heads, tied
+  d, f, V = config.hidden_size, config.intermediate_size, config.vocab_size
+  hd = d // config.num_attention_heads
+  kv = config.num_key_value_heads * hd
+  run = _run(m=2, nsamples=3, seqlen=16, test_tokens=64, batch_size=2,
+             streams="task")
+  m, N, T, S, P, B, b = 2, 3, 16, 4, len(run.prefs), 2, 4
+  assert P == 3  # two vertices and the midpoint (the centroid of 2 tasks)
+  # (n_in, n_out) of q, k, v, o, gate, up, down; groups qkv, o, gate/up,
+  # down.
+  lin = np.array([(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)],
+                 np.int64)
+  groups = np.array([d, d, d, f], np.int64)
+  per_layer = int((lin[:, 0] * lin[:, 1]).sum()) + 2 * d  # two RMSNorms
+  outside = V * d + d  # tied embedding and head, final norm
+  shapes = plan_lib.shapes_from_config(config)
+  assert (shapes.params_per_layer, shapes.params_outside) == (per_layer,
+                                                              outside)
+  sum_no, sum_n2 = int((lin[:, 0] * lin[:, 1]).sum()), int((groups ** 2)
+                                                           .sum())
+  # Stage 1 carries the core (alpha 0.5 of the budget): 2 channels.
+  iterates = max(int(n * o) * (max(4 * 2 + 2, 6 * m + 2) * 4 + 2)
+                 for n, o in lin)
+  want = {
+      "dense weights": (outside + 2 * per_layer) * b,
+      "calibration streams": 2 * m * N * T * d * b,
+      "test streams": 2 * (P + 2) * m * S * T * d * b,
+      "forward workspace (1 batch)":
+          B * T * (2 * 4 * T + int(lin[:, 1].sum()) + int(groups.sum())) * b,
+      "task Grams (1 layer)": m * sum_n2 * 4,
+      "solver Grams + eigenvectors": (4 + 2 * m) * f * f * 4,
+      "solver iterates": iterates,
+      "Pareto sets + model layers":
+          sum_no * ((m + 1) * 4 + 1 + (P + 1 + m) * b),
+  }
+  plan = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE)
+  assert _rows(plan) == want
+  assert plan.total_bytes == sum(want.values())
+  # Phase work: one layer's forward per token, by hand.
+  fwd = 2 * sum_no + 4 * T * d
+  phases = {p.name: p for p in plan.phases}
+  assert phases["propagate"].per_layer.matmul == m * N * T * fwd
+  assert phases["capture"].per_layer.matmul == m * N * T * (fwd
+                                                            + 2 * sum_n2)
+  assert phases["capture"].per_layer.host == m * math.ceil(N / B) * sum_n2
+  assert phases["evaluate"].once.matmul == 2 * (P + 2) * m * S * T * d * V
+  for p in plan.phases:  # seconds = layers x per layer + once
+    assert p.seconds == pytest.approx(
+        2 * p.per_layer.seconds(DEVICE) + p.once.seconds(DEVICE))
+
+
+def test_solve_work_of_one_linear_by_hand():
+  solver = SolverConfig()
+  n, o, m, it = 64, 32, 3, 33
+  work = plan_lib.solve_work(plan_lib.Linear("x", n, o), 2, m, solver, it)
+  # 64 < 3 * 2 * 32: the explicit inverse, one matmul per iteration.
+  stage1 = 2 * n * n * o + 2 * n ** 3 * (1 + it // 3) + it * 2 * n * n * 2 * o
+  pcg = 2 * n * n * o * (solver.pcg_iters + 2)
+  stage2 = 7 / 3 * n ** 3 + 2 * n * n * o * (1 + solver.stage2_max_iter)
+  assert work.matmul == pytest.approx(stage1 + pcg + m * (stage2 + pcg))
+  assert work.eigh == 9 * n ** 3
+  assert work.passes == (it * 2 * n * o * 42 + solver.pcg_iters * 10 * n * o
+                         + m * (solver.stage2_max_iter * n * o * 42
+                                + solver.pcg_iters * 10 * n * o))
+
+
+def test_llama_2_7b_paper_plan_weights():
+  config = pc.parse_random_spec("random:llama-2-7b").config()
+  shapes = plan_lib.shapes_from_config(config)
+  outside, per_layer = pc.layer_param_counts("llama-2-7b")  # eval_shape
+  d, f = 4096, 11008
+  assert per_layer == 4 * d * d + 3 * d * f + 2 * d
+  assert (shapes.params_outside, shapes.params_per_layer) == (outside,
+                                                              per_layer)
+  plan = plan_lib.make_plan(shapes, _run(), SolverConfig(), DEVICE)
+  rows = _rows(plan)
+  assert rows["dense weights"] == 4 * 6_738_415_616  # published size
+  assert rows["calibration streams"] == 2 * 3 * 128 * 2048 * d * 4
+  assert rows["test streams"] == 2 * 9 * 3 * 128 * 2048 * d * 4
+  assert [(lin.n, lin.o) for lin in shapes.linears] == [
+      (d, d)] * 4 + [(d, f), (d, f), (f, d)]
+
+
+def test_plan_grows_with_nsamples():
+  shapes = plan_lib.shapes_from_config(tiny_config("llama"))
+  plans = [plan_lib.make_plan(shapes, _run(nsamples=n, seqlen=16,
+                                           test_tokens=64),
+                              SolverConfig(), DEVICE) for n in (2, 4, 8)]
+  totals = [p.total_bytes for p in plans]
+  assert totals[0] < totals[1] < totals[2]
+  for name in ("capture", "propagate"):
+    secs = [next(x.seconds for x in p.phases if x.name == name)
+            for p in plans]
+    assert secs[0] < secs[1] < secs[2]
+
+
+def test_refusal_names_the_largest_tunable_term():
+  shapes = plan_lib.shapes_from_config(tiny_config("llama"))
+  small = plan_lib.Device("test", 1000, 1e11, 1e10, 1e9, 5e8, False)
+  plan = plan_lib.make_plan(shapes, _run(nsamples=64, seqlen=16,
+                                         test_tokens=16), SolverConfig(),
+                            small)
+  assert not plan.fits() and plan.fits(plan.total_bytes)
+  msg = plan_lib.refusal(plan)
+  assert "\n" not in msg
+  assert msg.startswith("--nsamples: the plan needs")  # streams dominate
+  assert "--device_memory_gb" in msg
+  text = plan_lib.format_plan(plan)
+  assert "does NOT fit" in text and "largest: calibration streams" in text
+
+
+def test_measured_rates_are_positive():
+  assert plan_lib.measure_matmul_flops(64) > 0
+  assert plan_lib.measure_eigh_flops(32) > 0
+  assert plan_lib.measure_pass_rate(64) > 0
+  assert plan_lib.measure_host_rate(64) > 0
+  memory, _ = plan_lib.available_memory_bytes()
+  assert memory > 0
+
+
+def test_plan_only_and_refusal_on_the_command(tmp_path):
+  fresh = tmp_path / "fresh"
+  cases = [[SMOKE, f"--out_dir={fresh}", "--plan_only"],
+           [SMOKE, f"--out_dir={fresh}", "--device_memory_gb=1e-6"]]
+  (tmp_path / "cases.json").write_text(json.dumps(cases))
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.cli_worker", "experiments.run",
+       str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  only, refused = json.loads((tmp_path / "results.json").read_text())
+  assert only["status"] == 0 and only["stderr"] == "", only["stderr"]
+  assert only["stdout"].startswith("plan: tiny-llama")
+  assert "fits in" in only["stdout"]
+  assert refused["status"] == 2, refused["stderr"]
+  assert refused["stdout"].startswith("plan: tiny-llama")
+  assert refused["stderr"].splitlines() == [refused["stderr"].strip()]
+  assert refused["stderr"].startswith("error: --")
+  assert "the plan needs" in refused["stderr"]
+  assert "0.00 GiB available" in refused["stderr"]
+  assert not fresh.exists()  # neither wrote anything
