@@ -18,8 +18,12 @@ per activation or weight element (4 for float32; `act_bytes`), `g = 4`
 bytes of a Gram or solver element (the capture and the solvers compute in
 float32 whatever the model's dtype, `grams.py`).
 
-Memory is an upper bound [ours]: every term at its own peak at the same
-time. The memory-bounded walk (project issue 15, item 1) will shrink the
+Memory [ours] counts every term at its own peak at the same time: the
+arrays the walk holds, not what XLA, Python and the libraries add (the
+quick run's plan says 2.37 GiB where `/usr/bin/time -v` measured 7.3 GB
+peak resident memory on the CPU, where host and device share the RAM),
+so it is a floor on the arrays, not a bound on the process, until the
+CPU simulation of issue 15 item 4 calibrates it. The memory-bounded walk (project issue 15, item 1) will shrink the
 dense weights (one layer on the device), the calibration and test streams
 (kept on the host, a batch on the device) and the factor 2 of the
 streams; the Gram, solver and Pareto-set terms are per layer and stay.
@@ -514,7 +518,7 @@ def format_plan(plan: Plan) -> str:
       f"{dev.eigh_flops / 1e9:.1f} GFLOP/s, passes "
       f"{dev.pass_rate / 1e9:.2f} G/s, host sums {dev.host_rate / 1e9:.2f}"
       " G/s",
-      f"  {'memory (upper bound: every term at its peak)':<46}"
+      f"  {'memory (arrays, every term at its peak)':<46}"
       f"{'GiB':>9}  formula"]
   lines += [f"  {r.name:<46}{r.bytes / GIB:>9.2f}  {r.formula}"
             for r in plan.rows]
