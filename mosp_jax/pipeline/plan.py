@@ -26,7 +26,8 @@ so it is a floor on the arrays, not a bound on the process, until the
 CPU simulation of issue 15 item 4 calibrates it. The memory-bounded
 walk (project issue 15, item 1) will shrink the dense weights (one
 layer on the device), the calibration and test streams (kept on the
-host, a batch on the device) and the factor 2 of the streams; the Gram, solver and Pareto-set terms are per layer and stay.
+host, a batch on the device) and the factor 2 of the streams; the
+Gram, solver and Pareto-set terms are per layer and stay.
 
 Seconds [ours]: matmul FLOPs at the device's measured matmul rate, the
 eigendecompositions at a measured `eigh` rate, the solvers' exact top-k
