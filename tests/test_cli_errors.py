@@ -352,16 +352,16 @@ def test_overwrite_deletes_every_output_of_the_previous_run(tiny_run,
 
 
 def test_compare_overwrite_deletes_the_previous_comparison(tmp_path):
-  from experiments import compare
+  from experiments import comparison
 
   out = tmp_path / "cmp"
   out.mkdir()
-  for name in (*compare.COMPARE_OUTPUTS, "notes.txt"):
+  for name in (*comparison.COMPARE_OUTPUTS, "notes.txt"):
     (out / name).write_text("old\n")
   run, _ = _configs(out)
   with pytest.raises(cli.UsageError, match="not empty"):
-    compare.check_out_dir(run, overwrite=False)
-  compare.prepare_out_dir(run, overwrite=True)
+    comparison.check_out_dir(run, overwrite=False)
+  comparison.prepare_out_dir(run, overwrite=True)
   assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import compare, shared_flags
+from experiments import compare, comparison, shared_flags
 
 SMOKE = "experiments/configs/smoke.flags"
 # The three vertices only: a mixed baseline builds 3 models.
@@ -25,7 +25,7 @@ def test_summarize_shares_one_reference():
   pts = {"mosp": np.exp([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]),
          "alps-mixed": np.exp([[1.0, 3.0], [3.5, 3.5]]),
          "wanda-mixed": np.exp([[2.5, 2.5], [4.0, 0.5]])}
-  s = compare.summarize(pts)
+  s = comparison.summarize(pts)
   ref = np.array([4.0, 3.5]) + np.log(1.1)
   np.testing.assert_allclose(s["reference"], ref)
   # mosp: the staircase (1,3), (2,2), (3,1) under ref, by slabs in x.
@@ -40,7 +40,7 @@ def test_summarize_shares_one_reference():
 def test_paper_reference_is_sparsegpt_concat_ten_percent_worse():
   pts = {"mosp": np.exp([[1.0, 3.0], [3.0, 1.0]]),
          "sparsegpt-concat": np.exp([[2.5, 2.5]])}
-  s = compare.summarize(pts)
+  s = comparison.summarize(pts)
   ref = np.array([2.5, 2.5]) + np.log(1.1)
   np.testing.assert_allclose(s["paper_reference"], ref)
   # Only the parts of MOSP's points inside the box count.
@@ -82,7 +82,7 @@ def model_run(tmp_path_factory):
   with flagsaver.flagsaver():
     run, _, entries = parse(f"--out_dir={out}", "--baselines=concat,mixed",
                             "--methods=alps,sparsegpt,magnitude")
-  return out, run, compare.compare_model(run, entries, log=lambda s: None)
+  return out, run, comparison.compare_model(run, entries, log=lambda s: None)
 
 
 def test_whole_model_compare_outputs(model_run):
@@ -121,7 +121,7 @@ def test_layer_level_compare(model_run, tmp_path):
   run, _, entries = parse(f"--out_dir={tmp_path}", "--layer=1",
                           "--methods=sparsegpt,magnitude",
                           "--mosp_variants=alpha=1;pref_refit_iters=5")
-  res = compare.compare_layer(run, entries, layer=1,
+  res = comparison.compare_layer(run, entries, layer=1,
                               linears=["self_attn.q_proj", "mlp.down_proj"],
                               use_cache=False, log=lambda s: None)
   assert res["layer"] == 1 and res["num_layers"] == 2
