@@ -70,6 +70,23 @@ def test_global_model_is_alps_on_the_concatenated_gram(layer, pattern):
   assert int(info.stage1.iters) == int(ainfo.admm.iters)
 
 
+@pytest.mark.parametrize("n_in, n_out", [(48, 16), (48, 12), (48, 40)])
+def test_global_model_is_alps_bit_for_bit(n_in, n_out):
+  """The same W as `alps_prune` on the same `H`, to the bit, also where
+  one channel's columns and both channels' columns would pick different
+  linear steps (48 x 16: 48 < 3 * 16 is false, 48 < 3 * 32 true; on
+  SmolLM2's 576 x 192 k/v projections that choice made W differ)."""
+  rng = np.random.default_rng(n_in + n_out)
+  grams = task_grams(rng, 3, n_in)
+  W0 = rng.standard_normal((n_in, n_out)).astype(np.float32)
+  pattern = Unstructured(0.5)
+  par, _ = mosp_pareto(jnp.asarray(grams), jnp.asarray(W0), pattern=pattern,
+                       cfg=CFG)
+  H = concat_gram(jnp.asarray(grams))
+  W, _, _ = alps_prune(H, jnp.asarray(W0), pattern=pattern, cfg=CFG)
+  np.testing.assert_array_equal(np.asarray(par.W), np.asarray(W))
+
+
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_core_is_floor_alpha_k_inside_the_global_support(layer, pattern,

@@ -80,7 +80,12 @@ def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
   B = jnp.broadcast_to(sc.B0, (channels, n_in, n_out))
   mask0, _ = project(B)
   it, _, info = admm_lib.run_admm(
-      admm_lib.eig_solve(Q, L, channels * n_out, update_every),
+      # The linear step is chosen by one channel's columns, not all of
+      # them: channel 0 must run ALPS's own arithmetic, or the core channel
+      # would switch narrow linears (n_in >= 3 n_out > n_in / 2, e.g.
+      # SmolLM2's k/v projections, 576 x 192) to the explicit inverse and
+      # W would differ from ALPS by rounding that ADMM's top-k amplifies.
+      admm_lib.eig_solve(Q, L, n_out, update_every),
       sc.G @ sc.B0,
       (B, jnp.where(mask0, B, 0.0), jnp.zeros_like(B)), project,
       k=pattern.keep(n_in, n_out), rho0=rho0, adaptive=True,
