@@ -34,7 +34,8 @@ hypervolume against two reference points:
 
 `mosp:W` is MOSP's stage-1 global model (ALPS on the concatenated Gram,
 part of the Pareto set on disk); `mosp+W` is the preference models with
-it. Every run flag of `experiments.run` applies.
+it. Every run flag of `experiments.run` applies; its own flags
+(--export_pref, set by quick.flags) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import time
 from typing import Any
 
@@ -162,4 +164,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  # One flagfile serves experiments.run and this command.
+  cli.run(main, shared_flags.accepting_run_only_flags(sys.argv))

@@ -109,6 +109,18 @@ FLAGS = flags.FLAGS
 # Flag name -> SolverConfig field (same names); checked by a test.
 SOLVER_FLAGS = tuple(f.name for f in dataclasses.fields(SolverConfig))
 
+# experiments.run's own flags that a shared flagfile may set
+# (experiments/configs/quick.flags sets --export_pref): the other commands
+# reading the same flagfile accept and ignore them.
+RUN_ONLY_FLAGS = ("export_pref", "pause_after_layer", "pause_seconds")
+
+
+def accepting_run_only_flags(argv: list[str]) -> list[str]:
+  """`argv` with absl's `--undefok` for `RUN_ONLY_FLAGS`, for a command
+  that reads experiments.run's flagfiles but does not define those flags
+  (a misspelt flag is still refused)."""
+  return [*argv, "--undefok=" + ",".join(RUN_ONLY_FLAGS)]
+
 
 def _pattern(f) -> Pattern:
   if f.nm:

@@ -1,6 +1,9 @@
 """experiments.compare: front metrics, flags and smoke runs on tiny-llama."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,6 +77,28 @@ def test_entries_flags(tmp_path):
                          "alpha must be in")]:
     with pytest.raises(ValueError, match=message):
       parse(f"--out_dir={tmp_path}", *args)
+
+
+def test_compare_reads_the_run_flagfile(tmp_path):
+  """The README's command: quick.flags also sets experiments.run's own
+  --export_pref, which compare accepts; a misspelt flag is still one
+  error line. --methods=bogus stops it before any model is loaded."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+
+  def compare_with(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compare",
+         "--flagfile=experiments/configs/quick.flags",
+         f"--out_dir={tmp_path / 'out'}", *args],
+        cwd=root, capture_output=True, text=True, timeout=300)
+
+  proc = compare_with("--methods=bogus")
+  errors = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
+  assert errors and "--methods" in errors[0], proc.stderr[-2000:]
+  proc = compare_with("--export_prf=centroid")
+  errors = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
+  assert errors and "export_prf" in errors[0], proc.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
