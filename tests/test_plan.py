@@ -185,3 +185,65 @@ def test_plan_only_and_refusal_on_the_command(tmp_path):
   assert "the plan needs" in refused["stderr"]
   assert "0.00 GiB available" in refused["stderr"]
   assert not fresh.exists()  # neither wrote anything
+
+
+def test_check_phases_by_hand():
+  shapes = plan_lib.shapes_from_config(tiny_config("llama"))
+  plan = plan_lib.make_plan(shapes, _run(m=2, nsamples=3, seqlen=16,
+                                         test_tokens=64, batch_size=2),
+                            SolverConfig(), DEVICE)
+  phases = [p.name for p in plan.phases]
+  layers = [{**{f"{name}_s": 100.0 for name in phases},
+             "linears": {"q": {"stage1_iters": 30}}},
+            {**{f"{name}_s": 2.0 * (i + 1) for i, name in
+                enumerate(phases)},
+             "linears": {"q": {"stage1_iters": 33},
+                         "o": {"stage1_iters": 36}}},
+            {**{f"{name}_s": 4.0 * (i + 1) for i, name in
+                enumerate(phases)},
+             "linears": {"q": {"stage1_iters": 33}}}]
+  # (30 + 33 + 36 + 33) / 4 = 33.
+  assert plan_lib.measured_stage1_iters(layers) == 33
+  assert plan_lib.measured_stage1_iters([{"capture_s": 1.0}]) == 0
+  checks = plan_lib.check_phases(plan, layers)
+  for i, (c, p) in enumerate(zip(checks, plan.phases, strict=True)):
+    assert c.name == p.name and c.predicted_s == p.layer_seconds
+    # The first layer compiles: the median of layers 2 and 3.
+    assert c.measured_s == 3.0 * (i + 1)
+    assert c.measured_total_s == 100.0 + 6.0 * (i + 1)
+    assert c.ratio == pytest.approx(3.0 * (i + 1) / p.layer_seconds)
+  one = plan_lib.check_phases(plan, layers[:1])
+  assert [c.measured_s for c in one] == [100.0] * len(phases)
+  text = plan_lib.format_checks(checks, tolerance=0.3, min_seconds=113)
+  assert text.count("- (under 113s)") == 2  # capture 106, solve 112
+
+
+def test_check_plan_command(tmp_path):
+  """experiments.check_plan on the tiny run: a fresh run (its peak
+  memory measured, at least the plan's floor of arrays), then the same
+  command again, which reads the finished run back."""
+  from tests.conftest import TINY_RUN_FLAGS
+  out = tmp_path / "run"
+  argv = [*TINY_RUN_FLAGS, f"--out_dir={out}"]
+  (tmp_path / "cases.json").write_text(json.dumps([argv, argv]))
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.cli_worker", "experiments.check_plan",
+       str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fresh, again = json.loads((tmp_path / "results.json").read_text())
+  assert fresh["status"] == 0, fresh["stderr"][-3000:]
+  assert again["status"] == 0, again["stderr"][-3000:]
+  assert "nothing was redone" in again["stdout"]
+  report = json.loads((out / "plan_check.json").read_text())
+  results = json.loads((out / "results.json").read_text())
+  assert report["layers"] == len(results["layers"]) == 2
+  assert report["peak_memory_bytes"] is None  # the second, read-back call
+  for c in report["phases"]:
+    assert c["measured_s"] == results["layers"][1][f"{c['name']}_s"]
+    assert c["predicted_s"] > 0
+  assert report["stage1_iters"]["measured"] == plan_lib.measured_stage1_iters(
+      results["layers"])
+  assert "process peak resident set" in fresh["stdout"]
+  peak = fresh["stdout"].split("measured ")[-1].split(" GiB")[0]
+  assert float(peak) * plan_lib.GIB >= report["plan_total_bytes"]

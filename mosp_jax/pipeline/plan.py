@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -556,6 +557,77 @@ def refusal(plan: Plan) -> str:
           "streams on the host is not built yet)")
 
 
+# A measured run against its plan.
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCheck:
+  """One phase of a measured run beside its prediction.
+
+  name: the walk's phase.
+  predicted_s, measured_s: seconds per decoder layer (measured: the
+    median over the run's layers after the first, which also compiles;
+    the first alone when the run has one layer).
+  measured_total_s: the phase's seconds over every layer of the run.
+  """
+  name: str
+  predicted_s: float
+  measured_s: float
+  measured_total_s: float
+
+  @property
+  def ratio(self) -> float:
+    """measured / predicted (inf when nothing was predicted)."""
+    return (self.measured_s / self.predicted_s if self.predicted_s > 0
+            else math.inf)
+
+
+def measured_stage1_iters(layers: Sequence[Mapping[str, Any]]) -> int:
+  """The mean stage-1 ADMM iteration count of a run's linears, rounded
+  (`results.json` 'layers', each with 'linears': {name: {'stage1_iters'}}
+  as `prune.py` records them); 0 when none is recorded."""
+  iters = [lin["stage1_iters"] for rec in layers
+           for lin in rec.get("linears", {}).values()
+           if "stage1_iters" in lin]
+  return round(sum(iters) / len(iters)) if iters else 0
+
+
+def check_phases(plan: Plan, layers: Sequence[Mapping[str, Any]]
+                 ) -> tuple[PhaseCheck, ...]:
+  """Each of the plan's phases beside a run's measured seconds
+  (`results.json` 'layers': per layer '<phase>_s')."""
+  steady = list(layers[1:]) or list(layers[:1])
+  out = []
+  for phase in plan.phases:
+    key = f"{phase.name}_s"
+    values = [float(rec[key]) for rec in steady]
+    out.append(PhaseCheck(
+        phase.name, phase.layer_seconds,
+        float(np.median(values)) if values else math.nan,
+        float(sum(float(rec[key]) for rec in layers))))
+  return tuple(out)
+
+
+def format_checks(checks: Sequence[PhaseCheck], *, tolerance: float,
+                  min_seconds: float) -> str:
+  """The checks as a table: per phase predicted and measured seconds per
+  layer, their ratio, and 'ok' / 'OFF' against `tolerance` (relative)
+  for phases whose measured total is over `min_seconds` ('-' below)."""
+  def num(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:.1e}"
+
+  lines = [f"  {'phase':<12}{'predicted s/layer':>18}{'measured s/layer':>18}"
+           f"{'ratio':>10}  within {tolerance:.0%}"]
+  for c in checks:
+    if c.measured_total_s < min_seconds:
+      verdict = f"- (under {min_seconds:g}s)"
+    else:
+      verdict = "ok" if abs(c.ratio - 1.0) <= tolerance else "OFF"
+    lines.append(f"  {c.name:<12}{num(c.predicted_s):>18}"
+                 f"{num(c.measured_s):>18}{num(c.ratio):>10}  {verdict}")
+  return "\n".join(lines)
+
+
 # The device.
 
 
@@ -628,6 +700,24 @@ def available_memory_bytes() -> tuple[int, bool]:
       if line.startswith("MemAvailable:"):
         return int(line.split()[1]) * 1024, dev.platform == "cpu"
   raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def peak_memory() -> tuple[int, str]:
+  """`(bytes, what)`: the peak memory of this process so far: the default
+  device allocator's 'peak_bytes_in_use' where it reports one (GPUs),
+  else the process's peak resident set (`getrusage`, Linux KiB; on the
+  CPU backend host and device share it, and it includes Python, XLA and
+  the libraries)."""
+  import resource
+  dev = jax.devices()[0]
+  try:
+    stats = dev.memory_stats()
+  except Exception:  # noqa: BLE001  (backends without the call)
+    stats = None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device allocator peak"
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "process peak resident set")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,94 @@
+r"""A run measured against its plan: seconds per phase and peak memory.
+
+  python -m experiments.check_plan --flagfile=experiments/configs/sim7b.flags \
+      --out_dir=runs/sim7b
+
+Measures the device's rates, runs experiments.run's job on the same flags
+(`runner.run_experiment`; a finished --out_dir is read back, not rerun)
+and prints, per phase of the layer walk, the plan's predicted seconds per
+decoder layer beside the measured ones (`pipeline.plan.check_phases`),
+with the plan taken at the stage-1 ADMM iteration count the run measured
+(random weights and short calibration converge differently from a real
+model), and the plan's memory floor beside the measured peak
+(`pipeline.plan.peak_memory`). Writes <out_dir>/plan_check.json. Project
+issue 15, item 4: the target is every phase over --min_seconds within
+--tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+from absl import flags
+
+from bridge import load
+from experiments import runner, shared_flags
+from mosp_jax import cli
+from mosp_jax.pipeline import artifact, run_record
+from mosp_jax.pipeline import plan as plan_lib
+
+flags.DEFINE_float("tolerance", 0.3, "Relative difference of measured and "
+                   "predicted seconds a phase may have (issue 15: 30%).")
+flags.DEFINE_float("min_seconds", 5.0, "Phases whose measured total is "
+                   "under this many seconds are shown but not judged.")
+
+FLAGS = flags.FLAGS
+OUTPUT = "plan_check.json"
+
+
+def main(argv):
+  del argv  # cli.run refuses positional arguments.
+  log = functools.partial(print, flush=True)
+  mesh = shared_flags.mesh_from_flags()
+  run, solver = shared_flags.configs_from_flags()
+  if FLAGS.tolerance <= 0 or FLAGS.min_seconds < 0:
+    raise cli.UsageError("--tolerance must be > 0 and --min_seconds >= 0, "
+                         f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
+  memory = shared_flags.device_memory_bytes()
+  runner.check_inputs(run)
+  shapes = plan_lib.shapes_from_config(load.model_config(run.model))
+  device = plan_lib.measure_device(memory)  # Before the run: quiet.
+  planned = plan_lib.make_plan(shapes, run, solver, device)
+  log(plan_lib.format_plan(planned))
+  if not planned.fits():
+    raise cli.UsageError(plan_lib.refusal(planned))
+  out, resuming = run_record.check_run_dir(
+      run_record.ConfigRecord(run=run, solver=solver),
+      overwrite=FLAGS.overwrite)
+  measured = not run_record.is_finished(out, resuming)
+  res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
+                              log=log, mesh=mesh)
+  peak, peak_kind = plan_lib.peak_memory()
+  iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
+  at_iters = plan_lib.make_plan(shapes, run, solver, device,
+                                stage1_iters=iters)
+  checks = plan_lib.check_phases(at_iters, res.layers)
+  log(f"measured against the plan at {iters} stage-1 iterations (the "
+      f"run's mean; the plan above assumed {planned.stage1_iters}):")
+  log(plan_lib.format_checks(checks, tolerance=FLAGS.tolerance,
+                             min_seconds=FLAGS.min_seconds))
+  log(f"  memory: plan {at_iters.total_bytes / plan_lib.GIB:.2f} GiB "
+      f"(arrays, a floor); measured {peak / plan_lib.GIB:.2f} GiB "
+      f"({peak_kind}{'' if measured else ', of reading a finished run'})")
+  report = {
+      "model": run.model, "layers": len(res.layers),
+      "device": dataclasses.asdict(device),
+      "stage1_iters": {"assumed": planned.stage1_iters, "measured": iters},
+      "plan": dataclasses.asdict(at_iters),
+      "plan_total_bytes": at_iters.total_bytes,
+      "phases": [dataclasses.asdict(c) | {
+          "ratio": c.ratio if math.isfinite(c.ratio) else None}
+                 for c in checks],
+      "tolerance": FLAGS.tolerance, "min_seconds": FLAGS.min_seconds,
+      "peak_memory_bytes": peak if measured else None,
+      "peak_memory_kind": peak_kind, "timings": res.timings}
+  path = f"{run.out_dir}/{OUTPUT}"
+  artifact.write_text(path, json.dumps(report, indent=1) + "\n")
+  log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
