@@ -140,6 +140,15 @@ def main(argv):
   run, solver = shared_flags.configs_from_flags()
   with cli.usage_errors():
     entries = entries_from_flags(solver)
+  log = functools.partial(print, flush=True)
+  memory = shared_flags.device_memory_bytes()
+  # The plan is MOSP's walk, the entries' largest [ours: a baseline's
+  # walk holds one model's test streams per task (P with 'mixed'), MOSP's
+  # P + 2 and the Pareto sets]; entries run one after another.
+  if FLAGS.plan_only:  # Nothing is loaded or written.
+    runner.check_inputs(run, weights=False)
+    runner.plan_run(run, solver, memory_bytes=memory, log=log)
+    return
   out = comparison.check_out_dir(run, FLAGS.overwrite)
   runner.check_inputs(run)
   if FLAGS.layer_level:
@@ -148,7 +157,8 @@ def main(argv):
       raise cli.UsageError(f"--layer {FLAGS.layer}: {run.model} has "
                            f"{n_layers} layers (0..{n_layers - 1}; -1: the "
                            "middle one)")
-  log = functools.partial(print, flush=True)
+  elif FLAGS.plan:
+    runner.plan_run(run, solver, memory_bytes=memory, log=log)
   t0 = time.perf_counter()
   if FLAGS.layer_level:
     res = comparison.compare_layer(run, entries, layer=FLAGS.layer,

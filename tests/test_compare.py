@@ -82,7 +82,8 @@ def test_entries_flags(tmp_path):
 def test_compare_reads_the_run_flagfile(tmp_path):
   """The README's command: quick.flags also sets experiments.run's own
   --export_pref, which compare accepts; a misspelt flag is still one
-  error line. --methods=bogus stops it before any model is loaded."""
+  error line. --methods=bogus stops it before any model is loaded, and
+  so does --plan_only."""
   root = pathlib.Path(__file__).resolve().parents[1]
 
   def compare_with(*args):
@@ -98,6 +99,10 @@ def test_compare_reads_the_run_flagfile(tmp_path):
   proc = compare_with("--export_prf=centroid")
   errors = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
   assert errors and "export_prf" in errors[0], proc.stderr[-2000:]
+  # --plan_only: MOSP's walk planned, nothing loaded or written.
+  proc = compare_with("--plan_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("plan: smollm2-135m on "), proc.stdout
   assert not (tmp_path / "out").exists()
 
 
