@@ -49,8 +49,11 @@ def main(argv):
                          f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
   memory = shared_flags.device_memory_bytes()
   runner.check_inputs(run)
-  shapes = plan_lib.shapes_from_config(load.model_config(run.model))
-  device = plan_lib.measure_device(memory)  # Before the run: quiet.
+  config = load.model_config(run.model)
+  shapes = plan_lib.shapes_from_config(config)
+  device = plan_lib.with_forward_rate(  # Before the run: quiet.
+      plan_lib.measure_device(memory), config, batch_size=run.batch_size,
+      seqlen=run.seqlen)
   planned = plan_lib.make_plan(shapes, run, solver, device)
   log(plan_lib.format_plan(planned))
   if not planned.fits():

@@ -62,8 +62,11 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
   the device's rates measured now (`pipeline.plan`), printed as one
   table; raises `cli.UsageError` (one line naming the flag to change)
   when it does not fit `memory_bytes` (default: detected)."""
-  shapes = plan_lib.shapes_from_config(load.model_config(run.model))
-  device = plan_lib.measure_device(memory_bytes)
+  config = load.model_config(run.model)
+  shapes = plan_lib.shapes_from_config(config)
+  device = plan_lib.with_forward_rate(
+      plan_lib.measure_device(memory_bytes), config,
+      batch_size=run.batch_size, seqlen=run.seqlen)
   # [ours] float32 weights and activations: the only dtype of the walk.
   plan = plan_lib.make_plan(shapes, run, solver, device, act_bytes=4)
   log(plan_lib.format_plan(plan))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pathlib
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -53,6 +55,22 @@ def run_case(main, module: str, argv: list[str]) -> dict:
             "stdout": out.read().decode(errors="replace"),
             "stderr": err.read().decode(errors="replace") + tb,
             "traceback": tb}
+
+
+def run_cases(module: str, argvs: list[list[str]], tmp: pathlib.Path, *,
+              timeout: float = 900) -> list[dict]:
+  """Runs `module` on each argv in one worker process (from a test);
+  returns one result dict per argv, in order (see the module docstring).
+  `tmp` holds the case and result files."""
+  cases = tmp / f"{module}.cases.json"
+  results = tmp / f"{module}.results.json"
+  cases.write_text(json.dumps(argvs))
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.cli_worker", module, str(cases),
+       str(results)], cwd=pathlib.Path(__file__).resolve().parents[1],
+      capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(results.read_text())
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from mosp_jax import cli
 from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
 from mosp_jax.pipeline.walk import eta_text
 
+from . import cli_worker
 from .conftest import TINY_RUN_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -255,18 +256,6 @@ def _inputs(tmp: pathlib.Path, run: pathlib.Path,
           "missing": str(tmp / "missing"), "files": str(files)}
 
 
-def _worker(module: str, argvs: list[list[str]], tmp: pathlib.Path
-            ) -> list[dict]:
-  cases = tmp / f"{module}.cases.json"
-  results = tmp / f"{module}.results.json"
-  cases.write_text(json.dumps(argvs))
-  proc = subprocess.run(
-      [sys.executable, "-m", "tests.cli_worker", module, str(cases),
-       str(results)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(results.read_text())
-
-
 @pytest.fixture(scope="module")
 def outcomes(tiny_run, tiny_export, tmp_path_factory):
   """Every case run once; the trees written before, checked after."""
@@ -279,7 +268,7 @@ def outcomes(tiny_run, tiny_export, tmp_path_factory):
     todo = [(case, argv) for mod, case, argv, *_ in [*CASES, RERUN]
             if mod == module]
     argvs = [[a.format(**paths) for a in argv] for _, argv in todo]
-    for (case, _), res in zip(todo, _worker(module, argvs, tmp),
+    for (case, _), res in zip(todo, cli_worker.run_cases(module, argvs, tmp),
                               strict=True):
       results[(module, case)] = res
   after = [_tree(p) for p in guarded]

@@ -3,11 +3,9 @@ against references recomputed here from the configs, and the command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ from mosp_jax.models import paper_configs as pc
 from mosp_jax.pipeline import plan as plan_lib
 from mosp_jax.pipeline import preferences
 from mosp_jax.solvers import Unstructured
+from tests import cli_worker
 from tests.tiny_models import tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--flagfile=experiments/configs/smoke.flags"
 # Rates of a made-up device (no measurement: fast, exact seconds).
 DEVICE = plan_lib.Device("test", memory_bytes=2**40, matmul_flops=1e11,
@@ -85,9 +83,11 @@ def test_tiny_llama_bytes_and_flops_by_hand():
   # Phase work: one layer's forward per token, by hand.
   fwd = 2 * sum_no + 4 * T * d
   phases = {p.name: p for p in plan.phases}
-  assert phases["propagate"].per_layer.matmul == m * N * T * fwd
-  assert phases["capture"].per_layer.matmul == m * N * T * (fwd
-                                                            + 2 * sum_n2)
+  assert phases["propagate"].per_layer == plan_lib.Work(
+      forward=m * N * T * fwd)
+  assert phases["capture"].per_layer.forward == m * N * T * fwd
+  assert phases["capture"].per_layer.matmul == m * N * T * 2 * sum_n2
+  assert phases["evaluate"].per_layer.forward == (P + 2) * m * S * T * fwd
   assert phases["capture"].per_layer.host == m * math.ceil(N / B) * sum_n2
   assert phases["evaluate"].once.matmul == 2 * (P + 2) * m * S * T * d * V
   for p in plan.phases:  # seconds = layers x per layer + once
@@ -155,6 +155,26 @@ def test_refusal_names_the_largest_tunable_term():
   assert "does NOT fit" in text and "largest: calibration streams" in text
 
 
+def test_forward_rate_times_the_forwards():
+  """Forwards go at the measured layer-forward rate, everything else at
+  the device's other rates; without one, at the matmul rate."""
+  config = tiny_config("llama")
+  shapes = plan_lib.shapes_from_config(config)
+  run = _run(m=2, nsamples=3, seqlen=16, test_tokens=64, batch_size=2)
+  slow = dataclasses.replace(DEVICE, forward_flops=DEVICE.matmul_flops / 4)
+  base = {p.name: p for p in plan_lib.make_plan(shapes, run, SolverConfig(),
+                                                DEVICE).phases}
+  for p in plan_lib.make_plan(shapes, run, SolverConfig(), slow).phases:
+    extra = 3 * p.per_layer.forward / DEVICE.matmul_flops
+    assert p.layer_seconds == pytest.approx(base[p.name].layer_seconds
+                                            + extra)
+  assert plan_lib.measure_forward_flops(config, batch_size=2,
+                                        seqlen=16) > 0
+  text = plan_lib.format_plan(plan_lib.make_plan(shapes, run,
+                                                 SolverConfig(), slow))
+  assert "layer forward 25.0 GFLOP/s" in text
+
+
 def test_measured_rates_are_positive():
   assert plan_lib.measure_matmul_flops(64) > 0
   assert plan_lib.measure_eigh_flops(32) > 0
@@ -168,13 +188,8 @@ def test_plan_only_and_refusal_on_the_command(tmp_path):
   fresh = tmp_path / "fresh"
   cases = [[SMOKE, f"--out_dir={fresh}", "--plan_only"],
            [SMOKE, f"--out_dir={fresh}", "--device_memory_gb=1e-6"]]
-  (tmp_path / "cases.json").write_text(json.dumps(cases))
-  proc = subprocess.run(
-      [sys.executable, "-m", "tests.cli_worker", "experiments.run",
-       str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  only, refused = json.loads((tmp_path / "results.json").read_text())
+  only, refused = cli_worker.run_cases("experiments.run", cases, tmp_path,
+                                       timeout=300)
   assert only["status"] == 0 and only["stderr"] == "", only["stderr"]
   assert only["stdout"].startswith("plan: tiny-llama")
   assert "fits in" in only["stdout"]
@@ -225,13 +240,8 @@ def test_check_plan_command(tmp_path):
   from tests.conftest import TINY_RUN_FLAGS
   out = tmp_path / "run"
   argv = [*TINY_RUN_FLAGS, f"--out_dir={out}"]
-  (tmp_path / "cases.json").write_text(json.dumps([argv, argv]))
-  proc = subprocess.run(
-      [sys.executable, "-m", "tests.cli_worker", "experiments.check_plan",
-       str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  fresh, again = json.loads((tmp_path / "results.json").read_text())
+  fresh, again = cli_worker.run_cases("experiments.check_plan",
+                                      [argv, argv], tmp_path, timeout=600)
   assert fresh["status"] == 0, fresh["stderr"][-3000:]
   assert again["status"] == 0, again["stderr"][-3000:]
   assert "nothing was redone" in again["stdout"]

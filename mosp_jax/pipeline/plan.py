@@ -29,14 +29,19 @@ layer on the device), the calibration and test streams (kept on the
 host, a batch on the device) and the factor 2 of the streams; the
 Gram, solver and Pareto-set terms are per layer and stay.
 
-Seconds [ours]: matmul FLOPs at the device's measured matmul rate, the
-eigendecompositions at a measured `eigh` rate, the solvers' exact top-k
-and elementwise updates as passes over the weights at a measured pass
-rate, the host-side float64 Gram accumulation at a measured host rate.
-The ADMM iteration count of stage 1 is the expected one
+Seconds [ours]: the decoder-layer forwards (capture, propagation,
+evaluation) at the rate of one forward of the run's own layer measured
+on the spot (`with_forward_rate`: the norms, RoPE, softmax and
+activations that FLOP counts leave out halved SmolLM2's rate against a
+bare matmul), other matmul FLOPs at the device's measured matmul rate,
+the eigendecompositions at a measured `eigh` rate, the solvers' exact
+top-k and elementwise updates as passes over the weights at a measured
+pass rate, the host-side float64 Gram accumulation at a measured host
+rate. The ADMM iteration count of stage 1 is the expected one
 (`EXPECTED_STAGE1_ITERS`, capped by `max_iter`); `max_iter` is the upper
-bound and the table shows the solve time at it too. Not checked against
-a measured run yet.
+bound and the table shows the solve time at it too.
+`experiments.check_plan` sets a measured run beside its plan
+(`check_phases`).
 """
 
 from __future__ import annotations
@@ -131,6 +136,12 @@ class Device:
       (numpy, the capture's Gram sums).
     host_is_device: the CPU backend, where host copies use the same
       memory.
+    forward_flops: the effective rate of the run's model's decoder-layer
+      forward, `layer_forward_flops` per token over the measured seconds
+      of one `(B, T, d)` batch (`with_forward_rate`); None: forwards are
+      counted at `matmul_flops`. The forward also runs norms, RoPE, the
+      softmax and the activations, which FLOPs do not count [ours: on
+      SmolLM2-135M it ran at half the bare matmul rate].
   """
   name: str
   memory_bytes: int
@@ -139,6 +150,7 @@ class Device:
   pass_rate: float
   host_rate: float
   host_is_device: bool
+  forward_flops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +165,13 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Work:
   """Work of one phase: matmul FLOPs, eigh FLOPs, elementwise element
-  passes on the device and element accumulations on the host."""
+  passes on the device, element accumulations on the host, and the
+  FLOPs of decoder-layer forwards (`layer_forward_flops` per token)."""
   matmul: float = 0.0
   eigh: float = 0.0
   passes: float = 0.0
   host: float = 0.0
+  forward: float = 0.0
 
   def __add__(self, other: Work) -> Work:
     return Work(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -170,7 +184,8 @@ class Work:
   def seconds(self, device: Device) -> float:
     return (self.matmul / device.matmul_flops
             + self.eigh / device.eigh_flops
-            + self.passes / device.pass_rate + self.host / device.host_rate)
+            + self.passes / device.pass_rate + self.host / device.host_rate
+            + self.forward / (device.forward_flops or device.matmul_flops))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +212,10 @@ class Phase:
 
   @property
   def flops(self) -> float:
-    """Matmul and eigh FLOPs over the run (elementwise passes and host
-    accumulations are counted apart, `Work`)."""
+    """Matmul, eigh and forward FLOPs over the run (elementwise passes
+    and host accumulations are counted apart, `Work`)."""
     total = self.per_layer.scaled(self.layers) + self.once
-    return total.matmul + total.eigh
+    return total.matmul + total.eigh + total.forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,15 +260,21 @@ class Plan:
 # The model's shapes.
 
 
-def shapes_from_config(config: Any) -> ModelShapes:
-  """`ModelShapes` of a HF config, from `jax.eval_shape` of a one-layer
-  copy (no weight is allocated) and the family adapter (its linears and
-  groups), so the plan counts exactly what the walk prunes."""
+def _one_layer_model(config: Any) -> tuple[Any, Any]:
+  """`(uninitialised Flax model, adapter)` of a one-layer copy of a HF
+  config."""
   from mosp_jax import models
   one = config.__class__(**config.to_dict())
   one.num_hidden_layers = 1
   model = models.model_class(one)(one, _do_init=False)
-  adapter = models.adapter_for(model)
+  return model, models.adapter_for(model)
+
+
+def shapes_from_config(config: Any) -> ModelShapes:
+  """`ModelShapes` of a HF config, from `jax.eval_shape` of a one-layer
+  copy (no weight is allocated) and the family adapter (its linears and
+  groups), so the plan counts exactly what the walk prunes."""
+  model, adapter = _one_layer_model(config)
   tree = model.params_shape_tree
 
   def count(t: Any) -> int:
@@ -450,10 +471,10 @@ def phase_work(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   f = layer_forward_flops(shapes, T)
   sum_n2 = sum(n * n for n in shapes.groups)
   batches = -(-N // run.batch_size)
-  capture = Work(matmul=m * N * T * (f + 2.0 * sum_n2),
+  capture = Work(matmul=m * N * T * 2.0 * sum_n2, forward=m * N * T * f,
                  host=float(m * batches * sum_n2))
   solve = Work()
-  evaluate = Work(matmul=(P + 2) * m * S * T * f)
+  evaluate = Work(forward=(P + 2) * m * S * T * f)
   for lin in shapes.linears:
     solve = solve + solve_work(lin, _channels(run, solver, lin), m, solver,
                                stage1_iters)
@@ -464,7 +485,7 @@ def phase_work(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   return {
       "capture": (capture, Work(), "m N T (f + 2 sum n_g^2); host sums"),
       "solve": (solve, Work(), "eigh + ADMM + PCG per linear"),
-      "propagate": (Work(matmul=m * N * T * f), Work(), "m N T f"),
+      "propagate": (Work(forward=m * N * T * f), Work(), "m N T f"),
       "evaluate": (evaluate, head, "(P + 2) m S T f; head once"),
   }
 
@@ -519,7 +540,8 @@ def format_plan(plan: Plan) -> str:
       f"measured matmul {dev.matmul_flops / 1e9:.1f} GFLOP/s, eigh "
       f"{dev.eigh_flops / 1e9:.1f} GFLOP/s, passes "
       f"{dev.pass_rate / 1e9:.2f} G/s, host sums {dev.host_rate / 1e9:.2f}"
-      " G/s",
+      " G/s" + ("" if dev.forward_flops is None else
+                f", layer forward {dev.forward_flops / 1e9:.1f} GFLOP/s"),
       f"  {'memory (arrays, every term at its peak)':<46}"
       f"{'GiB':>9}  formula"]
   lines += [f"  {r.name:<46}{r.bytes / GIB:>9.2f}  {r.formula}"
@@ -681,6 +703,36 @@ def measure_host_rate(n: int = 2048) -> float:
     return acc
 
   return n * n / _best_seconds(add, g)
+
+
+def measure_forward_flops(config: Any, *, batch_size: int,
+                          seqlen: int) -> float:
+  """FLOP/s of one decoder layer of `config`'s model on one `(batch_size,
+  seqlen, d)` float32 batch: `batch_size seqlen layer_forward_flops` over
+  the best of 3 timed calls of the adapter's jitted `apply_block` (as the
+  walk's `advance`), after one that compiles; random layer weights of the
+  config's shapes (std 0.02; no embedding or head is built)."""
+  model, adapter = _one_layer_model(config)
+  shapes = shapes_from_config(config)
+  tree = adapter.layer_params(model.params_shape_tree, 0)
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  params = treedef.unflatten([
+      0.02 * jax.random.normal(k, leaf.shape, jnp.float32)
+      for k, leaf in zip(keys, leaves, strict=True)])
+  hidden = jax.random.normal(jax.random.key(1),
+                             (batch_size, seqlen, shapes.hidden), jnp.float32)
+  fn = jax.jit(lambda p, h: adapter.apply_block(p, h)[0])
+  return (batch_size * seqlen * layer_forward_flops(shapes, seqlen)
+          / _best_seconds(fn, params, hidden))
+
+
+def with_forward_rate(device: Device, config: Any, *, batch_size: int,
+                      seqlen: int) -> Device:
+  """`device` with `forward_flops` measured on `config`'s decoder layer
+  (`measure_forward_flops`)."""
+  return dataclasses.replace(device, forward_flops=measure_forward_flops(
+      config, batch_size=batch_size, seqlen=seqlen))
 
 
 def available_memory_bytes() -> tuple[int, bool]:
