@@ -717,7 +717,7 @@ def measure_forward_flops(config: Any, *, batch_size: int,
   tree = adapter.layer_params(model.params_shape_tree, 0)
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(jax.random.key(0), len(leaves))
-  params = treedef.unflatten([
+  params = jax.tree.unflatten(treedef, [
       0.02 * jax.random.normal(k, leaf.shape, jnp.float32)
       for k, leaf in zip(keys, leaves, strict=True)])
   hidden = jax.random.normal(jax.random.key(1),
