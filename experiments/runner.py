@@ -56,17 +56,22 @@ def check_inputs(run: RunConfig, *, weights: bool = True) -> None:
 
 
 def plan_run(run: RunConfig, solver: SolverConfig, *,
-             memory_bytes: int | None = None, log=print
-             ) -> plan_lib.Plan:
+             memory_bytes: int | None = None, for_gpu: bool = False,
+             log=print) -> plan_lib.Plan:
   """--plan: the run's memory and time plan from the model's config and
   the device's rates measured now (`pipeline.plan`), printed as one
   table; raises `cli.UsageError` (one line naming the flag to change)
-  when it does not fit `memory_bytes` (default: detected)."""
+  when it does not fit `memory_bytes` (default: detected). `for_gpu`
+  (--plan_for_gpu) plans for a GPU from a CPU: no host copies count."""
   config = load.model_config(run.model)
   shapes = plan_lib.shapes_from_config(config)
   device = plan_lib.with_forward_rate(
       plan_lib.measure_device(memory_bytes), config,
       batch_size=run.batch_size, seqlen=run.seqlen)
+  if for_gpu:
+    device = dataclasses.replace(
+        device, host_is_device=False,
+        name=f"a GPU (seconds at the rates of {device.name})")
   # [ours] float32 weights and activations: the only dtype of the walk.
   plan = plan_lib.make_plan(shapes, run, solver, device, act_bytes=4)
   log(plan_lib.format_plan(plan))

@@ -95,6 +95,11 @@ flags.DEFINE_float("device_memory_gb", 0.0, "Device memory the plan may "
                    "use, in GiB (2^30 bytes); 0 = detect (the GPU "
                    "allocator's limit, or the host's MemAvailable on "
                    "CPU).")
+flags.DEFINE_bool("plan_for_gpu", False, "With --plan_only and "
+                  "--device_memory_gb: plan for a GPU of that memory from "
+                  "this machine (the host copies of the weights and Grams "
+                  "do not count against it; the seconds stay at this "
+                  "machine's measured rates).")
 # Devices: the mesh the per-layer solvers run on, and multi-host setup.
 flags.DEFINE_string("mesh", "", "Device mesh of the per-layer solvers: '' "
                     "(one device), 'C' (output columns split over C "
@@ -206,6 +211,9 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
 
 def device_memory_bytes(f=FLAGS) -> int | None:
   """--device_memory_gb in bytes; None = detect."""
+  if f.plan_for_gpu and not (f.plan_only and f.device_memory_gb > 0):
+    raise cli.UsageError("--plan_for_gpu: needs --plan_only and "
+                         "--device_memory_gb (the GPU's memory)")
   if f.device_memory_gb < 0:
     raise cli.UsageError(f"--device_memory_gb must be >= 0 (0 = detect), "
                          f"got {f.device_memory_gb}")

@@ -190,6 +190,9 @@ CASES = [
     (COMPARE, "bad_variant", [SMOKE, "--out_dir={fresh}",
                               "--mosp_variants=alpha=x"], USAGE,
      ["--mosp_variants"]),
+    (RUN, "plan_for_gpu_without_plan_only", [
+        SMOKE, "--out_dir={fresh}", "--plan_for_gpu",
+        "--device_memory_gb=48"], USAGE, ["--plan_for_gpu", "--plan_only"]),
     (COMPARE, "plan_does_not_fit", [SMOKE, "--out_dir={fresh}",
                                     "--device_memory_gb=1e-6"], USAGE,
      ["the plan needs", "0.00 GiB available"]),

