@@ -145,10 +145,9 @@ def main(argv):
   # The plan is MOSP's walk, the entries' largest [ours: a baseline's
   # walk holds one model's test streams per task (P with 'mixed'), MOSP's
   # P + 2 and the Pareto sets]; entries run one after another.
-  if FLAGS.plan_only:  # Nothing is loaded or written.
-    runner.check_inputs(run, weights=False)
-    runner.plan_run(run, solver, memory_bytes=memory,
-                    for_gpu=FLAGS.plan_for_gpu, log=log)
+  if FLAGS.plan_only:
+    runner.plan_only(run, solver, memory_bytes=memory,
+                     for_gpu=FLAGS.plan_for_gpu, log=log)
     return
   out = comparison.check_out_dir(run, FLAGS.overwrite)
   runner.check_inputs(run)

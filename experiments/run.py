@@ -49,10 +49,9 @@ def main(argv):
       pruned.parse_preference(FLAGS.export_pref, run.tasks,
                               flag="--export_pref")
   memory = shared_flags.device_memory_bytes()
-  if FLAGS.plan_only:  # Nothing is loaded or written.
-    runner.check_inputs(run, weights=False)
-    runner.plan_run(run, solver, memory_bytes=memory,
-                    for_gpu=FLAGS.plan_for_gpu, log=log)
+  if FLAGS.plan_only:
+    runner.plan_only(run, solver, memory_bytes=memory,
+                     for_gpu=FLAGS.plan_for_gpu, log=log)
     return
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
