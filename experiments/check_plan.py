@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 
 from absl import flags
 
@@ -88,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  # It reads experiments.run's flagfiles (quick.flags sets --export_pref).
+  cli.run(main, shared_flags.accepting_run_only_flags(sys.argv))

@@ -243,10 +243,12 @@ def test_check_phases_by_hand():
 def test_check_plan_command(tmp_path):
   """experiments.check_plan on the tiny run: a fresh run (its peak
   memory measured, at least the plan's floor of arrays), then the same
-  command again, which reads the finished run back."""
+  command again, which reads the finished run back. It takes
+  experiments.run's own flags (a flagfile of the run sets them) and
+  ignores them."""
   from tests.conftest import TINY_RUN_FLAGS
   out = tmp_path / "run"
-  argv = [*TINY_RUN_FLAGS, f"--out_dir={out}"]
+  argv = [*TINY_RUN_FLAGS, f"--out_dir={out}", "--export_pref=centroid"]
   fresh, again = cli_worker.run_cases("experiments.check_plan",
                                       [argv, argv], tmp_path, timeout=600)
   assert fresh["status"] == 0, fresh["stderr"][-3000:]
