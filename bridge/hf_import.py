@@ -244,7 +244,7 @@ def load_flax_dir(
   flat = rename.drop_tied_flax_head(
       _read_flax_weights(d), model_type=config.model_type,
       tie_word_embeddings=config.tie_word_embeddings, what=str(d))
-  rename.tree_diff(flat, _expected(model), what=str(d))
+  check_shapes(flat, model, what=str(d))
   tokenizer = None
   if any((d / n).exists() for n in TOKENIZER_FILES):
     try:
@@ -382,6 +382,34 @@ def load_model(
           "deliberately", spec, info.tokenizer_eos_id, info.config_eos_id,
           info.bos_id, info.adds_bos)
   return model, params, tokenizer
+
+
+def cached_checkpoint(spec: str, *, dtype: Any = jnp.float32,
+                      trust_pickle: bool = False
+                      ) -> tuple[Any, pathlib.Path] | None:
+  """`(uninitialised Flax model of `dtype`, its float32 model.safetensors)`
+  of a spec converted into the model cache (converting it first, as
+  `load_model`, when not cached), for reading layer by layer; None for a
+  Flax checkpoint folder, which is not cached (`load_model` reads it)."""
+  source = resolve(spec, trust_pickle=trust_pickle)
+  if source.kind == "flax":
+    return None
+  assert source.cache_name is not None  # only Flax folders are not cached
+  cached = model_cache_dir(source.cache_name)
+  if not _cache_hit(cached, source):
+    load_model(spec, trust_pickle=trust_pickle)  # converts and caches
+  from transformers import AutoConfig
+  try:
+    config = AutoConfig.from_pretrained(str(cached))
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{cached}: cannot read config.json: {e}") from e
+  return _flax_model(config, dtype, str(cached)), cached / FLAX_WEIGHTS
+
+
+def check_shapes(shapes: rename.Flat, model: Any, *, what: str) -> None:
+  """Raises `rename.CheckpointMismatchError` unless the flat `shapes`
+  (leaves with `.shape`) are exactly `model`'s parameters."""
+  rename.tree_diff(shapes, _expected(model), what=what)
 
 
 def tokenizer_cache_dir(name: str) -> pathlib.Path:

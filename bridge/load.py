@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from mosp_jax import cli
 from mosp_jax.models.base import Adapter
+from mosp_jax.pipeline import layer_source
 
 if TYPE_CHECKING:  # transformers loads in seconds: only where a model is.
   from transformers import FlaxPreTrainedModel
@@ -74,6 +77,57 @@ def load_dense(spec: str, tokenizer: Any = None
     model, params, _ = hf_import.load_model(spec)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   return models.adapter_for(model), params, tokenizer
+
+
+def load_layers(spec: str, tokenizer: Any = None, *,
+                dtype: Any = jnp.float32
+                ) -> tuple[Adapter, layer_source.DenseLayers, Any]:
+  """(adapter, dense model read layer by layer, tokenizer) of a run's model
+  spec: what the layer walk prunes (issue 15 item 1).
+
+  A converted model (GGUF, PyTorch, Hub) is read tensor by tensor from its
+  Flax checkpoint in the model cache (converted once, whole, when not
+  cached); a `random:` spec draws each layer when read, so no limit on
+  its size applies; 'tiny-llama' and a Flax folder are loaded whole
+  (`load_dense`). `dtype` is the device dtype of weights and activations
+  (the adapter computes in it). The values equal `load_dense`'s, and
+  `sha256()` its `run_record.params_sha256`.
+  """
+  from bridge import hf_import
+  from mosp_jax import models
+  from mosp_jax.models import paper_configs
+  if tokenizer is None:
+    tokenizer = load_tokenizer(spec)
+  random_spec = paper_configs.parse_random_spec(spec)
+  if random_spec is not None:
+    config = random_spec.config()
+    adapter = models.adapter_for(models.model_class(config)(
+        config, _do_init=False, dtype=dtype))
+    source = layer_source.from_random(
+        adapter, flatten_dict(paper_configs.param_shapes(config)),
+        std=paper_configs.init_std(config), seed=0, what=spec, dtype=dtype)
+    return adapter, source, tokenizer
+  cached = (None if spec == TINY_LLAMA
+            else hf_import.cached_checkpoint(spec, dtype=dtype))
+  if cached is None:
+    adapter, params, tokenizer = load_dense(spec, tokenizer)
+    return (*layered(adapter, params, what=spec, dtype=dtype), tokenizer)
+  model, path = cached
+  adapter = models.adapter_for(model)
+  source = layer_source.from_safetensors(adapter, str(path), dtype=dtype)
+  hf_import.check_shapes(source.shapes, model, what=str(path))
+  return adapter, source, tokenizer
+
+
+def layered(adapter: Adapter, params: dict, *, what: str,
+            dtype: Any = jnp.float32
+            ) -> tuple[Adapter, layer_source.DenseLayers]:
+  """A whole loaded model (`load_dense`) as the walk reads it: the adapter
+  computing in `dtype` and the layers of `params` put on the device one
+  at a time in `dtype`."""
+  adapter = adapter.with_dtype(jnp.dtype(dtype))
+  return adapter, layer_source.from_tree(adapter, params, what=what,
+                                         dtype=dtype)
 
 
 def model_config(spec: str) -> Any:

@@ -25,7 +25,6 @@ import sys
 
 from absl import flags
 
-from bridge import load
 from experiments import runner, shared_flags
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, run_record
@@ -49,20 +48,22 @@ def main(argv):
     raise cli.UsageError("--tolerance must be > 0 and --min_seconds >= 0, "
                          f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
   memory = shared_flags.device_memory_bytes()
-  runner.check_inputs(run)
+  runner.check_inputs(run, weights=False)  # as run_experiment
   # Before the run, on a quiet device: the rates of the plan.
-  planned = runner.plan_run(run, solver, memory_bytes=memory, log=log)
+  planned = runner.plan_run(run, solver, memory_bytes=memory,
+                            offload_streams=FLAGS.offload_streams, log=log)
   out, resuming = run_record.check_run_dir(
       run_record.ConfigRecord(run=run, solver=solver),
       overwrite=FLAGS.overwrite)
   measured = not run_record.is_finished(out, resuming)
   res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
-                              log=log, mesh=mesh)
+                              log=log, mesh=mesh,
+                              offload_streams=planned.offload_streams)
   peak, peak_kind = plan_lib.peak_memory()
   iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
-  at_iters = plan_lib.make_plan(
-      plan_lib.shapes_from_config(load.model_config(run.model)), run,
-      solver, planned.device, stage1_iters=iters)
+  at_iters = runner.make_run_plan(
+      run, solver, planned.device, stage1_iters=iters,
+      offload_streams=planned.offload_streams)
   checks = plan_lib.check_phases(at_iters, res.layers)
   log(f"measured against the plan at {iters} stage-1 iterations (the "
       f"run's mean; the plan above assumed {planned.stage1_iters}):")

@@ -147,8 +147,14 @@ def main(argv):
   # P + 2 and the Pareto sets]; entries run one after another.
   if FLAGS.plan_only:
     runner.plan_only(run, solver, memory_bytes=memory,
-                     for_gpu=FLAGS.plan_for_gpu, log=log)
+                     for_gpu=FLAGS.plan_for_gpu,
+                     offload_streams=FLAGS.offload_streams, log=log)
     return
+  if FLAGS.layer_level and (run.dtype != "float32" or FLAGS.offload_streams):
+    raise cli.UsageError(
+        f"--{'dtype' if run.dtype != 'float32' else 'offload_streams'}: the "
+        "layer-level comparison captures and solves one layer in float32 "
+        "on the device; these flags apply to the whole-model walk")
   out = comparison.check_out_dir(run, FLAGS.overwrite)
   runner.check_inputs(run)
   if FLAGS.layer_level:
@@ -157,15 +163,19 @@ def main(argv):
       raise cli.UsageError(f"--layer {FLAGS.layer}: {run.model} has "
                            f"{n_layers} layers (0..{n_layers - 1}; -1: the "
                            "middle one)")
-  elif FLAGS.plan:
-    runner.plan_run(run, solver, memory_bytes=memory, log=log)
+  offload_streams = FLAGS.offload_streams
+  if FLAGS.plan and not FLAGS.layer_level:
+    offload_streams = runner.plan_run(
+        run, solver, memory_bytes=memory, offload_streams=offload_streams,
+        log=log).offload_streams
   t0 = time.perf_counter()
   if FLAGS.layer_level:
     res = comparison.compare_layer(run, entries, layer=FLAGS.layer,
                                    linears=FLAGS.linears,
                                    use_cache=FLAGS.gram_cache, log=log)
   else:
-    res = comparison.compare_model(run, entries, log=log)
+    res = comparison.compare_model(run, entries,
+                                   offload_streams=offload_streams, log=log)
   artifact.write_text(out / "flags.txt", FLAGS.flags_into_string())
   keys = ["hypervolume", "paper_hypervolume", "mosp_dominates", "time_s"]
   print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from bridge import load
 from experiments import layer_compare
 from experiments.layer_compare import Entry
 from mosp_jax import cli
@@ -29,6 +30,7 @@ from mosp_jax.pipeline import (
   walk,
 )
 from mosp_jax.pipeline.grams import layer_grams
+from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single_objective import baseline_walk
 
@@ -161,12 +163,12 @@ def _reference_note(summary: dict) -> str:
   return note
 
 
-def _warm_shared(adapter, params, segments: list[np.ndarray],
+def _warm_shared(adapter, model: DenseLayers, segments: list[np.ndarray],
                  batch_size: int) -> None:
   """Compiles the walk's shared model functions (embed, one layer, Gram
   capture, head) for every batch shape, so that the first method timed
   does not pay for the others."""
-  lp = adapter.layer_params(params, 0)
+  params, lp = model.outer, model.layer(0)
   shapes = {b.shape for ids in segments
             for b in walk.device_batches(ids, batch_size)}
   for shape in sorted(shapes):
@@ -178,11 +180,14 @@ def _warm_shared(adapter, params, segments: list[np.ndarray],
 
 
 def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
-                  log=print) -> dict:
-  """Runs every entry through the whole-model walk; returns the results
-  written to compare.json (and writes compare.md, compare.png)."""
+                  offload_streams: bool = False, log=print) -> dict:
+  """Runs every entry through the whole-model walk (streams in host
+  memory with `offload_streams`); returns the results written to
+  compare.json (and writes compare.md, compare.png)."""
   adapter, params, calib, test, (t_model, t_data) = \
       layer_compare.load_inputs(run, log=log)
+  adapter, model = load.layered(adapter, params, what=run.model,
+                                dtype=run.dtype)
   prefs = np.asarray(run.prefs, np.float32)
   tasks = list(run.tasks)
   log(f"compare {run.model}, {run.pattern}: {len(tasks)} tasks, "
@@ -190,19 +195,20 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
       f"{', '.join(e.name for e in entries)}")
   walks, cpu_s = {}, {}
   with jax.transfer_guard("disallow"):
-    _warm_shared(adapter, params, calib + test, run.batch_size)
+    _warm_shared(adapter, model, calib + test, run.batch_size)
     for entry in entries:
       c0 = time.process_time()
       if entry.method == "mosp":
         walks[entry.name] = prune_and_evaluate(
-            adapter, params, calib, test, prefs, pattern=run.pattern,
+            adapter, model, calib, test, prefs, pattern=run.pattern,
             cfg=entry.cfg, batch_size=run.batch_size, artifact_dir=None,
-            log=log)
+            log=log, offload_streams=offload_streams)
       else:
         walks[entry.name] = baseline_walk(
-            adapter, params, calib, test, prefs, method=entry.method,
+            adapter, model, calib, test, prefs, method=entry.method,
             protocol=entry.protocol, pattern=run.pattern, cfg=entry.cfg,
-            batch_size=run.batch_size, log=log)
+            batch_size=run.batch_size, log=log,
+            offload_streams=offload_streams)
       cpu_s[entry.name] = time.process_time() - c0
   dense = walks["mosp"].dense_ppl
   for name, w in walks.items():  # identical inputs -> identical dense

@@ -51,7 +51,8 @@ def main(argv):
   memory = shared_flags.device_memory_bytes()
   if FLAGS.plan_only:
     runner.plan_only(run, solver, memory_bytes=memory,
-                     for_gpu=FLAGS.plan_for_gpu, log=log)
+                     for_gpu=FLAGS.plan_for_gpu,
+                     offload_streams=FLAGS.offload_streams, log=log)
     return
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)
@@ -72,7 +73,8 @@ def main(argv):
     res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
                                 log=log, on_layer_done=pause, mesh=mesh,
                                 plan=FLAGS.plan,
-                                device_memory_bytes=memory)
+                                device_memory_bytes=memory,
+                                offload_streams=FLAGS.offload_streams)
     artifact.write_text(out / run_record.FLAGS_FILE,
                         FLAGS.flags_into_string())
     log("\n".join(runner.summary_lines(res)))

@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bridge import load
@@ -47,8 +48,9 @@ def check_inputs(run: RunConfig, *, weights: bool = True) -> None:
   """Validates what can be validated before any tokenizer or model is
   loaded: the model's context against --seqlen (`cli.UsageError`) and
   every local task file (readable, UTF-8, enough documents; ValueError
-  naming the file). `weights=False` (--plan_only) skips the size limit
-  of random weights, which are then never built."""
+  naming the file). `weights=False` (--plan_only, and the layer walk,
+  which draws a random model's layers one at a time) skips the size
+  limit of whole random weights."""
   for task in run.tasks:
     if task not in data_lib.SOURCES:
       data_lib.check_task(task)
@@ -57,14 +59,16 @@ def check_inputs(run: RunConfig, *, weights: bool = True) -> None:
 
 def plan_run(run: RunConfig, solver: SolverConfig, *,
              memory_bytes: int | None = None, for_gpu: bool = False,
-             log=print) -> plan_lib.Plan:
+             offload_streams: bool = False, log=print) -> plan_lib.Plan:
   """--plan: the run's memory and time plan from the model's config and
   the device's rates measured now (`pipeline.plan`), printed as one
   table; raises `cli.UsageError` (one line naming the flag to change)
   when it does not fit `memory_bytes` (default: detected). `for_gpu`
-  (--plan_for_gpu) plans for a GPU from a CPU: no host copies count."""
+  (--plan_for_gpu) plans for a GPU from a CPU: no host copies count.
+  Streams that do not fit on the device go to host memory when that
+  makes the plan fit [ours]: the returned plan's `offload_streams` says
+  so (set from the start by `offload_streams`)."""
   config = load.model_config(run.model)
-  shapes = plan_lib.shapes_from_config(config)
   device = plan_lib.with_forward_rate(
       plan_lib.measure_device(memory_bytes), config,
       batch_size=run.batch_size, seqlen=run.seqlen)
@@ -72,21 +76,39 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
     device = dataclasses.replace(
         device, host_is_device=False,
         name=f"a GPU (seconds at the rates of {device.name})")
-  # [ours] float32 weights and activations: the only dtype of the walk.
-  plan = plan_lib.make_plan(shapes, run, solver, device, act_bytes=4)
+  plan = make_run_plan(run, solver, device, offload_streams=offload_streams)
+  if not plan.fits() and not offload_streams:
+    offloaded = make_run_plan(run, solver, device, offload_streams=True)
+    if offloaded.total_bytes < plan.total_bytes:  # Not on a CPU.
+      log("the streams do not fit on the device: they stay in host memory "
+          "(--offload_streams)" + ("" if offloaded.fits() else
+                                   ", and still the plan does not fit"))
+      plan = offloaded
   log(plan_lib.format_plan(plan))
   if not plan.fits():
     raise cli.UsageError(plan_lib.refusal(plan))
   return plan
 
 
+def make_run_plan(run: RunConfig, solver: SolverConfig,
+                  device: plan_lib.Device, *, offload_streams: bool,
+                  stage1_iters: int | None = None) -> plan_lib.Plan:
+  """`plan.make_plan` of `run` on a measured `device`: the model's shapes
+  from its config, weights and activations of `run.dtype`."""
+  return plan_lib.make_plan(
+      plan_lib.shapes_from_config(load.model_config(run.model)), run, solver,
+      device, act_bytes=jnp.dtype(run.dtype).itemsize,
+      stage1_iters=stage1_iters, offload_streams=offload_streams)
+
+
 def plan_only(run: RunConfig, solver: SolverConfig, *,
-              memory_bytes: int | None, for_gpu: bool, log=print) -> None:
+              memory_bytes: int | None, for_gpu: bool,
+              offload_streams: bool = False, log=print) -> None:
   """--plan_only: the checks that need no weights, then the plan
   (`plan_run`); nothing is loaded or written."""
   check_inputs(run, weights=False)
   plan_run(run, solver, memory_bytes=memory_bytes, for_gpu=for_gpu,
-           log=log)
+           offload_streams=offload_streams, log=log)
 
 
 def load_data(run: RunConfig, tokenizer
@@ -158,11 +180,12 @@ def summary_lines(results: run_record.Results) -> list[str]:
 
 def _load_model_claiming(run: RunConfig, tokenizer, out: pathlib.Path, *,
                          existed: bool, resuming: bool):
-  """`load.load_dense`; a model that cannot be loaded takes back the
+  """`load.load_layers`; a model that cannot be loaded takes back the
   config.json just written (and the folder it created), so that the
   corrected command does not meet a run that never started."""
   try:
-    return load.load_dense(run.model, tokenizer)
+    return load.load_layers(run.model, tokenizer,
+                            dtype=jnp.dtype(run.dtype))
   except BaseException:
     if not resuming:
       (out / run_record.CONFIG_FILE).unlink(missing_ok=True)
@@ -217,7 +240,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
                    on_layer_done=None,
                    mesh: jax.sharding.Mesh | None = None,
                    plan: bool = False,
-                   device_memory_bytes: int | None = None
+                   device_memory_bytes: int | None = None,
+                   offload_streams: bool = False
                    ) -> run_record.Results:
   """Runs the whole job, resuming a killed run of the same configuration;
   returns the results also written to disk.
@@ -228,7 +252,8 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   a refused run leaves nothing that blocks the corrected one. With
   `plan`, the plan (`plan_run`, on `device_memory_bytes` or the detected
   memory) is printed after those checks, and a plan that does not fit
-  refuses the run before --out_dir is touched.
+  refuses the run before --out_dir is touched. The streams stay in host
+  memory with `offload_streams`, or when the plan fits only so.
 
   Raises:
     cli.UsageError: --out_dir holds another run, --seqlen is too long,
@@ -240,9 +265,13 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   if run_record.is_finished(out, resuming):
     log(NOTHING_REDONE.format(out=out))
     return run_record.read_results(out)
-  check_inputs(run)
+  # The walk reads a random model's layers when it reaches them, so the
+  # size limit of whole random weights does not apply.
+  check_inputs(run, weights=False)
   if plan:
-    plan_run(run, solver, memory_bytes=device_memory_bytes, log=log)
+    offload_streams = plan_run(
+        run, solver, memory_bytes=device_memory_bytes,
+        offload_streams=offload_streams, log=log).offload_streams
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
   tokenizer = load.load_tokenizer(run.model)
@@ -251,12 +280,11 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   existed = out.exists()
   run_record.start_run_dir(record, overwrite=overwrite, resuming=resuming)
   log(f"loading the model {run.model} ...")
-  adapter, params, tokenizer = _load_model_claiming(
+  adapter, model, tokenizer = _load_model_claiming(
       run, tokenizer, out, existed=existed, resuming=resuming)
-  dense_sha256 = run_record.params_sha256(params)
-  params = jax.device_put(params)
+  dense_sha256 = model.sha256()
   t_model = time.perf_counter() - t0 - t_data
-  n_layers = adapter.num_layers(params)
+  n_layers = model.num_layers
   log(f"model {run.model}: {n_layers} layers; data: "
       f"{len(run.tasks)} tasks x ({run.nsamples} calibration, "
       f"{test[0].shape[0]} test) x {run.seqlen} tokens; "
@@ -267,11 +295,11 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   checkpoint = LayerCheckpoint(out / run_record.CHECKPOINT_DIR)
   with jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
-        adapter, params, calib, test, prefs, pattern=run.pattern, cfg=solver,
+        adapter, model, calib, test, prefs, pattern=run.pattern, cfg=solver,
         batch_size=run.batch_size, streams=run.streams,
         artifact_dir=str(out / run_record.ARTIFACT_DIR),
         checkpoint=checkpoint, log=log, on_layer_done=on_layer_done,
-        mesh=mesh)
+        mesh=mesh, offload_streams=offload_streams)
   seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
              "wall": time.perf_counter() - t0}
   meta = run_record.ArtifactMeta(

@@ -16,7 +16,7 @@ from absl import flags
 
 from mosp_jax import cli
 from mosp_jax import data as data_lib
-from mosp_jax.config import PREF_MAPS, RunConfig, SolverConfig
+from mosp_jax.config import DTYPES, PREF_MAPS, RunConfig, SolverConfig
 from mosp_jax.pipeline import preferences
 from mosp_jax.solvers import NM, Pattern, Unstructured
 from mosp_jax.solvers import sharding as sharding_lib
@@ -51,6 +51,13 @@ flags.DEFINE_enum("streams", "global", ["global", "task"], "Which pruned "
                   "baseline's own) or task (task i's stream through W_i) "
                   "[ours: the paper does not say].")
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward batch.")
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Device dtype of the "
+                  "weights and activations of the walk; the Grams and "
+                  "solvers compute in float32 either way [ours].")
+flags.DEFINE_bool("offload_streams", False, "Keep the activation streams "
+                  "in host memory between layers, one batch on the device "
+                  "at a time (chosen by the plan when they do not fit on "
+                  "the device) [ours].")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration windows.")
 flags.DEFINE_string("out_dir", None, "Run directory (created).")
 flags.DEFINE_bool("overwrite", False, "Start afresh in an --out_dir that "
@@ -201,7 +208,7 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
         nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
         prefs=tuple(tuple(float(x) for x in r) for r in prefs),
         batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir,
-        streams=f.streams)
+        streams=f.streams, dtype=f.dtype)
   except cli.UsageError:
     raise
   except ValueError as e:

@@ -82,6 +82,8 @@ class SolverConfig:
 
 # The paper's settings; the default of every solver entry point.
 PAPER = SolverConfig()
+# Device dtypes of the walk's weights and activations (`RunConfig.dtype`).
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,9 @@ class RunConfig:
     streams: which pruned model the calibration streams run through:
       'global' (MOSP's `W`, the default [ours]) or 'task' (task i's
       stream through `W_i`).
+    dtype: device dtype of the weights and activations, 'float32' or
+      'bfloat16' [ours; the Grams and solvers compute in float32 either
+      way].
   """
   model: str
   tasks: tuple[str, ...]
@@ -117,6 +122,7 @@ class RunConfig:
   seed: int
   out_dir: str
   streams: str = "global"
+  dtype: str = "float32"
 
   def __post_init__(self):
     if len(self.tasks) < 1:
@@ -129,6 +135,8 @@ class RunConfig:
                         ("batch_size", self.batch_size)):
       if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.streams not in ("global", "task"):
       raise ValueError(f"streams must be 'global' or 'task', got "
                        f"{self.streams!r}")

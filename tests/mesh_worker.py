@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 
+from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.solvers import (
   NM,
   Unstructured,
@@ -112,7 +113,8 @@ def pipeline_case() -> dict:
   for spec in ("", "4"):
     with jax.transfer_guard("disallow"):
       res = prune_and_evaluate(
-          adapter, params, calib, test, prefs, pattern=Unstructured(0.5),
+          adapter, from_tree(adapter, params), calib, test, prefs,
+          pattern=Unstructured(0.5),
           cfg=SolverConfig(), batch_size=2, log=lambda _: None,
           mesh=make_mesh(spec))
     runs[spec or "one"] = res

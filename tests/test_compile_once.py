@@ -23,6 +23,7 @@ import pytest
 
 from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
+from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import (
   Unstructured,
@@ -169,7 +170,8 @@ def _walk(adapter, params, calib, test):
   ends = []
   with Compilations() as seen, jax.transfer_guard("disallow"):
     res = prune_and_evaluate(
-        adapter, params, calib, test, np.array([[0.5, 0.5]], np.float32),
+        adapter, from_tree(adapter, params), calib, test,
+        np.array([[0.5, 0.5]], np.float32),
         pattern=PATTERN, cfg=CFG, batch_size=2,
         log=lambda _: ends.append(len(seen.events)))
   return res, seen, ends

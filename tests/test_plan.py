@@ -66,7 +66,7 @@ def test_tiny_llama_bytes_and_flops_by_hand():
   iterates = max(int(n * o) * (max(4 * 2 + 2, 6 * m + 2) * 4 + 2)
                  for n, o in lin)
   want = {
-      "dense weights": (outside + 2 * per_layer) * b,
+      "dense weights, one layer": (outside + per_layer) * b,
       "calibration streams": 2 * m * N * T * d * b,
       "test streams": 2 * (P + 2) * m * S * T * d * b,
       "forward workspace (1 batch)":
@@ -120,11 +120,34 @@ def test_llama_2_7b_paper_plan_weights():
                                                               per_layer)
   plan = plan_lib.make_plan(shapes, _run(), SolverConfig(), DEVICE)
   rows = _rows(plan)
-  assert rows["dense weights"] == 4 * 6_738_415_616  # published size
+  # One layer on the device: 6.74e9 parameters in all (published size).
+  assert outside + 32 * per_layer == 6_738_415_616
+  assert rows["dense weights, one layer"] == 4 * (outside + per_layer)
   assert rows["calibration streams"] == 2 * 3 * 128 * 2048 * d * 4
   assert rows["test streams"] == 2 * 9 * 3 * 128 * 2048 * d * 4
   assert [(lin.n, lin.o) for lin in shapes.linears] == [
       (d, d)] * 4 + [(d, f), (d, f), (f, d)]
+
+
+def test_offloaded_streams_leave_the_device_total():
+  shapes = plan_lib.shapes_from_config(tiny_config("llama"))
+  run = _run(nsamples=8, seqlen=16, test_tokens=64, batch_size=2)
+  d, b = shapes.hidden, 4
+  kept = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE)
+  off = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE,
+                           offload_streams=True)
+  streams = 2 * 3 * 8 * 16 * d * b + 2 * 9 * 3 * 4 * 16 * d * b
+  assert off.host_bytes == streams and kept.host_bytes == 0
+  # Two batches per stream visit the device instead.
+  assert off.total_bytes == kept.total_bytes - streams + 2 * 2 * 16 * d * b
+  cpu = dataclasses.replace(DEVICE, host_is_device=True)
+  on_cpu = plan_lib.make_plan(shapes, run, SolverConfig(), cpu,
+                              offload_streams=True)
+  assert on_cpu.host_bytes == 0  # the host is the device: nothing leaves
+  bf16 = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE,
+                            act_bytes=2)
+  assert _rows(bf16)["calibration streams"] * 2 == _rows(kept)[
+      "calibration streams"]
 
 
 def test_plan_grows_with_nsamples():
@@ -186,16 +209,33 @@ def test_measured_rates_are_positive():
 
 def test_plan_only_and_refusal_on_the_command(tmp_path):
   fresh = tmp_path / "fresh"
+  # The smoke run's plan on a GPU between its offloaded and full totals.
+  from bridge import load
+  shapes = plan_lib.shapes_from_config(load.model_config("tiny-llama"))
+  smoke = _run(nsamples=4, seqlen=64, test_tokens=256, batch_size=4)
+  kept, off = (plan_lib.make_plan(shapes, smoke, SolverConfig(), DEVICE,
+                                  offload_streams=o) for o in (False, True))
+  assert off.total_bytes < kept.total_bytes
+  between = (off.total_bytes + kept.total_bytes) / 2 / plan_lib.GIB
   cases = [[SMOKE, f"--out_dir={fresh}", "--plan_only"],
            [SMOKE, f"--out_dir={fresh}", "--device_memory_gb=1e-6"],
            [SMOKE, f"--out_dir={fresh}", "--plan_only", "--plan_for_gpu",
-            "--device_memory_gb=48"]]
-  only, refused, gpu = cli_worker.run_cases("experiments.run", cases,
-                                            tmp_path, timeout=300)
+            "--device_memory_gb=48"],
+           [SMOKE, f"--out_dir={fresh}", "--plan_only", "--plan_for_gpu",
+            f"--device_memory_gb={between}"]]
+  only, refused, gpu, offloaded = cli_worker.run_cases(
+      "experiments.run", cases, tmp_path, timeout=300)
+  assert offloaded["status"] == 0, offloaded["stderr"]
+  assert offloaded["stdout"].startswith(
+      "the streams do not fit on the device: they stay in host memory "
+      "(--offload_streams)")
+  assert "calibration streams (host)" in offloaded["stdout"]
+  assert "in host memory (offloaded)" in offloaded["stdout"]
+  assert "(host)" not in gpu["stdout"]
   assert gpu["status"] == 0, gpu["stderr"]
   assert gpu["stdout"].startswith("plan: tiny-llama on a GPU (seconds at ")
   assert "host" not in gpu["stdout"].split("phase")[0].split("\n", 1)[1]
-  assert "host copy" in only["stdout"]  # this CPU: the host is the device
+  assert "host read" in only["stdout"]  # this CPU: the host is the device
   assert "fits in 48.00 GiB" in gpu["stdout"]
   assert only["status"] == 0 and only["stderr"] == "", only["stderr"]
   assert only["stdout"].startswith("plan: tiny-llama")

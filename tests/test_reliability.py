@@ -16,6 +16,7 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
 from mosp_jax.pipeline import artifact
 from mosp_jax.pipeline.grams import NonFiniteError
+from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import Unstructured
 
@@ -84,7 +85,7 @@ def walk(adapter, params, ids):
   params = jax.device_put(params)
   with jax.transfer_guard("disallow"):
     return prune_and_evaluate(
-        adapter, params, [ids, ids], [ids, ids],
+        adapter, from_tree(adapter, params), [ids, ids], [ids, ids],
         np.eye(2, dtype=np.float32), pattern=Unstructured(0.5),
         cfg=SolverConfig(), batch_size=2, log=lambda s: None)
 

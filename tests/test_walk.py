@@ -11,6 +11,7 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
 from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.grams import layer_grams
+from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single_objective import baseline_walk
 from mosp_jax.solvers import Unstructured, mosp_materialize, mosp_pareto
@@ -39,12 +40,14 @@ def walks(problem):
   with jax.transfer_guard("disallow"):
     for streams in ("global", "task"):
       out[f"mosp-{streams}"] = prune_and_evaluate(
-          adapter, params, calib, test, PREFS, pattern=PATTERN, cfg=CFG,
+          adapter, from_tree(adapter, params), calib, test, PREFS,
+          pattern=PATTERN, cfg=CFG,
           batch_size=BATCH, streams=streams, log=lambda s: None)
     for method, protocol in (("magnitude", "data-free"),
                              ("sparsegpt", "concat"), ("wanda", "mixed")):
       out[f"{method}-{protocol}"] = baseline_walk(
-          adapter, params, calib, test, PREFS, method=method,
+          adapter, from_tree(adapter, params), calib, test, PREFS,
+          method=method,
           protocol=protocol, pattern=PATTERN, cfg=CFG, batch_size=BATCH,
           log=lambda s: None)
   return out
@@ -210,7 +213,8 @@ def test_resume_from_a_checkpoint_ends_bit_equal(problem, walks, tmp_path):
   def run(**kw):
     with jax.transfer_guard("disallow"):
       return prune_and_evaluate(
-          adapter, params, calib, test, PREFS, pattern=PATTERN, cfg=CFG,
+          adapter, from_tree(adapter, params), calib, test, PREFS,
+          pattern=PATTERN, cfg=CFG,
           batch_size=BATCH, checkpoint=LayerCheckpoint(tmp_path / "ckpt"),
           artifact_dir=str(tmp_path / "pareto"), **kw)
 

@@ -50,10 +50,19 @@ class Adapter(Protocol):
   """What the pruning pipeline may call on a model family."""
 
   family: ClassVar[str]
+  # Path of the dict holding layers '0', '1', ... in the params tree.
+  layers_path: ClassVar[tuple[str, ...]]
 
   @property
   def config(self) -> Any:
     """The HF config of the model."""
+
+  @property
+  def dtype(self) -> Any:
+    """The computation dtype of the Flax modules."""
+
+  def with_dtype(self, dtype: Any) -> Adapter:
+    """The same adapter computing in `dtype`."""
 
   def num_layers(self, params: Params) -> int:
     """Number of decoder layers in `params`."""
@@ -87,6 +96,13 @@ class Adapter(Protocol):
       self, params: Params, i: int, name: str, w: jax.Array | np.ndarray
   ) -> Params:
     """New params with linear `name` of layer i replaced by w (n_in, n_out)."""
+
+  def get_layer_kernel(self, layer_params: Params, name: str) -> jax.Array:
+    """Kernel of linear `name` in one layer's subtree, as (n_in, n_out)."""
+
+  def set_layer_kernel(self, layer_params: Params, name: str,
+                       w: jax.Array | np.ndarray) -> Params:
+    """A new layer subtree with linear `name` replaced by w (n_in, n_out)."""
 
   def head(self, params: Params, hidden: jax.Array) -> jax.Array:
     """hidden (B, T, d) after the last layer -> logits (B, T, V)."""
@@ -171,6 +187,9 @@ class BaseAdapter:
 
   # The protocol.
 
+  def with_dtype(self, dtype: Any) -> Adapter:
+    return dataclasses.replace(self, dtype=dtype)
+
   def num_layers(self, params: Params) -> int:
     layers = tree_get(params, self.layers_path)
     n = len(layers)
@@ -245,37 +264,46 @@ class BaseAdapter:
     return self.apply_block(
         self.layer_params(params, i), hidden, capture=capture)
 
-  def _kernel_path(self, i: int, name: str) -> tuple[str, ...]:
+  def _kernel_path(self, name: str) -> tuple[str, ...]:
+    """Path of linear `name`'s kernel inside one layer's subtree."""
     if name not in self.linear_names():
       raise KeyError(
           f"{self.family} has no linear {name!r}; its linears are "
           f"{self.linear_names()}")
-    return self.layers_path + (str(i),) + tuple(name.split(".")) + ("kernel",)
+    return tuple(name.split(".")) + ("kernel",)
+
+  def get_layer_kernel(self, layer_params: Params, name: str) -> jax.Array:
+    k = tree_get(layer_params, self._kernel_path(name))
+    return k.T if self.kernel_is_out_in else k
+
+  def set_layer_kernel(self, layer_params: Params, name: str,
+                       w: jax.Array | np.ndarray) -> Params:
+    """A new layer subtree with one kernel replaced; cast to the stored
+    dtype. `w`: (n_in, n_out)."""
+    path = self._kernel_path(name)
+    old = tree_get(layer_params, path)
+    want = old.shape[::-1] if self.kernel_is_out_in else old.shape
+    if tuple(w.shape) != tuple(want):
+      raise ValueError(
+          f"{name}: kernel must be (n_in, n_out) = {tuple(want)}, "
+          f"got {tuple(w.shape)}")
+    w = jnp.asarray(w, old.dtype)
+    return tree_set(layer_params, path, w.T if self.kernel_is_out_in else w)
 
   def get_kernel(self, params: Params, i: int, name: str) -> jax.Array:
-    k = tree_get(params, self._kernel_path(i, name))
-    return k.T if self.kernel_is_out_in else k
+    return self.get_layer_kernel(self.layer_params(params, i), name)
 
   def set_kernel(
       self, params: Params, i: int, name: str, w: jax.Array | np.ndarray
   ) -> Params:
-    """New params with one kernel replaced; cast to the stored dtype.
-
-    Args:
-      params: the model parameters (not modified).
-      i: layer index.
-      name: a name of `linear_names()`.
-      w: (n_in, n_out) new kernel.
-    """
-    path = self._kernel_path(i, name)
-    old = tree_get(params, path)
-    want = old.shape[::-1] if self.kernel_is_out_in else old.shape
-    if tuple(w.shape) != tuple(want):
-      raise ValueError(
-          f"layer {i} {name}: kernel must be (n_in, n_out) = {tuple(want)}, "
-          f"got {tuple(w.shape)}")
-    w = jnp.asarray(w, old.dtype)
-    return tree_set(params, path, w.T if self.kernel_is_out_in else w)
+    """New params with one kernel replaced (`set_layer_kernel` on layer
+    i's subtree; every other leaf is shared)."""
+    where = self.layers_path + (str(i),)
+    try:
+      layer = self.set_layer_kernel(tree_get(params, where), name, w)
+    except ValueError as e:
+      raise ValueError(f"layer {i} {e}") from None
+    return tree_set(params, where, layer)
 
   def head(self, params: Params, hidden: jax.Array) -> jax.Array:
     return cast(jax.Array, self._model_module().apply(

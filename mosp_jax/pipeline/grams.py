@@ -12,6 +12,7 @@ docs/METHOD_NOTES.md).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +38,16 @@ def _batch_grams(adapter: Adapter, layer_params: Params, hidden: jax.Array,
 
 
 def layer_grams(adapter: Adapter, layer_params: Params,
-                stream: list[jax.Array],
+                stream: Iterable[jax.Array | np.ndarray],
                 *, where: str = "") -> dict[str, np.ndarray]:
   """Per-token mean Gram of each linear group's input for one stream.
 
   Args:
     adapter: the model family adapter (`mosp_jax.models`).
     layer_params: parameters of the decoder layer (dense weights).
-    stream: batches `(B, T, d)` of the activations entering the layer.
+    stream: batches `(B, T, d)` of the activations entering the layer, on
+      the device or in host memory (an offloaded stream, `walk.keep`,
+      visits the device one batch at a time).
     where: a label for error messages (e.g. 'layer 3, task math').
 
   Returns:
@@ -59,8 +62,8 @@ def layer_grams(adapter: Adapter, layer_params: Params,
   acc: dict[str, np.ndarray | None] = dict.fromkeys(keys)
   tokens = 0
   for batch in stream:
-    got = jax.device_get(_batch_grams(adapter, layer_params, batch,
-                                      keys=keys))
+    got = jax.device_get(_batch_grams(adapter, layer_params,
+                                      jax.device_put(batch), keys=keys))
     for k in keys:
       g = np.asarray(got[k], np.float64)
       prev = acc[k]

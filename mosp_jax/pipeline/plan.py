@@ -20,14 +20,14 @@ float32 whatever the model's dtype, `grams.py`).
 
 Memory [ours] counts every term at its own peak at the same time: the
 arrays the walk holds, not what XLA, Python and the libraries add (the
-quick run's plan says 2.37 GiB where `/usr/bin/time -v` measured 7.3 GB
+quick run's plan says 1.50 GiB where `/usr/bin/time -v` measured 5.13 GB
 peak resident memory on the CPU, where host and device share the RAM),
-so it is a floor on the arrays, not a bound on the process, until the
-CPU simulation of issue 15 item 4 calibrates it. The memory-bounded
-walk (project issue 15, item 1) will shrink the dense weights (one
-layer on the device), the calibration and test streams (kept on the
-host, a batch on the device) and the factor 2 of the streams; the
-Gram, solver and Pareto-set terms are per layer and stay.
+so it is a floor on the arrays, not a bound on the process. The walk
+reads the dense model one layer at a time (`layer_source`), so the
+weights term is one layer and the outside parameters; `--dtype=bfloat16`
+halves `b`; `--offload_streams` moves the streams to host memory (chosen
+by the runner when the plan does not fit otherwise). The Gram, solver
+and Pareto-set terms are per layer and stay.
 
 Seconds [ours]: the decoder-layer forwards (capture, propagation,
 evaluation) at the rate of one forward of the run's own layer measured
@@ -155,11 +155,14 @@ class Device:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One memory term: `bytes` by `formula`; `flags` shrink it."""
+  """One memory term: `bytes` by `formula`; `flags` shrink it;
+  `on_device` False for a term held in host memory only (offloaded
+  streams on a GPU), which the device total leaves out."""
   name: str
   bytes: int
   formula: str
   flags: tuple[str, ...] = ()
+  on_device: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +233,7 @@ class Plan:
     stage-1 ADMM at `max_iter` iterations (the upper bound).
   model: the run's model spec.
   stage1_iters: the stage-1 iterations the phases assume.
+  offload_streams: the streams are planned in host memory.
   """
   rows: tuple[Row, ...]
   phases: tuple[Phase, ...]
@@ -238,10 +242,17 @@ class Plan:
   solve_seconds_at_max_iter: float
   model: str
   stage1_iters: int
+  offload_streams: bool = False
 
   @property
   def total_bytes(self) -> int:
-    return sum(r.bytes for r in self.rows)
+    """Device bytes: every row held on the device."""
+    return sum(r.bytes for r in self.rows if r.on_device)
+
+  @property
+  def host_bytes(self) -> int:
+    """Bytes of the rows held in host memory only."""
+    return sum(r.bytes for r in self.rows if not r.on_device)
 
   @property
   def total_seconds(self) -> float:
@@ -254,7 +265,7 @@ class Plan:
     return self.total_bytes <= limit
 
   def largest(self) -> Row:
-    return max(self.rows, key=lambda r: r.bytes)
+    return max((r for r in self.rows if r.on_device), key=lambda r: r.bytes)
 
 
 # The model's shapes.
@@ -308,19 +319,25 @@ def _channels(run: RunConfig, solver: SolverConfig, lin: Linear) -> int:
 
 
 def memory_rows(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
-                *, act_bytes: int, host_is_device: bool) -> tuple[Row, ...]:
-  """The device memory of the current walk, term by term (bytes).
+                *, act_bytes: int, host_is_device: bool,
+                offload_streams: bool = False) -> tuple[Row, ...]:
+  """The device memory of the layer walk, term by term (bytes).
 
-  - dense weights: `(params_outside + L params_per_layer) b`; the runner
-    puts the whole model on the device (`jax.device_put(params)`).
-  - dense weights, host copy (CPU backend only): the same again; the
-    runner keeps the numpy parameters it loaded.
+  - dense weights, one layer: `(params_outside + params_per_layer) b`;
+    the walk keeps the embeddings, final norm and head on the device and
+    reads one decoder layer at a time (`layer_source.DenseLayers`).
+  - dense weights, host read (CPU backend only): `params_per_layer 4`,
+    the float32 layer as read before its cast (a model loaded whole,
+    'tiny-llama' or a Flax folder, holds all its layers on the host).
   - calibration streams: `2 m N T d b`; every task's hidden states, and
     a layer's inputs stay alive until all streams are advanced
-    (`walk._walk_layer` replaces its state at the end), hence 2.
+    (`walk._walk_layer` replaces its state at the end), hence 2. With
+    `offload_streams` they live in host memory (`on_device` False
+    unless the host is the device) and two batches per stream visit the
+    device, counted in the forward workspace.
   - test streams: `2 (P + 2) m S T d b`; per task one stream per
     preference model, the global model `W` and the dense model, 2 as
-    above.
+    above; offloaded likewise.
   - forward workspace: `B T (2 heads T + sum o + sum_g n_g) b`; one
     batch's two attention score tensors `(B, heads, T, T)`, every
     linear's output and the captured group inputs [ours: XLA may free or
@@ -342,27 +359,33 @@ def memory_rows(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   m, N, T, d = len(run.tasks), run.nsamples, run.seqlen, shapes.hidden
   S, P, B, b, g = (run.test_tokens // T, len(run.prefs), run.batch_size,
                    act_bytes, GRAM_BYTES)
-  weights = (shapes.params_outside
-             + shapes.layers * shapes.params_per_layer) * b
+  weights = (shapes.params_outside + shapes.params_per_layer) * b
   sum_n2 = sum(n * n for n in shapes.groups)
   largest_n = max(lin.n for lin in shapes.linears)
   m_task = m if run.streams == "task" else 0
-  rows = [Row("dense weights", weights,
-              "(outside + L per_layer) params x b", ("--model",))]
+  rows = [Row("dense weights, one layer", weights,
+              "(outside + per_layer) params x b", ("--dtype",))]
   if host_is_device:
-    rows.append(Row("dense weights, host copy", weights,
-                    "as above (CPU: the host is the device)", ("--model",)))
+    rows.append(Row("dense weights, host read", shapes.params_per_layer * 4,
+                    "per_layer params x 4 (CPU: the host is the device)"))
+  on_device = host_is_device or not offload_streams
+  where = "" if on_device else " (host)"
+  # Offloaded: two batches per stream on the device, in and out.
+  visiting = 2 * B * T * d * b if offload_streams else 0
   rows += [
-      Row("calibration streams", 2 * m * N * T * d * b, "2 m N T d b",
-          ("--nsamples", "--seqlen")),
-      Row("test streams", 2 * (P + 2) * m * S * T * d * b,
-          "2 (P + 2) m S T d b", ("--test_tokens", "--prefs")),
+      Row(f"calibration streams{where}", 2 * m * N * T * d * b,
+          "2 m N T d b", ("--nsamples", "--seqlen"),
+          on_device=on_device),
+      Row(f"test streams{where}", 2 * (P + 2) * m * S * T * d * b,
+          "2 (P + 2) m S T d b", ("--test_tokens", "--prefs"),
+          on_device=on_device),
       Row("forward workspace (1 batch)",
           B * T * (2 * shapes.heads * T
                    + sum(lin.o for lin in shapes.linears)
-                   + sum(shapes.groups)) * b,
-          "B T (2 heads T + sum o + sum n_g) b", ("--batch_size",
-                                                  "--seqlen")),
+                   + sum(shapes.groups)) * b + visiting,
+          "B T (2 heads T + sum o + sum n_g) b"
+          + (" + 2 B T d b (offloaded)" if offload_streams else ""),
+          ("--batch_size", "--seqlen")),
       Row("task Grams (1 layer)", m * sum_n2 * g, "m sum n_g^2 g"),
   ]
   if host_is_device:
@@ -492,16 +515,19 @@ def phase_work(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
 
 def make_plan(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
               device: Device, *, act_bytes: int = 4,
-              stage1_iters: int | None = None) -> Plan:
+              stage1_iters: int | None = None,
+              offload_streams: bool = False) -> Plan:
   """The plan of `run` on `device`: memory rows and phases.
 
   Args:
     shapes: the model's shapes (`shapes_from_config`).
     run, solver: the run's configuration.
     device: memory and measured rates (`measure_device`).
-    act_bytes: bytes per weight and activation element (4: float32).
+    act_bytes: bytes per weight and activation element (4: float32, 2:
+      bfloat16).
     stage1_iters: stage-1 ADMM iterations to predict with (default
       `min(EXPECTED_STAGE1_ITERS, max_iter)`).
+    offload_streams: the streams live in host memory (`memory_rows`).
   """
   iters = (min(EXPECTED_STAGE1_ITERS, solver.max_iter)
            if stage1_iters is None else stage1_iters)
@@ -514,10 +540,12 @@ def make_plan(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   worst, _, _ = phase_work(shapes, run, solver,
                            stage1_iters=solver.max_iter)["solve"]
   return Plan(rows=memory_rows(shapes, run, solver, act_bytes=act_bytes,
-                               host_is_device=device.host_is_device),
+                               host_is_device=device.host_is_device,
+                               offload_streams=offload_streams),
               phases=phases, layers=shapes.layers, device=device,
               solve_seconds_at_max_iter=shapes.layers * worst.seconds(
-                  device), model=run.model, stage1_iters=iters)
+                  device), model=run.model, stage1_iters=iters,
+              offload_streams=offload_streams)
 
 
 # Output.
@@ -547,9 +575,13 @@ def format_plan(plan: Plan) -> str:
   lines += [f"  {r.name:<46}{r.bytes / GIB:>9.2f}  {r.formula}"
             for r in plan.rows]
   verdict = "fits" if plan.fits() else "does NOT fit"
-  lines.append(f"  {'total':<46}{plan.total_bytes / GIB:>9.2f}  {verdict}"
+  lines.append(f"  {'total on the device':<46}"
+               f"{plan.total_bytes / GIB:>9.2f}  {verdict}"
                f" in {dev.memory_bytes / GIB:.2f} GiB; largest: "
                f"{plan.largest().name}")
+  if plan.host_bytes:
+    lines.append(f"  {'in host memory (offloaded)':<46}"
+                 f"{plan.host_bytes / GIB:>9.2f}")
   head = f"phase (stage-1 ADMM at {plan.stage1_iters} iterations)"
   lines.append(f"  {head:<46}{'s/layer':>9}{'total':>10}{'TFLOP':>9}  work")
   for p in plan.phases:
@@ -575,8 +607,7 @@ def refusal(plan: Plan) -> str:
   return (f"{flag}: the plan needs {plan.total_bytes / GIB:.2f} GiB on "
           f"{dev.name}, {dev.memory_bytes / GIB:.2f} GiB available "
           f"(largest: {terms}); lower those flags, or set "
-          "--device_memory_gb if the detected memory is wrong (keeping "
-          "streams on the host is not built yet)")
+          "--device_memory_gb if the detected memory is wrong")
 
 
 # A measured run against its plan.

@@ -31,6 +31,7 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline import artifact, walk
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
+from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.solvers import (
   MospInfo,
   ParetoLayer,
@@ -76,19 +77,20 @@ class WalkResult:
 
 
 def prune_and_evaluate(
-    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
+    adapter: Adapter, model: DenseLayers, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
     cfg: SolverConfig, batch_size: int, streams: str = "global",
     artifact_dir: str | None = None,
     checkpoint: LayerCheckpoint | None = None,
     log: Callable[[str], None] = print,
     on_layer_done: Callable[[int], None] | None = None,
-    mesh: jax.sharding.Mesh | None = None) -> WalkResult:
-  """Prunes `params` layer by layer with MOSP and evaluates every model.
+    mesh: jax.sharding.Mesh | None = None,
+    offload_streams: bool = False) -> WalkResult:
+  """Prunes `model` layer by layer with MOSP and evaluates every model.
 
   Args:
     adapter: the family adapter of the model.
-    params: dense model parameters (device arrays).
+    model: the dense model, read one layer at a time (`layer_source`).
     calib: per task, `(N, T)` int32 calibration segments (the same count
       for every task: their Grams' mean is the concatenated Gram).
     test: per task, `(n_i, T')` int32 test segments.
@@ -107,6 +109,8 @@ def prune_and_evaluate(
     on_layer_done: called with the layer index once it is checkpointed.
     mesh: optional device mesh (`solvers.sharding.make_mesh`) the per-layer
       solvers run on; their results come back to the model's device.
+    offload_streams: keep the activation streams in host memory between
+      layers (`walk.walk_layers`).
 
   Returns:
     `WalkResult` of the `P` preference models, with `global_ppl` for `W`.
@@ -119,11 +123,12 @@ def prune_and_evaluate(
                      f"segments, got {[np.shape(c)[0] for c in calib]}")
   prefs = np.asarray(prefs, np.float32)
   P = prefs.shape[0]
-  unit = mosp_unit(adapter, params, prefs, m, pattern=pattern, cfg=cfg,
+  unit = mosp_unit(adapter, prefs, m, pattern=pattern, cfg=cfg,
                    streams=streams, artifact_dir=artifact_dir, mesh=mesh)
-  res = walk.walk_layers(adapter, params, calib, test, [unit],
+  res = walk.walk_layers(adapter, model, calib, test, [unit],
                          batch_size=batch_size, checkpoint=checkpoint,
-                         log=log, on_layer_done=on_layer_done)
+                         log=log, on_layer_done=on_layer_done,
+                         offload_streams=offload_streams)
   return WalkResult(prefs=prefs, ppl=res.ppl[:P], dense_ppl=res.dense_ppl,
                     sparsity=res.sparsity[:P], layers=res.layers,
                     seconds=res.seconds, global_ppl=res.ppl[P])
@@ -137,10 +142,10 @@ class _Solved(NamedTuple):
   infos: dict[str, MospInfo]
   grams_dev: dict[str, jax.Array]
   task_grams: dict[int, walk.Grams]
-  global_params: Params
+  global_layer: Params
 
 
-def mosp_unit(adapter: Adapter, params: Params, prefs: np.ndarray, m: int, *,
+def mosp_unit(adapter: Adapter, prefs: np.ndarray, m: int, *,
               pattern: Pattern, cfg: SolverConfig, streams: str = "global",
               artifact_dir: str | None = None,
               mesh: jax.sharding.Mesh | None = None) -> walk.Unit:
@@ -149,19 +154,19 @@ def mosp_unit(adapter: Adapter, params: Params, prefs: np.ndarray, m: int, *,
   model `W` evaluated (in that order). Arguments as `prune_and_evaluate`."""
   return walk.Unit(
       tasks=tuple(range(m)), models=prefs.shape[0] + 1,
-      solve=functools.partial(_solve_layer, adapter=adapter, params=params,
+      solve=functools.partial(_solve_layer, adapter=adapter,
                               pattern=pattern, cfg=cfg, streams=streams,
                               mesh=mesh),
       evaluate=functools.partial(_evaluate_layer, adapter=adapter,
-                                 params=params, pattern=pattern, cfg=cfg,
+                                 pattern=pattern, cfg=cfg,
                                  prefs=jax.device_put(prefs)),
       commit=None if artifact_dir is None else functools.partial(
           _save_layer, artifact_dir, groups=adapter.linear_groups(),
           cfg=cfg))
 
 
-def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
-                 adapter: Adapter, params: Params, pattern: Pattern,
+def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
+                 *, adapter: Adapter, pattern: Pattern,
                  cfg: SolverConfig, streams: str,
                  mesh: jax.sharding.Mesh | None
                  ) -> tuple[list[Params], _Solved]:
@@ -169,13 +174,13 @@ def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
   layers the calibration streams go through (`W`, or `W_i` for task i)."""
   m = len(task_grams)
   sets, infos, grams_dev = {}, {}, {}
-  global_params, task_params = params, [params] * m
+  global_layer, task_layers = dense, [dense] * m
   for group in adapter.linear_groups():
     G_dev = jax.device_put(np.stack([task_grams[i][group[0]]
                                      for i in range(m)]))
     grams_dev[group[0]] = G_dev
     for name in group:
-      W0 = adapter.get_kernel(params, layer, name)
+      W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
       par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
                               mesh=mesh)
       if mesh is not None:
@@ -183,35 +188,33 @@ def _solve_layer(layer: int, task_grams: dict[int, walk.Grams], *,
       where = f"layer {layer} {name}: pruned weights"
       walk.check_finite(par.W, where)
       walk.check_finite(par.W_tasks, where)
-      global_params = adapter.set_kernel(global_params, layer, name, par.W)
+      global_layer = adapter.set_layer_kernel(global_layer, name, par.W)
       if streams == "task":
         for i, w in enumerate(_unstack(par.W_tasks)):
-          task_params[i] = adapter.set_kernel(task_params[i], layer, name, w)
+          task_layers[i] = adapter.set_layer_kernel(task_layers[i], name, w)
       sets[name], infos[name] = par, info
-  through = task_params if streams == "task" else [global_params] * m
-  return ([adapter.layer_params(tp, layer) for tp in through],
-          _Solved(sets, infos, grams_dev, task_grams, global_params))
+  through = task_layers if streams == "task" else [global_layer] * m
+  return through, _Solved(sets, infos, grams_dev, task_grams, global_layer)
 
 
-def _evaluate_layer(layer: int, s: _Solved, *, adapter: Adapter,
-                    params: Params,
-                    prefs: jax.Array, pattern: Pattern,
+def _evaluate_layer(layer: int, dense: Params, s: _Solved, *,
+                    adapter: Adapter, prefs: jax.Array, pattern: Pattern,
                     cfg: SolverConfig) -> walk.Evaluated:
   """Materialises the `(P, m)` preferences' models of `layer`; their layers
   and the global model's, zeros, and per linear the solver iterations and
   `(P + 1, m)` relative errors on the calibration Grams."""
   P = prefs.shape[0]
-  model_params = [params] * P
+  model_layers = [dense] * P
   stats, zeros, weights = {}, np.zeros(P + 1), 0
   for group in adapter.linear_groups():
     G_dev = s.grams_dev[group[0]]
     for name in group:
-      W0 = adapter.get_kernel(params, layer, name)
+      W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
       par = s.sets[name]
       W, _ = mosp_materialize(par, prefs, pattern=pattern, cfg=cfg,
                               grams=G_dev, W0=W0)
       for p, w in enumerate(_unstack(W)):
-        model_params[p] = adapter.set_kernel(model_params[p], layer, name, w)
+        model_layers[p] = adapter.set_layer_kernel(model_layers[p], name, w)
       (errs, nz), info = jax.device_get((walk.model_stats(
           G_dev, W0, jnp.concatenate([W, par.W[None]])), s.infos[name]))
       zeros += nz
@@ -219,9 +222,8 @@ def _evaluate_layer(layer: int, s: _Solved, *, adapter: Adapter,
       stats[name] = {"stage1_iters": int(info.stage1.iters),
                      "stage2_iters": np.asarray(info.stage2.iters).tolist(),
                      "rel_error": np.asarray(errs).tolist()}
-  layers = [adapter.layer_params(mp, layer)
-            for mp in [*model_params, s.global_params]]
-  return walk.Evaluated(layers, zeros, weights, {"linears": stats})
+  return walk.Evaluated([*model_layers, s.global_layer], zeros, weights,
+                        {"linears": stats})
 
 
 def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,

@@ -24,7 +24,7 @@ import hashlib
 import json
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -72,17 +72,24 @@ def pattern_from_dict(d: Mapping[str, Any]) -> Pattern:
   return _PATTERNS[kind](**fields)
 
 
-def params_sha256(params: Any) -> str:
-  """A fingerprint of a parameter tree: paths, dtypes, shapes and bytes."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+def leaves_sha256(keys: Iterable[str], read: Callable[[str], Any]) -> str:
+  """A fingerprint of parameters named by `keys` (`jax.tree_util.keystr`
+  paths), hashed in sorted order with their dtypes, shapes and bytes;
+  `read(key)` gives one parameter, so a model read layer by layer is
+  never whole in memory."""
   h = hashlib.sha256()
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(
-      kv[0])):
-    arr = np.ascontiguousarray(jax.device_get(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|"
-             .encode())
+  for key in sorted(keys):
+    arr = np.ascontiguousarray(jax.device_get(read(key)))
+    h.update(f"{key}|{arr.dtype}|{arr.shape}|".encode())
     h.update(arr.tobytes())
   return h.hexdigest()
+
+
+def params_sha256(params: Any) -> str:
+  """A fingerprint of a parameter tree: paths, dtypes, shapes and bytes."""
+  leaves = {jax.tree_util.keystr(path): leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params)[0]}
+  return leaves_sha256(leaves, leaves.__getitem__)
 
 
 def segments_sha256(segments: np.ndarray) -> str:

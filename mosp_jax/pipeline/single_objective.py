@@ -22,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
-from mosp_jax.models.base import Adapter, Params
+from mosp_jax.models.base import Adapter
 from mosp_jax.pipeline import walk
+from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.pipeline.prune import WalkResult
 from mosp_jax.solvers import Pattern
 
@@ -40,15 +42,16 @@ def _zeros(W: jax.Array) -> jax.Array:
 
 
 def baseline_walk(
-    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
+    adapter: Adapter, model: DenseLayers, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, method: str,
     pattern: Pattern, cfg: SolverConfig, batch_size: int,
     protocol: str = "mixed",
-    log: Callable[[str], None] = print) -> WalkResult:
-  """Prunes `params` with `method` under `protocol` and evaluates.
+    log: Callable[[str], None] = print,
+    offload_streams: bool = False) -> WalkResult:
+  """Prunes `model` with `method` under `protocol` and evaluates.
 
   Args:
-    adapter, params: the model (dense parameters on the device).
+    adapter, model: the model, read one layer at a time (`layer_source`).
     calib: per task, `(N, T)` int32 calibration segments.
     test: per task, `(n_i, T')` int32 test segments.
     prefs: `(P, m)` preferences (rows on the simplex); used by 'mixed'.
@@ -59,6 +62,7 @@ def baseline_walk(
     protocol: 'concat' (one model on the concatenated data), 'mixed' (one
       model per preference) or 'data-free' (magnitude: one model).
     log: progress sink, one line per layer.
+    offload_streams: keep the streams in host memory between layers.
 
   Returns:
     `WalkResult` with `(P, m)` perplexities for 'mixed', `(1, m)` for the
@@ -80,19 +84,19 @@ def baseline_walk(
     raise ValueError(f"prefs must be (P, {m}), got {prefs.shape}")
   if protocol != "mixed":
     prefs = np.full((1, m), 1.0 / m, np.float32)
-  units = [baseline_unit(adapter, params, prefs[p], method=method,
+  units = [baseline_unit(adapter, prefs[p], method=method,
                          protocol=protocol, pattern=pattern, cfg=cfg,
                          where=f"{method} model {p}, ")
            for p in range(prefs.shape[0])]
-  res = walk.walk_layers(adapter, params, calib, test, units,
+  res = walk.walk_layers(adapter, model, calib, test, units,
                          batch_size=batch_size, label=f"{method}-{protocol} ",
-                         log=log)
+                         log=log, offload_streams=offload_streams)
   return WalkResult(prefs=prefs, ppl=res.ppl, dense_ppl=res.dense_ppl,
                     sparsity=res.sparsity, layers=res.layers,
                     seconds=res.seconds)
 
 
-def baseline_unit(adapter: Adapter, params: Params, lam: np.ndarray, *,
+def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
                   method: str, protocol: str, pattern: Pattern,
                   cfg: SolverConfig, where: str = "") -> walk.Unit:
   """One baseline model as a `walk.Unit`: the calibration streams of the
@@ -112,8 +116,8 @@ def baseline_unit(adapter: Adapter, params: Params, lam: np.ndarray, *,
       return walk.concat_gram_jit(G_dev)
     return walk.mixed_gram_jit(G_dev, W0, lam_dev)
 
-  def solve(layer, grams):
-    mp, zeros, weights = params, 0, 0
+  def solve(layer, dense, grams):
+    lp, zeros, weights = dense, 0, 0
     for group in groups:
       G_dev = None
       if used:
@@ -123,15 +127,15 @@ def baseline_unit(adapter: Adapter, params: Params, lam: np.ndarray, *,
           G[i] = grams[i][group[0]]
         G_dev = jax.device_put(G)
       for name in group:
-        W0 = adapter.get_kernel(params, layer, name)
+        W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
         W = baselines.prune_single(method, gram(G_dev, W0), W0,
                                    pattern=pattern, cfg=cfg)
         walk.check_finite(W, f"{where}layer {layer} {name}: pruned weights")
-        mp = adapter.set_kernel(mp, layer, name, W)
+        lp = adapter.set_layer_kernel(lp, name, W)
         zeros += int(jax.device_get(_zeros(W)))
         weights += W0.size
-    lp = adapter.layer_params(mp, layer)
     return [lp] * len(used), walk.Evaluated([lp], [zeros], weights, {})
 
   return walk.Unit(tasks=used, models=1, solve=solve,
-                   evaluate=lambda layer, evaluated: evaluated, where=where)
+                   evaluate=lambda layer, dense, evaluated: evaluated,
+                   where=where)

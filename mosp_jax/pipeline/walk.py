@@ -9,13 +9,14 @@ walk (`single_objective.py`), the layer-level capture
 (`bridge/parity_check.py`) all use these functions, so they see identical
 inputs and numerics.
 
-`walk_layers` is the pruning walk. Per decoder layer and per `Unit` (one
-pruning decision and the streams it governs): capture the Grams of the
-unit's calibration streams on the dense layer, let the unit solve, advance
-its calibration streams through the layers it chose, then let it build its
-evaluated models and advance their test streams; the dense model's test
-streams are advanced last. The caller supplies only what differs: what to
-prune and which stream goes through which model.
+`walk_layers` is the pruning walk, over a dense model read one decoder
+layer at a time (`layer_source.DenseLayers`). Per decoder layer and per
+`Unit` (one pruning decision and the streams it governs): capture the
+Grams of the unit's calibration streams on the dense layer, let the unit
+solve, advance its calibration streams through the layers it chose, then
+let it build its evaluated models and advance their test streams; the
+dense model's test streams are advanced last. The caller supplies only
+what differs: what to prune and which stream goes through which model.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ import numpy as np
 from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
+from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.solvers import concat_gram, mixed_gram
 
-Stream = list[jax.Array]  # device batches (B, T) of ids or (B, T, d) states
+# Batches (B, T) of ids or (B, T, d) states: on the device, or in host
+# memory when offloaded (`keep`).
+Stream = list[jax.Array | np.ndarray]
 Grams = dict[str, np.ndarray]  # {first linear of a group: (n_in, n_in)}
 
 
@@ -101,9 +105,17 @@ def embed_stream(adapter: Adapter, params: Params, ids: np.ndarray,
 
 
 def advance_stream(adapter: Adapter, layer_params: Params,
-                   stream: Stream) -> Stream:
-  """Every batch of `stream` through one decoder layer."""
-  return [advance(adapter, layer_params, h) for h in stream]
+                   stream: Stream, *, offload: bool = False) -> Stream:
+  """Every batch of `stream` through one decoder layer; with `offload` the
+  batches live in host memory and visit the device one at a time."""
+  return [keep(advance(adapter, layer_params, jax.device_put(h)), offload)
+          for h in stream]
+
+
+def keep(batch: jax.Array, offload: bool) -> jax.Array | np.ndarray:
+  """Where a stream keeps a batch between layers: on the device, or (with
+  `offload`, the walk's `--offload_streams` [ours]) in host memory."""
+  return np.asarray(jax.device_get(batch)) if offload else batch
 
 
 def dense_stream(adapter: Adapter, params: Params, ids: np.ndarray, *,
@@ -123,7 +135,8 @@ def stream_ppl(adapter: Adapter, params: Params, stream: Stream,
   """Perplexity of hidden states after the last layer `(B, T, d)` batches
   against their token batches `(B, T)`: exp of the mean next-token NLL,
   summed per batch on the host in float64."""
-  total = sum(float(jax.device_get(nll(adapter, params, h, i)))
+  total = sum(float(jax.device_get(nll(adapter, params, jax.device_put(h),
+                                       i)))
               for h, i in zip(stream, ids, strict=True))
   count = sum(i.shape[0] * (i.shape[1] - 1) for i in ids)
   return float(np.exp(total / count))
@@ -140,7 +153,9 @@ def perplexity(adapter: Adapter, params: Params, segments: np.ndarray, *,
 
 def check_finite(x: jax.Array | np.ndarray, where: str) -> None:
   """Raises `NonFiniteError` naming `where` when `x` has NaN or Inf."""
-  if not bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
+  finite = (np.isfinite(x).all() if isinstance(x, np.ndarray)  # offloaded
+            else jax.device_get(jnp.all(jnp.isfinite(x))))
+  if not bool(finite):
     raise NonFiniteError(f"{where}: NaN or Inf")
 
 
@@ -191,19 +206,21 @@ class Unit(NamedTuple):
   tasks: the tasks whose calibration streams the unit captures and
     advances (each unit has its own copy of them).
   models: how many models it evaluates (each on every task's test stream).
-  solve: `(layer, {task: Grams}) -> (layers, carry)`: prunes the layer;
-    `layers[j]` is the decoder layer task `tasks[j]`'s calibration stream
-    goes through; timed as 'solve'.
-  evaluate: `(layer, carry) -> Evaluated`: the evaluated models' layers
-    (e.g. materialised preferences); timed as 'evaluate'.
+  solve: `(layer, dense, {task: Grams}) -> (layers, carry)`: prunes the
+    layer, `dense` being its dense parameter subtree; `layers[j]` is the
+    decoder layer task `tasks[j]`'s calibration stream goes through; timed
+    as 'solve'.
+  evaluate: `(layer, dense, carry) -> Evaluated`: the evaluated models'
+    layers (e.g. materialised preferences); timed as 'evaluate'.
   commit: `(layer, carry) -> None` or None: saves what the layer made
     (untimed, before the layer is checkpointed).
   where: prefix of error messages ('sparsegpt model 2, ').
   """
   tasks: tuple[int, ...]
   models: int
-  solve: Callable[[int, dict[int, Grams]], tuple[list[Params], Any]]
-  evaluate: Callable[[int, Any], Evaluated]
+  solve: Callable[[int, Params, dict[int, Grams]],
+                  tuple[list[Params], Any]]
+  evaluate: Callable[[int, Params, Any], Evaluated]
   commit: Callable[[int, Any], None] | None = None
   where: str = ""
 
@@ -239,9 +256,9 @@ def _capture(adapter: Adapter, layer: int, lp: Params, unit: Unit,
 
 
 def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
-                   layers: Sequence[Params],
-                   calib: Sequence[Stream]) -> list[Stream]:
-  out = [advance_stream(adapter, lp, s)
+                   layers: Sequence[Params], calib: Sequence[Stream],
+                   offload: bool) -> list[Stream]:
+  out = [advance_stream(adapter, lp, s, offload=offload)
          for lp, s in zip(layers, calib, strict=True)]
   for i, stream in zip(unit.tasks, out, strict=True):
     for h in stream:
@@ -250,16 +267,17 @@ def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
 
 
 def _walk_layer(
-    adapter: Adapter, params: Params, layer: int, units: Sequence[Unit],
-    state: dict[str, list]
+    adapter: Adapter, model: DenseLayers, layer: int, units: Sequence[Unit],
+    state: dict[str, list], offload: bool
 ) -> tuple[dict[str, list], dict[str, float], dict, np.ndarray, np.ndarray]:
   """One decoder layer of every unit: `(state, times, record, zeros,
-  weights)`, times per phase in seconds."""
+  weights)`, times per phase in seconds (reading the layer counts as
+  capture)."""
   times = dict.fromkeys(_PHASES, 0.0)
   t0 = time.perf_counter()
-  lp = adapter.layer_params(params, layer)
+  lp = model.layer(layer)
   for name in adapter.linear_names():
-    check_finite(adapter.get_kernel(params, layer, name),
+    check_finite(adapter.get_layer_kernel(lp, name),
                  f"layer {layer} {name}: dense weights")
   times["capture"] += time.perf_counter() - t0
   record: dict = {}
@@ -270,12 +288,14 @@ def _walk_layer(
     t0 = time.perf_counter()
     grams = _capture(adapter, layer, lp, unit, calib[u])
     t1 = time.perf_counter()
-    layers, carry = unit.solve(layer, grams)
+    layers, carry = unit.solve(layer, lp, grams)
     t2 = time.perf_counter()
-    calib[u] = _advance_calib(adapter, layer, unit, layers, calib[u])
+    calib[u] = _advance_calib(adapter, layer, unit, layers, calib[u],
+                              offload)
     t3 = time.perf_counter()
-    ev = unit.evaluate(layer, carry)
-    tests[u] = [[advance_stream(adapter, lpm, s) for s in streams]
+    ev = unit.evaluate(layer, lp, carry)
+    tests[u] = [[advance_stream(adapter, lpm, s, offload=offload)
+                 for s in streams]
                 for lpm, streams in zip(ev.layers, tests[u], strict=True)]
     # Dispatch is asynchronous: wait, or this work would be timed as the
     # next phase.
@@ -290,7 +310,8 @@ def _walk_layer(
     zeros += list(ev.zeros)
     weights += [ev.weights] * unit.models
   t0 = time.perf_counter()
-  dense = jax.block_until_ready([advance_stream(adapter, lp, s)
+  dense = jax.block_until_ready([advance_stream(adapter, lp, s,
+                                                offload=offload)
                                  for s in state["dense"]])
   times["evaluate"] += time.perf_counter() - t0
   return ({"calib": calib, "test": tests, "dense": dense}, times, record,
@@ -298,16 +319,17 @@ def _walk_layer(
 
 
 def walk_layers(
-    adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
+    adapter: Adapter, model: DenseLayers, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], units: Sequence[Unit], *, batch_size: int,
     label: str = "", checkpoint: LayerCheckpoint | None = None,
     log: Callable[[str], None] = print,
-    on_layer_done: Callable[[int], None] | None = None) -> Walk:
-  """Walks the decoder layers of `params`, pruning each with `units`.
+    on_layer_done: Callable[[int], None] | None = None,
+    offload_streams: bool = False) -> Walk:
+  """Walks the decoder layers of `model`, pruning each with `units`.
 
   Args:
     adapter: the family adapter of the model.
-    params: dense model parameters (device arrays).
+    model: the dense model, read one layer at a time (`layer_source`).
     calib: per task, `(N, T)` int32 calibration segments.
     test: per task, `(n_i, T')` int32 test segments.
     units: the pruning decisions and the streams each governs.
@@ -318,23 +340,26 @@ def walk_layers(
       ends with identical results.
     log: progress sink, one line per layer.
     on_layer_done: called with the layer index once it is checkpointed.
+    offload_streams: keep every stream's batches in host memory between
+      layers (`keep`); the results are identical.
 
   Returns:
     `Walk` of the units' models and the dense model.
   """
   t_start = time.perf_counter()
-  state = _embedded(adapter, params, calib, test, units, batch_size)
+  state = _embedded(adapter, model.outer, calib, test, units, batch_size,
+                    offload_streams)
   test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
   n_models = sum(u.models for u in units)
-  n_layers = adapter.num_layers(params)
+  n_layers = model.num_layers
   first, state, zeros, weights, layers_out, seconds = _start(
       checkpoint, state, n_models)
   if checkpoint is not None and first > 0:
     log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
   durations = []
   for layer in range(first, n_layers):
-    state, times, record, z, w = _walk_layer(adapter, params, layer, units,
-                                             state)
+    state, times, record, z, w = _walk_layer(adapter, model, layer, units,
+                                             state, offload_streams)
     zeros, weights = zeros + z, weights + w
     for key in _PHASES:
       seconds[key] += times[key]
@@ -352,7 +377,7 @@ def walk_layers(
       on_layer_done(layer)
 
   t5 = time.perf_counter()
-  dense_ppl, ppl = _final_ppl(adapter, params, state, test_ids)
+  dense_ppl, ppl = _final_ppl(adapter, model.outer, state, test_ids)
   seconds["evaluate"] += time.perf_counter() - t5
   seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
       "propagate"]
@@ -420,14 +445,19 @@ def _final_ppl(adapter: Adapter, params: Params, state: dict[str, list],
 
 def _embedded(adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
               test: Sequence[np.ndarray], units: Sequence[Unit],
-              batch_size: int) -> dict[str, list]:
+              batch_size: int, offload: bool) -> dict[str, list]:
   """The walk's streams before the first layer: each unit's calibration
   streams and each of its models' test streams, and the dense model's
-  test streams; every copy starts from the same embedded batches."""
+  test streams; every copy starts from the same embedded batches.
+  `params`: the model's parameters outside its layers (`outer`)."""
+
+  def embedded(ids):
+    return [keep(embed(adapter, params, b), offload)
+            for b in device_batches(np.asarray(ids), batch_size)]
+
   needed = sorted({i for u in units for i in u.tasks})
-  calib_h0 = {i: embed_stream(adapter, params, calib[i], batch_size)
-              for i in needed}
-  test_h0 = [embed_stream(adapter, params, t, batch_size) for t in test]
+  calib_h0 = {i: embedded(calib[i]) for i in needed}
+  test_h0 = [embedded(t) for t in test]
   return {"calib": [[calib_h0[i] for i in u.tasks] for u in units],
           "test": [[list(test_h0) for _ in range(u.models)]
                    for u in units],
