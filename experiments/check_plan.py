@@ -89,6 +89,9 @@ def main(argv):
   log(f"wrote {path}")
 
 
+# It reads experiments.run's flagfiles (quick.flags sets --export_pref):
+# the command line as `cli.run` gets it (tests/cli_worker.py uses it too).
+cli_argv = shared_flags.accepting_run_only_flags
+
 if __name__ == "__main__":
-  # It reads experiments.run's flagfiles (quick.flags sets --export_pref).
-  cli.run(main, shared_flags.accepting_run_only_flags(sys.argv))
+  cli.run(main, cli_argv(sys.argv))

@@ -183,6 +183,9 @@ def main(argv):
         f"({time.perf_counter() - t0:.0f}s)")
 
 
+# One flagfile serves experiments.run and this command: the command line
+# as `cli.run` gets it (tests/cli_worker.py uses it too).
+cli_argv = shared_flags.accepting_run_only_flags
+
 if __name__ == "__main__":
-  # One flagfile serves experiments.run and this command.
-  cli.run(main, shared_flags.accepting_run_only_flags(sys.argv))
+  cli.run(main, cli_argv(sys.argv))

@@ -27,7 +27,9 @@ from absl import flags
 from mosp_jax import cli
 
 
-def run_case(main, module: str, argv: list[str]) -> dict:
+def run_case(main, module: str, argv: list[str], cli_argv=list) -> dict:
+  """One command line through `cli.run`, as the module's `__main__` passes
+  it (its `cli_argv`, e.g. accepting experiments.run's flags)."""
   flags.FLAGS.unparse_flags()
   sys.stdout.flush()
   sys.stderr.flush()
@@ -37,7 +39,7 @@ def run_case(main, module: str, argv: list[str]) -> dict:
     os.dup2(err.fileno(), 2)
     status, tb = 0, ""
     try:
-      cli.run(main, [module, *argv])
+      cli.run(main, cli_argv([module, *argv]))
     except SystemExit as e:
       status = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException:  # noqa: BLE001  (what a user would see)
@@ -75,10 +77,11 @@ def run_cases(module: str, argvs: list[list[str]], tmp: pathlib.Path, *,
 
 def main() -> None:
   module, cases_path, results_path = sys.argv[1:]
-  main_fn = importlib.import_module(module).main
+  mod = importlib.import_module(module)
   with open(cases_path) as f:
     cases = json.load(f)
-  results = [run_case(main_fn, module, argv) for argv in cases]
+  results = [run_case(mod.main, module, argv,
+                      getattr(mod, "cli_argv", list)) for argv in cases]
   with open(results_path, "w") as f:
     json.dump(results, f, indent=1)
 
