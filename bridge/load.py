@@ -101,10 +101,11 @@ def load_layers(spec: str, tokenizer: Any = None, *,
   random_spec = paper_configs.parse_random_spec(spec)
   if random_spec is not None:
     config = random_spec.config()
-    adapter = models.adapter_for(models.model_class(config)(
-        config, _do_init=False, dtype=dtype))
+    model = models.model_class(config)(config, _do_init=False, dtype=dtype)
+    adapter = models.adapter_for(model)
+    # `paper_configs.param_shapes` of the model just built.
     source = layer_source.from_random(
-        adapter, flatten_dict(paper_configs.param_shapes(config)),
+        adapter, flatten_dict(model.params_shape_tree),
         std=paper_configs.init_std(config), seed=0, what=spec, dtype=dtype)
     return adapter, source, tokenizer
   cached = (None if spec == TINY_LLAMA

@@ -25,6 +25,7 @@ import sys
 
 from absl import flags
 
+from bridge import load
 from experiments import runner, shared_flags
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, run_record
@@ -62,7 +63,9 @@ def main(argv):
   peak, peak_kind = plan_lib.peak_memory()
   iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
   at_iters = runner.make_run_plan(
-      run, solver, planned.device, stage1_iters=iters,
+      run, solver, planned.device,
+      plan_lib.shapes_from_config(load.model_config(run.model)),
+      stage1_iters=iters,
       offload_streams=planned.offload_streams)
   checks = plan_lib.check_phases(at_iters, res.layers)
   log(f"measured against the plan at {iters} stage-1 iterations (the "

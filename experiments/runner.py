@@ -76,9 +76,12 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
     device = dataclasses.replace(
         device, host_is_device=False,
         name=f"a GPU (seconds at the rates of {device.name})")
-  plan = make_run_plan(run, solver, device, offload_streams=offload_streams)
+  shapes = plan_lib.shapes_from_config(config)
+  plan = make_run_plan(run, solver, device, shapes,
+                       offload_streams=offload_streams)
   if not plan.fits() and not offload_streams:
-    offloaded = make_run_plan(run, solver, device, offload_streams=True)
+    offloaded = make_run_plan(run, solver, device, shapes,
+                              offload_streams=True)
     if offloaded.total_bytes < plan.total_bytes:  # Not on a CPU.
       log("the streams do not fit on the device: they stay in host memory "
           "(--offload_streams)" + ("" if offloaded.fits() else
@@ -91,13 +94,14 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
 
 
 def make_run_plan(run: RunConfig, solver: SolverConfig,
-                  device: plan_lib.Device, *, offload_streams: bool,
+                  device: plan_lib.Device, shapes: plan_lib.ModelShapes, *,
+                  offload_streams: bool,
                   stage1_iters: int | None = None) -> plan_lib.Plan:
-  """`plan.make_plan` of `run` on a measured `device`: the model's shapes
-  from its config, weights and activations of `run.dtype`."""
+  """`plan.make_plan` of `run` on a measured `device` for the model's
+  `shapes` (`plan.shapes_from_config`), weights and activations of
+  `run.dtype`."""
   return plan_lib.make_plan(
-      plan_lib.shapes_from_config(load.model_config(run.model)), run, solver,
-      device, act_bytes=jnp.dtype(run.dtype).itemsize,
+      shapes, run, solver, device, act_bytes=jnp.dtype(run.dtype).itemsize,
       stage1_iters=stage1_iters, offload_streams=offload_streams)
 
 

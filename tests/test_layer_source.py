@@ -43,8 +43,7 @@ def _same_as_tree(model: layer_source.DenseLayers, adapter, params) -> None:
   flat = flatten_dict(jax.device_get(params))
   n = len(adapter.layers_path)
   outer = {k: v for k, v in flat.items() if k[:n] != adapter.layers_path}
-  assert jax.tree.map(np.asarray, flatten_dict(model.outer)).keys() == \
-      outer.keys()
+  assert flatten_dict(model.outer).keys() == outer.keys()
   for k, v in flatten_dict(model.outer).items():
     np.testing.assert_array_equal(np.asarray(v), outer[k])
   assert model.num_layers == adapter.num_layers(params)

@@ -71,13 +71,9 @@ class DenseLayers:
     self._read = read
     self.what = what
     self.dtype = jnp.dtype(dtype)
+    # The adapter's own check that the layers are '0'..'L-1'.
+    self.num_layers = adapter.num_layers(unflatten_dict(self._shapes))
     n = len(self._prefix)
-    layer_ids = {p[n] for p in self._shapes if p[:n] == self._prefix}
-    self.num_layers = len(layer_ids)
-    if layer_ids != {str(i) for i in range(self.num_layers)}:
-      raise ValueError(f"{what}: {'/'.join(self._prefix)} should hold layers "
-                       f"'0'..'{self.num_layers - 1}', found "
-                       f"{sorted(layer_ids)}")
     self.outer: Params = unflatten_dict({
         p: self._put(p) for p in self._shapes if p[:n] != self._prefix})
 
@@ -99,7 +95,7 @@ class DenseLayers:
     prefix = self._prefix + (str(i),)
     n = len(prefix)
     return unflatten_dict({p[n:]: self._put(p) for p in self._shapes
-                       if p[:n] == prefix})
+                           if p[:n] == prefix})
 
   def layer_bytes(self) -> int:
     """Device bytes of one decoder layer's weights."""
