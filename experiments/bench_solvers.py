@@ -1,6 +1,8 @@
 r"""Benchmark of the per-layer solvers; ratios are measured in one run.
 
   python -m experiments.bench_solvers --out=bench.json [--large]
+  python -m experiments.bench_solvers --out=bench_7b.json \
+      --solve_shapes=4096x4096 --repeats=1
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \
       python -m experiments.bench_solvers --mesh=4 --out=bench_mesh.json
 
@@ -11,9 +13,15 @@ eigenbasis step; with the explicit inverse one ADMM iteration does half
 of them, so the ratio can exceed 1). It then times MOSP with m tasks and
 K preferences (its Pareto set, then the K models) against one ALPS solve
 on the concatenated Gram of the same layer (the paper's baseline; a naive
-front costs K ALPS solves), with a per-stage breakdown. Inputs are random
-correlated Grams with uneven channel scales (shapes of SmolLM2-135M: 576
-hidden, 1536 MLP).
+front costs K ALPS solves), with a per-stage breakdown, at each of
+`--solve_shapes`. Inputs are random correlated Grams with uneven channel
+scales (shapes of SmolLM2-135M: 576 hidden, 1536 MLP; `--large` adds
+Llama-2-7B's linears to both measurements: 4096x4096 for q/k/v/o,
+4096x11008 for gate/up, 11008x4096 for down).
+
+Every timed function is compiled ahead (`jax.jit(...).lower().compile()`),
+so no warm-up run is needed: at Llama-2-7B's shapes on a CPU one solve
+takes minutes, and `--repeats=1` times each once.
 
 With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks)
 and records under "mesh": the per-device bytes of the ADMM iterates and
@@ -25,6 +33,7 @@ give the same masks and objectives on the mesh as on one device.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -41,7 +50,6 @@ from mosp_jax.solvers import (
   alps_prune,
   concat_gram,
   mosp_materialize,
-  mosp_pareto,
   mosp_prune,
   projection,
   prune_mask,
@@ -56,7 +64,11 @@ from mosp_jax.solvers.scaling import Scaled, scale_problem, scale_tasks
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _LARGE = flags.DEFINE_bool(
-    "large", False, "Also run 4096x4096 and 11008x4096 (Llama-2-7B shapes).")
+    "large", False, "Also time ADMM and MOSP against ALPS at Llama-2-7B's "
+    "linears: 4096x4096, 4096x11008, 11008x4096.")
+_SOLVE_SHAPES = flags.DEFINE_list(
+    "solve_shapes", ["576x1536"], "n_in x n_out of each MOSP-against-ALPS "
+    "timing (--large adds Llama-2-7B's).")
 _ITERS = flags.DEFINE_integer("iters", 20, "ADMM iterations per timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement; "
                                 "the best is kept.")
@@ -72,22 +84,35 @@ _MESH_PREFS = flags.DEFINE_integer("mesh_prefs", 3, "K, preferences of the "
                                    "mesh equality check.")
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]
-LARGE_SHAPES = [(4096, 4096), (11008, 4096)]
+LARGE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
-def _best_times(fns, repeats: int) -> list[float]:
-  """Best wall time of each function; runs are interleaved so that load
-  from other processes hits every function alike (the ratios are what
-  counts on a shared machine)."""
-  for fn in fns:
-    jax.block_until_ready(fn())  # compile + warm up
-  best = [float("inf")] * len(fns)
+def _compiled(fn, *args):
+  """`fn` jitted and compiled ahead for `args`, as a call without
+  arguments (arrays stay arguments, so XLA cannot fold them as
+  constants); its timings never include compilation."""
+  exe = jax.jit(fn).lower(*args).compile()
+  return lambda: exe(*args)
+
+
+def _best_times(calls, repeats: int) -> tuple[list[float], list[Any]]:
+  """Best wall time (s) of each compiled call and its last output; runs
+  are interleaved so that load from other processes hits every call
+  alike (the ratios are what counts on a shared machine)."""
+  best = [float("inf")] * len(calls)
+  outs: list[Any] = [None] * len(calls)
   for _ in range(repeats):
-    for i, fn in enumerate(fns):
+    for i, call in enumerate(calls):
       t = time.perf_counter()
-      jax.block_until_ready(fn())
+      outs[i] = jax.block_until_ready(call())
       best[i] = min(best[i], time.perf_counter() - t)
-  return best
+  return best, outs
+
+
+def _timed(fn, *args, repeats: int) -> tuple[float, Any]:
+  """`(best seconds, output)` of `fn(*args)`, compiled ahead."""
+  (t,), (out,) = _best_times([_compiled(fn, *args)], repeats)
+  return t, out
 
 
 def _grams(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
@@ -118,7 +143,6 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
   def project(Z):
     return jax.vmap(lambda z: prune_mask(jnp.abs(z), pattern))(Z), ()
 
-  @jax.jit
   def admm_fixed(Q, L, G, B0):
     B = B0[None]
     mask, _ = project(B)
@@ -130,15 +154,14 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
         update_every=iters + 1, max_iter=iters)
     return it.D, info.iters
 
-  @jax.jit
   def matmuls(Q, L, R):
     # The two products of one eigenbasis step, nothing else.
     QtR = Q.T @ R
     return Q @ (QtR * (1.0 / (L + 0.1))[:, None])
 
-  t_admm, t_mm = _best_times(
-      [lambda: admm_fixed(Q, L, sc.G, sc.B0),
-       lambda: matmuls(Q, L, sc.B0)], repeats)
+  (t_admm, t_mm), _ = _best_times(
+      [_compiled(admm_fixed, Q, L, sc.G, sc.B0),
+       _compiled(matmuls, Q, L, sc.B0)], repeats)
   flops_iter = 4.0 * n_in * n_in * n_out
   admm_gflops = flops_iter * iters / t_admm / 1e9
   mm_gflops = flops_iter / t_mm / 1e9
@@ -155,12 +178,11 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
   prefs = jax.device_put(rng.dirichlet(np.ones(m), K).astype(np.float32))
   H = jax.jit(concat_gram)(grams)
   with jax.transfer_guard("disallow"):
-    t_alps, t_mosp = _best_times(
-        [lambda: alps_prune(H, W0, pattern=pattern),
-         lambda: mosp_prune(grams, W0, prefs, pattern=pattern)], repeats)
-    res = mosp_prune(grams, W0, prefs, pattern=pattern)
-    _, _, ainfo = alps_prune(H, W0, pattern=pattern)
-  parts = _mosp_breakdown(grams, W0, prefs, pattern, repeats)
+    (t_alps, t_mosp), ((_, _, ainfo), res) = _best_times(
+        [_compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
+         _compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
+                   grams, W0, prefs)], repeats)
+  parts = _mosp_breakdown(grams, W0, prefs, res.pareto, pattern, repeats)
   return {"n_in": n_in, "n_out": n_out, "m": m, "K": K,
           "alps_s": t_alps, "mosp_s": t_mosp, "ratio": t_mosp / t_alps,
           "naive_front_ratio": float(K),
@@ -170,41 +192,40 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
           "mosp_breakdown_s": parts}
 
 
-def _mosp_breakdown(grams, W0, prefs, pattern, repeats: int) -> dict:
-  """Seconds spent in each MOSP stage (each jitted alone; arrays are
-  arguments, never closed over, so XLA does not fold them as
-  constants)."""
+def _mosp_breakdown(grams, W0, prefs, pareto, pattern, repeats: int
+                    ) -> dict:
+  """Seconds spent in each MOSP stage, each compiled alone and fed the
+  previous stage's output (one MOSP's work per repeat); `pareto` is the
+  layer's Pareto set from the whole solve, for `materialize`."""
   cfg = SolverConfig()
   n_in, n_out = W0.shape
   core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
-  prep = jax.jit(lambda g, w: (lambda sc: (sc, eig(sc.G)))(
-      scale_problem(concat_gram(g), w, damping=cfg.damping)))
-  s1 = jax.jit(lambda sc, Q, L: alps_lib.admm_support(
-      sc, Q, L, pattern=pattern, rho0=cfg.rho0,
-      update_every=cfg.update_every, max_iter=cfg.max_iter,
-      core_count=core_count)[0])
-  pcg = jax.jit(lambda sc, sup: pcg_lib.masked_pcg(
-      sc.G, sc.B0, sup.mask, sup.D, iters=cfg.pcg_iters)[0])
-  tasks = jax.jit(lambda g, d: scale_tasks(g, d, damping=cfg.damping))
-  s2 = jax.jit(lambda G, sc, sup, X: mosp_lib.stage2(
+  t = functools.partial(_timed, repeats=repeats)
+  times = {}
+  times["scale_eig"], (sc, (Q, L)) = t(
+      lambda g, w: (lambda sc: (sc, eig(sc.G)))(
+          scale_problem(concat_gram(g), w, damping=cfg.damping)), grams, W0)
+  times["stage1_admm"], sup = t(
+      lambda sc, Q, L: alps_lib.admm_support(
+          sc, Q, L, pattern=pattern, rho0=cfg.rho0,
+          update_every=cfg.update_every, max_iter=cfg.max_iter,
+          core_count=core_count)[0], sc, Q, L)
+  times["stage1_pcg"], X = t(lambda sc, sup: pcg_lib.masked_pcg(
+      sc.G, sc.B0, sup.mask, sup.D, iters=cfg.pcg_iters)[0], sc, sup)
+  G = jax.jit(lambda g, d: scale_tasks(g, d, damping=cfg.damping))(
+      grams, sc.d)
+  times["stage2"], it2 = t(lambda G, sc, sup, X: mosp_lib.stage2(
       G, sc.B0, sup.core, X, pattern=pattern, alpha=cfg.alpha,
-      rho=jnp.float32(cfg.stage2_rho), max_iter=cfg.stage2_max_iter)[0])
-  s3 = jax.jit(lambda G, sc, it2: jax.vmap(
+      rho=jnp.float32(cfg.stage2_rho), max_iter=cfg.stage2_max_iter)[0],
+      G, sc, sup, X)
+  times["stage3_pcg"], _ = t(lambda G, sc, it2: jax.vmap(
       lambda g, mask, D: pcg_lib.masked_pcg(g, sc.B0, mask, D,
                                             iters=cfg.pcg_iters))(
-      G, it2.mask, it2.D))
-  sc, (Q, L) = prep(grams, W0)
-  sup = s1(sc, Q, L)
-  X = pcg(sc, sup)
-  G = tasks(grams, sc.d)
-  it2 = s2(G, sc, sup, X)
-  par, _ = mosp_pareto(grams, W0, pattern=pattern)
-  times = _best_times([
-      lambda: prep(grams, W0), lambda: s1(sc, Q, L), lambda: pcg(sc, sup),
-      lambda: s2(G, sc, sup, X), lambda: s3(G, sc, it2),
-      lambda: mosp_materialize(par, prefs, pattern=pattern)], repeats)
-  return dict(zip(["scale_eig", "stage1_admm", "stage1_pcg", "stage2",
-                   "stage3_pcg", "materialize"], times, strict=True))
+      G, it2.mask, it2.D), G, sc, it2)
+  times["materialize"], _ = t(
+      lambda par, p: mosp_materialize(par, p, pattern=pattern), pareto,
+      prefs)
+  return times
 
 
 def _memory(compiled) -> dict:
@@ -312,8 +333,8 @@ def _mesh_admm_loop(mesh, grams: np.ndarray, W0: np.ndarray, *, iters: int,
   one = jax.jit(admm_fixed).lower(*one_args).compile()
   shd = jax.jit(admm_fixed).lower(*mesh_args).compile()
   mem_one, mem_shd = _memory(one), _memory(shd)
-  t_one, t_shd = _best_times([lambda: one(*one_args),
-                              lambda: shd(*mesh_args)], repeats)
+  (t_one, t_shd), _ = _best_times([lambda: one(*one_args),
+                                   lambda: shd(*mesh_args)], repeats)
   return _Pair(mem_one, mem_shd), _Pair(t_one, t_shd)
 
 
@@ -347,9 +368,30 @@ def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _check_flags() -> tuple[str, tuple[int, int], Unstructured]:
-  """Validates every flag before any timing; returns the `--out` path, the
-  mesh layer's `(n_in, n_out)` and the pattern. Raises `cli.UsageError`."""
+def _shape(text: str, flag: str) -> tuple[int, int]:
+  """'N_INxN_OUT' -> `(n_in, n_out)`; raises `cli.UsageError` naming
+  `flag`."""
+  try:
+    n_in, n_out = (int(x) for x in text.strip().lower().split("x"))
+    if min(n_in, n_out) < 1:
+      raise ValueError
+  except ValueError as e:
+    raise cli.UsageError(f"{flag}: expected 'N_INxN_OUT' with positive "
+                         f"integers, got {text!r}") from e
+  return n_in, n_out
+
+
+class _Flags(NamedTuple):
+  """The validated flags `main` needs."""
+
+  out: str
+  solve_shapes: list[tuple[int, int]]
+  mesh_layer: tuple[int, int]
+  pattern: Unstructured
+
+
+def _check_flags() -> _Flags:
+  """Validates every flag before any timing. Raises `cli.UsageError`."""
   out = _OUT.value
   if not out:
     raise cli.UsageError("--out is required (a path for the JSON results)")
@@ -359,16 +401,12 @@ def _check_flags() -> tuple[str, tuple[int, int], Unstructured]:
   for flag in (_ITERS, _REPEATS, _TASKS, _PREFS, _MESH_PREFS):
     if flag.value < 1:
       raise cli.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  solve = [_shape(t, "--solve_shapes") for t in _SOLVE_SHAPES.value]
+  solve += [s for s in (LARGE_SHAPES if _LARGE.value else [])
+            if s not in solve]
   with cli.usage_errors("--mesh"):
     mesh_shape = sharding.parse_mesh_spec(_MESH.value)
-  try:
-    n_in, n_out = (int(x) for x in _MESH_LAYER.value.lower().split("x"))
-    if min(n_in, n_out) < 1:
-      raise ValueError
-  except ValueError as e:
-    raise cli.UsageError(f"--mesh_layer: expected 'N_INxN_OUT' with "
-                         f"positive integers, got {_MESH_LAYER.value!r}"
-                         ) from e
+  n_in, n_out = _shape(_MESH_LAYER.value, "--mesh_layer")
   if mesh_shape:
     devices = int(np.prod(mesh_shape))
     if devices > jax.device_count():
@@ -380,34 +418,41 @@ def _check_flags() -> tuple[str, tuple[int, int], Unstructured]:
       raise cli.UsageError(f"--mesh_layer {_MESH_LAYER.value}: {n_out} "
                            f"output columns do not split over {devices} "
                            "devices")
-  return out, (n_in, n_out), pattern
+  return _Flags(out, solve, (n_in, n_out), pattern)
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  out, (mesh_in, mesh_out), pattern = _check_flags()
+  f = _check_flags()
   rng = np.random.default_rng(0)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"
   shapes = SHAPES + (LARGE_SHAPES if _LARGE.value else [])
-  rows = []
+  # Written after every measurement: a run stopped by a time limit (the
+  # GPU check's) keeps what it measured.
+  result: dict[str, Any] = {"device": device, "sparsity": _SPARSITY.value,
+                            "repeats": _REPEATS.value, "shapes": [],
+                            "mosp_vs_alps": []}
+  rows, cmps = result["shapes"], result["mosp_vs_alps"]
   for n_in, n_out in shapes:
     print(f"timing ADMM {n_in}x{n_out} ...", flush=True)
     rows.append(bench_shape(n_in, n_out, rng, _ITERS.value,
-                            _REPEATS.value, pattern))
-  print(f"timing MOSP (m={_TASKS.value}, K={_PREFS.value}) vs ALPS ...",
-        flush=True)
-  cmp = bench_mosp_vs_alps(576, 1536, _TASKS.value, _PREFS.value, rng,
-                           _REPEATS.value, pattern)
-  result: dict[str, Any] = {"device": device, "sparsity": _SPARSITY.value,
-                            "shapes": rows, "mosp_vs_alps": cmp}
+                            _REPEATS.value, f.pattern))
+    artifact.write_json(f.out, result)
+  for n_in, n_out in f.solve_shapes:
+    print(f"timing MOSP (m={_TASKS.value}, K={_PREFS.value}) vs ALPS, "
+          f"{n_in}x{n_out} ...", flush=True)
+    cmps.append(bench_mosp_vs_alps(n_in, n_out, _TASKS.value, _PREFS.value,
+                                   rng, _REPEATS.value, f.pattern))
+    artifact.write_json(f.out, result)
   if _MESH.value:
+    mesh_in, mesh_out = f.mesh_layer
     print(f"timing MOSP on mesh {_MESH.value!r}, {mesh_in}x{mesh_out}, "
           f"m={_TASKS.value} ...", flush=True)
     result["mesh"], result["mesh_setup"] = bench_mesh(
         _MESH.value, mesh_in, mesh_out, _TASKS.value, _MESH_PREFS.value, rng,
-        _ITERS.value, _REPEATS.value, pattern)
-  artifact.write_json(out, result)
+        _ITERS.value, _REPEATS.value, f.pattern)
+    artifact.write_json(f.out, result)
   print(f"\ndevice: {device}   sparsity {_SPARSITY.value}")
   print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
         f" {'ratio':>6}")
@@ -415,13 +460,14 @@ def main(argv):
     print(f"{r['n_in']:>5}x{r['n_out']:<6} {r['admm_iters_per_s']:9.2f} "
           f"{r['admm_gflops']:10.1f} {r['matmul_gflops']:12.1f} "
           f"{r['ratio_to_matmul']:6.2f}")
-  print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
-        f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
-        f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)")
-  print("  MOSP stages (s): " + ", ".join(
-      f"{k} {v:.2f}" for k, v in cmp["mosp_breakdown_s"].items()) +
-        f"; iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
-        f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
+  for cmp in cmps:
+    print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
+          f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
+          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)")
+    print("  MOSP stages (s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in cmp["mosp_breakdown_s"].items()) +
+          f"; iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
+          f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
   if "mesh" in result:
     r, d = result["mesh"], result["mesh_setup"]
     print(f"mesh {d['spec']} ({r['devices']} devices), {d['n_in']}x"
@@ -431,7 +477,7 @@ def main(argv):
           f"{r['iter_s'] * 1e3:.0f} ms/iter vs {r['single_iter_s'] * 1e3:.0f}"
           f"; masks equal {r['masks_equal']}, max rel objective diff "
           f"{r['max_rel_objective_diff']:.1e}")
-  print(f"wrote {out}")
+  print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":

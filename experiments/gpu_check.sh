@@ -5,8 +5,10 @@
 # (with the `device` tool: run(command="bash experiments/gpu_check.sh",
 # carry=[".gpu"], timeout_s=540); OUT_DIR defaults to $OUT, else
 # runs/gpu_check). Runs, each under its own time limit:
-#   1. experiments.bench_solvers --large: ADMM and MOSP against ALPS at
-#      Llama-2-7B's shapes (4096x4096, 11008x4096) beside SmolLM2's;
+#   1. experiments.bench_solvers --large: ADMM, and MOSP against ALPS, at
+#      Llama-2-7B's linears (4096x4096, 4096x11008, 11008x4096) beside
+#      SmolLM2's (bench.json is rewritten after each shape, so a run cut
+#      by its time limit keeps the shapes it finished);
 #   2. experiments.check_plan on sim7b.flags: 2 decoder layers of a random
 #      Llama-2-7B, 3 tasks, 7 preferences, measured against its plan;
 # and writes OUT_DIR/gpu_check.json (device, versions, both results) with
