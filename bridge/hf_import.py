@@ -17,9 +17,13 @@ Pickled PyTorch weights (`*.bin`, `*.pt`, ...) are refused unless
 `trust_pickle=True`: unpickling runs arbitrary code. Spec resolution and the
 up-front integrity checks live in `bridge.model_files`.
 
-Non-Flax sources go through PyTorch (`AutoModelForCausalLM`), then the rename
-table of `bridge.rename` and a tree diff against the Flax model. The result
-is cached as a Flax checkpoint (float32 safetensors, config, tokenizer) in
+A PyTorch safetensors folder is converted into the cache tensor by tensor
+(`bridge.stream_convert`, [ours]: host memory holds one tensor, never the
+model). Other non-Flax sources (GGUF, pickles, Hub ids), and safetensors
+whose names need transformers' own mapping, go through PyTorch
+(`AutoModelForCausalLM`), then the rename table of `bridge.rename` and a tree
+diff against the Flax model. The result is cached as a Flax checkpoint
+(float32 safetensors, config, tokenizer) in
 `mosp_jax.fetch.cache_dir()/models/<name>`, written to a temporary folder and
 renamed into place, so a second load reads only safetensors.
 
@@ -43,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge import rename
+from bridge import rename, stream_convert
 from bridge.model_files import (
     FLAX_WEIGHTS,
     PINNED_GGUF,
@@ -269,16 +273,63 @@ def save_flax_dir(
   """
   from safetensors.numpy import save_file
 
-  def write(tmp: pathlib.Path) -> None:
-    config.save_pretrained(str(tmp))
+  def weights(path: pathlib.Path) -> None:
     flat = {".".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
             for k, v in rename.flatten(params).items()}
-    save_file(flat, str(tmp / FLAX_WEIGHTS), metadata={"format": "flax"})
+    save_file(flat, str(path), metadata={"format": "flax"})
+
+  return _write_checkpoint(dest, config, weights, tokenizer, meta)
+
+
+def _write_checkpoint(dest: str | os.PathLike, config: Any,
+                      weights: Any, tokenizer: Any,
+                      meta: dict) -> pathlib.Path:
+  """`save_flax_dir` with the weights written by `weights(path of
+  model.safetensors)`."""
+
+  def write(tmp: pathlib.Path) -> None:
+    weights(tmp / FLAX_WEIGHTS)
+    config.save_pretrained(str(tmp))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     (tmp / SOURCE_META).write_text(json.dumps(meta, indent=1))
 
   return _write_dir(dest, write)
+
+
+def _stream_into_cache(source: Source, cached: pathlib.Path,
+                       meta: dict) -> bool:
+  """Converts a PyTorch safetensors folder into the cache tensor by
+  tensor (`bridge.stream_convert`, [ours]); the PyTorch model is never
+  built. Returns False, writing nothing, for other sources and where the
+  shards' names or shapes do not map onto the Flax model by the rename
+  table alone (transformers' own loading then converts it whole)."""
+  if source.kind != "torch" or source.pickle:
+    return False
+  from transformers import AutoConfig
+
+  where = source.location
+  try:
+    config = AutoConfig.from_pretrained(where)
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{where}: cannot read the model config: {e}") from e
+  model = _flax_model(config, jnp.float32, where)
+  tokenizer = _load_tokenizer(source, where, {})
+  config.torch_dtype = "float32"  # as the whole conversion records it
+
+  def weights(path: pathlib.Path) -> None:
+    stream_convert.convert(
+        where, path, expected=_expected(model),
+        model_type=config.model_type,
+        tie_word_embeddings=config.tie_word_embeddings, what=where)
+
+  try:
+    _write_checkpoint(cached, config, weights, tokenizer, meta)
+  except rename.CheckpointMismatchError as e:
+    log.info("%s: converting through transformers, the shards do not map "
+             "tensor by tensor (%s)", where, e)
+    return False
+  return True
 
 
 def _write_dir(dest: str | os.PathLike, write) -> pathlib.Path:
@@ -326,6 +377,12 @@ def _cache_meta(d: pathlib.Path) -> dict[str, Any]:
   return meta if meta.get("format") == CACHE_FORMAT else {}
 
 
+def _cache_record(spec: str, source: Source) -> dict[str, Any]:
+  """The cache folder's source record (mosp_source.json)."""
+  return {"format": CACHE_FORMAT, "spec": spec, "kind": source.kind,
+          "location": source.location}
+
+
 def _cache_hit(d: pathlib.Path, source: Source) -> bool:
   meta = _cache_meta(d)
   return bool(meta) and meta.get("location") == source.location
@@ -361,7 +418,9 @@ def load_model(
     return load_flax_dir(source.location, dtype=dtype)
   assert source.cache_name is not None  # only Flax folders are not cached
   cached = model_cache_dir(source.cache_name)
-  if cache and _cache_hit(cached, source):
+  meta = _cache_record(spec, source)
+  if cache and (_cache_hit(cached, source)
+                or _stream_into_cache(source, cached, meta)):
     model, params, tokenizer = load_flax_dir(cached, dtype=dtype)
   else:
     torch_model, config, tokenizer = _load_torch(source)
@@ -369,9 +428,7 @@ def load_model(
                                   what=source.location)
     del torch_model
     if cache:
-      save_flax_dir(cached, config, params, tokenizer, {
-          "format": CACHE_FORMAT, "spec": spec, "kind": source.kind,
-          "location": source.location})
+      save_flax_dir(cached, config, params, tokenizer, meta)
     params = _cast(params, dtype)
   if tokenizer is not None:
     info = special_tokens(model.config, tokenizer)
@@ -396,8 +453,9 @@ def cached_checkpoint(spec: str, *, dtype: Any = jnp.float32,
     return None
   assert source.cache_name is not None  # only Flax folders are not cached
   cached = model_cache_dir(source.cache_name)
-  if not _cache_hit(cached, source):
-    load_model(spec, trust_pickle=trust_pickle)  # converts and caches
+  if not (_cache_hit(cached, source) or _stream_into_cache(
+      source, cached, _cache_record(spec, source))):
+    load_model(spec, trust_pickle=trust_pickle)  # converts whole, caches
   from transformers import AutoConfig
   try:
     config = AutoConfig.from_pretrained(str(cached))

@@ -126,6 +126,23 @@ def tree_diff(
         f"{shown}{more}")
 
 
+def ignored(pt_key: str) -> bool:
+  """Whether a PyTorch key is a buffer, not a parameter (`IGNORED_PT_KEYS`)."""
+  return any(re.search(p, pt_key) for p in IGNORED_PT_KEYS)
+
+
+def flax_path(pt_key: str, expected: Mapping[tuple[str, ...], Shaped]
+              ) -> tuple[tuple[str, ...], bool] | None:
+  """`(Flax path, transpose)` of a PyTorch key by the first rule of
+  `LEAF_RULES` whose path is in `expected`; None when no rule applies."""
+  *prefix, leaf = pt_key.split(".")
+  for pt_leaf, flax_leaf, transpose in LEAF_RULES:
+    path = tuple(prefix) + (flax_leaf,)
+    if leaf == pt_leaf and path in expected:
+      return path, transpose
+  return None
+
+
 def pt_to_flax(
     state_dict: Mapping[str, np.ndarray],
     expected: Mapping[tuple[str, ...], Shaped],
@@ -151,29 +168,34 @@ def pt_to_flax(
   flat: Flat = {}
   leftovers: dict[str, np.ndarray] = {}
   for pt_key, tensor in state_dict.items():
-    if any(re.search(p, pt_key) for p in IGNORED_PT_KEYS):
+    if ignored(pt_key):
       continue
-    *prefix, leaf = pt_key.split(".")
-    for pt_leaf, flax_leaf, transpose in LEAF_RULES:
-      path = tuple(prefix) + (flax_leaf,)
-      if leaf == pt_leaf and path in expected:
-        arr = np.asarray(tensor, np.float32)
-        flat[path] = arr.T if transpose else arr
-        break
-    else:
+    rule = flax_path(pt_key, expected)
+    if rule is None:
       leftovers[pt_key] = tensor
+      continue
+    path, transpose = rule
+    arr = np.asarray(tensor, np.float32)
+    flat[path] = arr.T if transpose else arr
   head_key, emb_path = TIED_HEADS.get(model_type, (None, None))
   if tie_word_embeddings and head_key in leftovers and emb_path in flat:
-    head = np.asarray(leftovers.pop(head_key), np.float32)
-    if head.shape != flat[emb_path].shape or not np.array_equal(
-        head, flat[emb_path]):
-      raise CheckpointMismatchError(
-          f"{what}: the config ties {head_key} to the embeddings, but the "
-          "checkpoint's head differs from them")
+    check_tied_head(leftovers.pop(head_key), flat[emb_path],
+                    head_key=head_key, what=what)
   for pt_key, tensor in leftovers.items():
     flat[tuple(pt_key.split("."))] = np.asarray(tensor)
   tree_diff(flat, expected, what=what)
   return flat
+
+
+def check_tied_head(head: np.ndarray, embedding: np.ndarray, *,
+                    head_key: str, what: str) -> None:
+  """Raises CheckpointMismatchError unless a tied model's PyTorch head
+  equals its embedding (both `(vocab, hidden)`)."""
+  head = np.asarray(head, np.float32)
+  if head.shape != embedding.shape or not np.array_equal(head, embedding):
+    raise CheckpointMismatchError(
+        f"{what}: the config ties {head_key} to the embeddings, but the "
+        "checkpoint's head differs from them")
 
 
 def drop_tied_flax_head(
@@ -219,8 +241,7 @@ def flax_to_pt(
   Returns:
     {PyTorch name: array}, checked with `tree_diff` (names and shapes).
   """
-  want = {k: v for k, v in expected.items()
-          if not any(re.search(p, k) for p in IGNORED_PT_KEYS)}
+  want = {k: v for k, v in expected.items() if not ignored(k)}
   head_key, _ = TIED_HEADS.get(model_type, (None, None))
   if tie_word_embeddings and head_key is not None:
     want.pop(head_key, None)

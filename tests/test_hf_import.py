@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -174,6 +175,52 @@ def test_torch_dir_converts_and_caches(tmp_path, cache, monkeypatch):
   # The cache folder is itself a Flax checkpoint folder.
   _, params3, _ = hf_import.load_model(str(cached[0]))
   jax.tree.map(np.testing.assert_array_equal, params3, params)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_torch_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
+                                               family):
+  # bfloat16 shards of a few KB each, as large checkpoints come.
+  tm = tiny_torch(family)
+  d = tmp_path / "sharded"
+  tm.to(torch.bfloat16).save_pretrained(d, max_shard_size="20KB")
+  tiny_tokenizer().save_pretrained(d)
+  assert len(list(d.glob("*.safetensors"))) >= 2
+  assert (d / "model.safetensors.index.json").exists()
+  _, want, _ = hf_import.load_model(str(d), cache=False)  # through PyTorch
+
+  def no_torch(*args, **kwargs):
+    raise AssertionError("the PyTorch model must not be built")
+
+  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  model, params, tok = hf_import.load_model(str(d))
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+  assert tok("the man was here").input_ids == tiny_tokenizer()(
+      "the man was here").input_ids
+  _, path = hf_import.cached_checkpoint(str(d))
+  assert path.parent.parent == cache / "models"
+  # The layer walk's reader sees the same tensors.
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    assert f.metadata() == {"format": "flax"}
+    flat = rename.flatten(want)
+    assert set(f.keys()) == {".".join(k) for k in flat}
+    for k, v in flat.items():
+      np.testing.assert_array_equal(f.get_tensor(".".join(k)), v)
+
+
+def test_unmapped_shard_names_convert_through_torch(tmp_path, cache,
+                                                    caplog):
+  # A base model's checkpoint (no 'model.' prefix): transformers maps it,
+  # the rename table alone does not, so the whole conversion runs.
+  tm = tiny_torch("llama")
+  d = tmp_path / "base"
+  tm.model.save_pretrained(d)
+  caplog.set_level(logging.INFO, logger="bridge.hf_import")
+  _, params, _ = hf_import.load_model(str(d))
+  assert "converting through transformers" in caplog.text
+  want = hf_import.torch_to_flax(tm)[1]
+  jax.tree.map(np.testing.assert_array_equal, params, want)
 
 
 def test_dtype_casts_params(tmp_path, cache):

@@ -1,0 +1,152 @@
+"""A PyTorch safetensors folder converted to a Flax checkpoint tensor by tensor.
+
+[ours] The whole-model conversion of `bridge.hf_import` builds the PyTorch
+model, its state dict in numpy and the Flax tree: about three float32
+copies of the model in host memory at once (about 81 GB for Llama-2-7B,
+360 GB for OPT-30B). Here each tensor is read from its shard
+(`safetensors.safe_open`), renamed and transposed by `bridge.rename`'s
+table, cast to float32 and appended to the output file, whose header is
+computed first from the shards' shapes; the names and shapes are checked
+against the Flax model (`rename.tree_diff`) before any data is read. Host
+memory holds one tensor (two while a kernel is transposed, and the
+embedding beside the head when a tied head is checked).
+
+The output is a float32 safetensors file with metadata `format: flax`,
+the layout `hf_import.save_flax_dir` writes, read by the same loaders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bridge import rename
+
+INDEX = "model.safetensors.index.json"
+
+
+class _Shape(NamedTuple):
+  """A tensor's shape, as `rename.tree_diff` reads leaves."""
+
+  shape: tuple[int, ...]
+
+
+def shard_files(folder: str | os.PathLike) -> list[pathlib.Path]:
+  """The weight files of a PyTorch safetensors folder: those its index
+  names (`model.safetensors.index.json`), else every `*.safetensors`."""
+  d = pathlib.Path(folder)
+  if (d / INDEX).exists():
+    try:
+      weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise rename.CheckpointMismatchError(
+          f"{d / INDEX}: unreadable index ({e})") from e
+    return [d / n for n in sorted(set(weight_map.values()))]
+  return sorted(d.glob("*.safetensors"))
+
+
+def write_float32(path: str | os.PathLike,
+                  entries: Sequence[tuple[str, tuple[int, ...],
+                                          Callable[[], np.ndarray]]],
+                  metadata: Mapping[str, str]) -> None:
+  """Writes a safetensors file of float32 tensors one at a time.
+
+  Args:
+    path: the file (overwritten).
+    entries: `(name, shape, read)`; `read()` returns the tensor (any float
+      dtype, cast here) and is called once, in order, while it is written.
+    metadata: the header's `__metadata__` strings.
+  """
+  header: dict[str, Any] = {"__metadata__": dict(metadata)}
+  offset = 0
+  for name, shape, _ in entries:
+    size = 4 * int(np.prod(shape, dtype=np.int64))
+    header[name] = {"dtype": "F32", "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name, shape, read in entries:
+      arr = np.ascontiguousarray(read(), dtype="<f4")
+      if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: read {arr.shape}, header says {shape}")
+      f.write(arr.data)
+
+
+def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
+            expected: Mapping[tuple[str, ...], rename.Shaped],
+            model_type: str, tie_word_embeddings: bool, what: str) -> None:
+  """Converts the folder's PyTorch safetensors shards into the Flax
+  checkpoint file `dest`, one tensor at a time.
+
+  Args:
+    folder: the PyTorch checkpoint folder (`shard_files`).
+    dest: the output `model.safetensors`.
+    expected: the Flax model's flat parameter tree (leaves with `.shape`).
+    model_type: the HF `model_type` (its tied head, `rename.TIED_HEADS`).
+    tie_word_embeddings: the config's flag; a tied head stored in the
+      shards is checked against the embedding and dropped, as
+      `rename.pt_to_flax` does.
+    what: the checkpoint, for error messages.
+
+  Raises:
+    rename.CheckpointMismatchError: names or shapes differ from the
+      model's (nothing is written then), a tensor is in two shards, or a
+      tied head differs from the embedding.
+  """
+  import torch
+  from safetensors import safe_open
+
+  head_key, emb_path = rename.TIED_HEADS.get(model_type, (None, None))
+  with contextlib.ExitStack() as stack:
+    shard_of: dict[str, Any] = {}
+    for f in shard_files(folder):
+      h = stack.enter_context(safe_open(str(f), framework="pt"))
+      for key in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+        if key in shard_of:
+          raise rename.CheckpointMismatchError(
+              f"{what}: tensor {key} is stored in two shards")
+        shard_of[key] = h
+    shapes: dict[tuple[str, ...], _Shape] = {}
+    source: dict[tuple[str, ...], tuple[str, bool]] = {}
+    tied_head = False
+    for key, h in shard_of.items():
+      if rename.ignored(key):
+        continue
+      shape = tuple(h.get_slice(key).get_shape())
+      rule = rename.flax_path(key, expected)
+      if rule is None:
+        if tie_word_embeddings and key == head_key:
+          tied_head = True
+        else:  # tree_diff names it as unexpected
+          shapes[tuple(key.split("."))] = _Shape(shape)
+        continue
+      path, transpose = rule
+      shapes[path] = _Shape(shape[::-1] if transpose else shape)
+      source[path] = (key, transpose)
+    if tied_head and emb_path not in source:
+      shapes[tuple(str(head_key).split("."))] = _Shape(())
+    rename.tree_diff(shapes, expected, what=what)
+
+    def read(key: str, transpose: bool = False) -> np.ndarray:
+      arr = shard_of[key].get_tensor(key).to(torch.float32).numpy()
+      return arr.T if transpose else arr
+
+    if tied_head:
+      assert head_key is not None and emb_path is not None
+      rename.check_tied_head(read(head_key), read(source[emb_path][0]),
+                             head_key=head_key, what=what)
+    write_float32(dest, [
+        (".".join(path), shapes[path].shape, functools.partial(read, key, t))
+        for path, (key, t) in sorted(source.items())], {"format": "flax"})
