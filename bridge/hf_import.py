@@ -442,19 +442,22 @@ def load_model(
 
 
 def cached_checkpoint(spec: str, *, dtype: Any = jnp.float32,
-                      trust_pickle: bool = False
+                      trust_pickle: bool = False, stream: bool = True
                       ) -> tuple[Any, pathlib.Path] | None:
   """`(uninitialised Flax model of `dtype`, its float32 model.safetensors)`
   of a spec converted into the model cache (converting it first, as
   `load_model`, when not cached), for reading layer by layer; None for a
-  Flax checkpoint folder, which is not cached (`load_model` reads it)."""
+  Flax checkpoint folder, which is not cached (`load_model` reads it).
+  `stream=False` converts a PyTorch safetensors folder whole, through
+  PyTorch, as other sources are (`experiments.bench_convert` compares
+  the two)."""
   source = resolve(spec, trust_pickle=trust_pickle)
   if source.kind == "flax":
     return None
   assert source.cache_name is not None  # only Flax folders are not cached
   cached = model_cache_dir(source.cache_name)
-  if not (_cache_hit(cached, source) or _stream_into_cache(
-      source, cached, _cache_record(spec, source))):
+  if not (_cache_hit(cached, source) or (stream and _stream_into_cache(
+      source, cached, _cache_record(spec, source)))):
     load_model(spec, trust_pickle=trust_pickle)  # converts whole, caches
   from transformers import AutoConfig
   try:

@@ -33,6 +33,7 @@ SMOKE = "--flagfile=experiments/configs/smoke.flags"
 RUN, COMPARE, BENCH = ("experiments.run", "experiments.compare",
                        "experiments.bench_solvers")
 EXPORT, PARITY = "bridge.export", "bridge.parity"
+CONVERT = "experiments.bench_convert"
 USAGE, FAILURE = cli.EXIT_USAGE, cli.EXIT_FAILURE
 
 # (command, case, argv, exit status, what the error line must name).
@@ -209,6 +210,9 @@ CASES = [
      ["--out_dir", "not empty"]),
     (PARITY, "missing_checkpoint_flag", [], USAGE, ["--checkpoint"]),
     (BENCH, "missing_out", [], USAGE, ["--out is required"]),
+    (CONVERT, "missing_out", [], USAGE, ["--out is required"]),
+    (CONVERT, "hidden_not_heads", ["--out={fresh}/c.json", "--hidden=40"],
+     USAGE, ["--hidden", "16"]),
     (BENCH, "bad_mesh", ["--out={fresh}/b.json", "--mesh=abc"], USAGE,
      ["--mesh"]),
 ]
@@ -276,7 +280,7 @@ def outcomes(tiny_run, tiny_export, tmp_path_factory):
   guarded = [tiny_run, pathlib.Path(paths["files"])]
   before = [_tree(p) for p in guarded]
   results = {}
-  for module in (RUN, COMPARE, EXPORT, PARITY, BENCH):
+  for module in (RUN, COMPARE, EXPORT, PARITY, BENCH, CONVERT):
     todo = [(case, argv) for mod, case, argv, *_ in [*CASES, RERUN]
             if mod == module]
     argvs = [[a.format(**paths) for a in argv] for _, argv in todo]

@@ -1,0 +1,155 @@
+r"""Peak memory of converting a PyTorch checkpoint: tensor by tensor or whole.
+
+  python -m experiments.bench_convert --out=convert.json
+  python -m experiments.bench_convert --out=convert.json --layers=2 --hidden=256
+
+Saves a random Llama of the given shape as bfloat16 safetensors shards (as
+transformers writes large checkpoints), then converts it into an empty
+model cache twice, each in a fresh process: streamed, tensor by tensor
+(`bridge.stream_convert`, what `hf_import.cached_checkpoint` does for such
+a folder), and whole, through the PyTorch model (what it did before, and
+still does for GGUF files and pickles). Records each process's peak
+resident memory (`os.wait4`), its wall time, the peak of a process that
+only imports the same modules, and whether the two float32 files hold
+the same tensors bit for bit. Everything is written under a temporary
+folder, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from mosp_jax import cli
+from mosp_jax.pipeline import artifact
+
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "Decoder layers.")
+_HIDDEN = flags.DEFINE_integer("hidden", 2048, "Hidden size.")
+_MLP = flags.DEFINE_integer("mlp", 5632, "MLP (intermediate) size.")
+_VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
+_SHARD = flags.DEFINE_string("shard_size", "500MB",
+                             "transformers' max_shard_size of the shards.")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# One conversion in a fresh process: argv = mode, checkpoint, cache.
+_CHILD = """
+import os, sys
+mode, ckpt, cache = sys.argv[1:]
+os.environ["MOSP_JAX_CACHE"] = cache
+import jax, torch, transformers
+from bridge import hf_import
+if mode == "imports":
+  hf_import.load_config(ckpt)
+else:
+  print(hf_import.cached_checkpoint(ckpt, stream=mode == "stream")[1])
+"""
+
+
+def _run_child(mode: str, ckpt: pathlib.Path, tmp: pathlib.Path
+               ) -> dict[str, Any]:
+  """One conversion (or `imports`) in a fresh process: `{peak_rss_bytes,
+  wall_s, file}` (the converted model.safetensors; None for `imports`)."""
+  log = tmp / f"{mode}.log"
+  with open(log, "wb") as f:
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, mode, str(ckpt),
+         str(tmp / f"cache-{mode}")], stdout=f, stderr=subprocess.STDOUT,
+        cwd=ROOT)
+    # wait4, not proc.wait(): the child's own resource usage.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+  text = log.read_text()
+  if proc.returncode != 0:
+    raise RuntimeError(f"the {mode} process failed ({proc.returncode}):\n"
+                       f"{text[-2000:]}")
+  return {"peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
+          "wall_s": wall,
+          "file": text.split()[-1] if mode != "imports" else None}
+
+
+def _save_random_llama(d: pathlib.Path) -> int:
+  """A random Llama of the flags' shape as bfloat16 shards; its parameter
+  count."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  cfg = LlamaConfig(
+      hidden_size=_HIDDEN.value, intermediate_size=_MLP.value,
+      num_hidden_layers=_LAYERS.value, num_attention_heads=16,
+      num_key_value_heads=4, vocab_size=_VOCAB.value,
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model: Any = LlamaForCausalLM(cfg)
+  model = model.to(torch.bfloat16)
+  model.save_pretrained(d, max_shard_size=_SHARD.value)
+  return sum(p.numel() for p in model.parameters())
+
+
+def _same_tensors(a: str, b: str) -> bool:
+  """Whether two safetensors files hold the same tensors, bit for bit."""
+  from safetensors import safe_open
+
+  with safe_open(a, "np") as fa, safe_open(b, "np") as fb:
+    keys = set(fa.keys())  # noqa: SIM118 (safe_open handles)
+    return keys == set(fb.keys()) and all(  # noqa: SIM118
+        np.array_equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)
+
+
+def main(argv):
+  del argv  # cli.run refuses positional arguments.
+  if not _OUT.value:
+    raise cli.UsageError("--out is required (a path for the JSON results)")
+  cli.check_out_file(_OUT.value, flag="--out")
+  for flag in (_LAYERS, _HIDDEN, _MLP, _VOCAB):
+    if flag.value < 1:
+      raise cli.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  if _HIDDEN.value % 16:
+    raise cli.UsageError(f"--hidden must be a multiple of 16 (the model's "
+                         f"heads), got {_HIDDEN.value}")
+  with tempfile.TemporaryDirectory(prefix="bench_convert-") as tmp_name:
+    tmp = pathlib.Path(tmp_name)
+    print("saving a random Llama ...", flush=True)
+    params = _save_random_llama(tmp / "checkpoint")
+    shards = sorted((tmp / "checkpoint").glob("*.safetensors"))
+    runs = {}
+    for mode in ("imports", "stream", "whole"):
+      print(f"{mode} ...", flush=True)
+      runs[mode] = _run_child(mode, tmp / "checkpoint", tmp)
+    equal = _same_tensors(runs["stream"]["file"], runs["whole"]["file"])
+    record = {
+        "parameters": params, "layers": _LAYERS.value,
+        "hidden": _HIDDEN.value, "mlp": _MLP.value, "vocab": _VOCAB.value,
+        "shards": len(shards),
+        "shard_bytes": sum(s.stat().st_size for s in shards),
+        "float32_bytes": os.path.getsize(runs["stream"]["file"]),
+        "same_tensors": equal,
+        **{f"{m}_{k}": v for m, r in runs.items() for k, v in r.items()
+           if k != "file"}}
+  artifact.write_json(_OUT.value, record)
+  gb = 1e9
+  print(f"{params / 1e6:.0f} M parameters, {len(shards)} bfloat16 shards "
+        f"({record['shard_bytes'] / gb:.2f} GB) -> float32 "
+        f"{record['float32_bytes'] / gb:.2f} GB")
+  print(f"peak resident memory: streamed "
+        f"{record['stream_peak_rss_bytes'] / gb:.2f} GB, whole "
+        f"{record['whole_peak_rss_bytes'] / gb:.2f} GB "
+        f"(imports alone {record['imports_peak_rss_bytes'] / gb:.2f} GB); "
+        f"wall {record['stream_wall_s']:.0f} s against "
+        f"{record['whole_wall_s']:.0f} s; same tensors: {equal}")
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
