@@ -5,20 +5,22 @@ r"""Peak memory of converting a PyTorch checkpoint: tensor by tensor or whole.
 
 Saves a random Llama of the given shape as bfloat16 safetensors shards (as
 transformers writes large checkpoints), then converts it into an empty
-model cache twice, each in a fresh process: streamed, tensor by tensor
-(`bridge.stream_convert`, what `hf_import.cached_checkpoint` does for such
-a folder), and whole, through the PyTorch model (what it did before, and
-still does for GGUF files and pickles). Records each process's peak
-resident memory (`os.wait4`), its wall time, the peak of a process that
-only imports the same modules, and whether the two float32 files hold
-the same tensors bit for bit. Everything is written under a temporary
-folder, deleted at the end.
+model cache twice: streamed, tensor by tensor (`bridge.stream_convert`,
+what `hf_import.cached_checkpoint` does for such a folder), and whole,
+through the PyTorch model (what it did before, and still does for GGUF
+files and pickles). Every step runs in a fresh process, whose peak
+resident memory (`os.wait4`) and wall time are recorded, beside the peak
+of a process that only imports the same modules; and whether the two
+float32 files hold the same tensors bit for bit. Everything is written
+under a temporary folder, deleted at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,12 +43,27 @@ _SHARD = flags.DEFINE_string("shard_size", "500MB",
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# One conversion in a fresh process: argv = mode, checkpoint, cache.
+# One step in a fresh process: argv = mode, checkpoint, cache, shape JSON.
+# Every step, the random model's construction included, runs in a child:
+# a child's peak resident memory counts the parent's pages it was forked
+# with, so the parent stays small.
 _CHILD = """
-import os, sys
-mode, ckpt, cache = sys.argv[1:]
+import json, os, sys
+mode, ckpt, cache, shape = sys.argv[1:]
 os.environ["MOSP_JAX_CACHE"] = cache
 import jax, torch, transformers
+if mode == "make":
+  s = json.loads(shape)
+  cfg = transformers.LlamaConfig(
+      hidden_size=s["hidden"], intermediate_size=s["mlp"],
+      num_hidden_layers=s["layers"], num_attention_heads=16,
+      num_key_value_heads=4, vocab_size=s["vocab"],
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+  model.save_pretrained(ckpt, max_shard_size=s["shard_size"])
+  print(sum(p.numel() for p in model.parameters()))
+  sys.exit()
 from bridge import hf_import
 if mode == "imports":
   hf_import.load_config(ckpt)
@@ -57,15 +74,19 @@ else:
 
 def _run_child(mode: str, ckpt: pathlib.Path, tmp: pathlib.Path
                ) -> dict[str, Any]:
-  """One conversion (or `imports`) in a fresh process: `{peak_rss_bytes,
-  wall_s, file}` (the converted model.safetensors; None for `imports`)."""
+  """One step in a fresh process: `{peak_rss_bytes, wall_s, printed}`
+  (the last word it printed: the parameter count for `make`, the
+  converted model.safetensors for `stream` and `whole`)."""
+  shape = {"layers": _LAYERS.value, "hidden": _HIDDEN.value,
+           "mlp": _MLP.value, "vocab": _VOCAB.value,
+           "shard_size": _SHARD.value}
   log = tmp / f"{mode}.log"
   with open(log, "wb") as f:
     t = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, mode, str(ckpt),
-         str(tmp / f"cache-{mode}")], stdout=f, stderr=subprocess.STDOUT,
-        cwd=ROOT)
+         str(tmp / f"cache-{mode}"), json.dumps(shape)], stdout=f,
+        stderr=subprocess.STDOUT, cwd=ROOT)
     # wait4, not proc.wait(): the child's own resource usage.
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -74,27 +95,9 @@ def _run_child(mode: str, ckpt: pathlib.Path, tmp: pathlib.Path
   if proc.returncode != 0:
     raise RuntimeError(f"the {mode} process failed ({proc.returncode}):\n"
                        f"{text[-2000:]}")
+  words = text.split()
   return {"peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
-          "wall_s": wall,
-          "file": text.split()[-1] if mode != "imports" else None}
-
-
-def _save_random_llama(d: pathlib.Path) -> int:
-  """A random Llama of the flags' shape as bfloat16 shards; its parameter
-  count."""
-  import torch
-  from transformers import LlamaConfig, LlamaForCausalLM
-
-  cfg = LlamaConfig(
-      hidden_size=_HIDDEN.value, intermediate_size=_MLP.value,
-      num_hidden_layers=_LAYERS.value, num_attention_heads=16,
-      num_key_value_heads=4, vocab_size=_VOCAB.value,
-      tie_word_embeddings=False)
-  torch.manual_seed(0)
-  model: Any = LlamaForCausalLM(cfg)
-  model = model.to(torch.bfloat16)
-  model.save_pretrained(d, max_shard_size=_SHARD.value)
-  return sum(p.numel() for p in model.parameters())
+          "wall_s": wall, "printed": words[-1] if words else ""}
 
 
 def _same_tensors(a: str, b: str) -> bool:
@@ -121,22 +124,26 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix="bench_convert-") as tmp_name:
     tmp = pathlib.Path(tmp_name)
     print("saving a random Llama ...", flush=True)
-    params = _save_random_llama(tmp / "checkpoint")
-    shards = sorted((tmp / "checkpoint").glob("*.safetensors"))
+    ckpt = tmp / "checkpoint"
+    params = int(_run_child("make", ckpt, tmp)["printed"])
+    shards = sorted(ckpt.glob("*.safetensors"))
+    # The floor of every child's peak: each is forked from this process.
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     runs = {}
     for mode in ("imports", "stream", "whole"):
       print(f"{mode} ...", flush=True)
-      runs[mode] = _run_child(mode, tmp / "checkpoint", tmp)
-    equal = _same_tensors(runs["stream"]["file"], runs["whole"]["file"])
+      runs[mode] = _run_child(mode, ckpt, tmp)
+    files = {m: runs[m].pop("printed") for m in runs}
+    equal = _same_tensors(files["stream"], files["whole"])
     record = {
         "parameters": params, "layers": _LAYERS.value,
         "hidden": _HIDDEN.value, "mlp": _MLP.value, "vocab": _VOCAB.value,
         "shards": len(shards),
         "shard_bytes": sum(s.stat().st_size for s in shards),
-        "float32_bytes": os.path.getsize(runs["stream"]["file"]),
+        "float32_bytes": os.path.getsize(files["stream"]),
         "same_tensors": equal,
-        **{f"{m}_{k}": v for m, r in runs.items() for k, v in r.items()
-           if k != "file"}}
+        "parent_peak_rss_bytes_before_children": parent,
+        **{f"{m}_{k}": v for m, r in runs.items() for k, v in r.items()}}
   artifact.write_json(_OUT.value, record)
   gb = 1e9
   print(f"{params / 1e6:.0f} M parameters, {len(shards)} bfloat16 shards "
