@@ -5,10 +5,11 @@ every parameter of the saved model once."""
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
-from tests.test_cli_errors import ROOT
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_bench_convert_record(tmp_path):
