@@ -394,6 +394,7 @@ def load_model(
     dtype: Any = jnp.float32,
     cache: bool = True,
     trust_pickle: bool = False,
+    stream: bool = True,
 ) -> tuple[Any, dict, Any]:
   """Loads a causal LM as (Flax model, params, tokenizer).
 
@@ -402,6 +403,9 @@ def load_model(
     dtype: dtype of the returned params and of the model's computation.
     cache: read / write the converted checkpoint in the model cache.
     trust_pickle: allow pickled PyTorch weights.
+    stream: with `cache`, convert a PyTorch safetensors folder into the
+      cache tensor by tensor (`_stream_into_cache`); False converts it
+      whole, through PyTorch, as other sources are.
 
   Returns:
     model: an uninitialised HF Flax model (`model(ids, params=params)`;
@@ -419,8 +423,8 @@ def load_model(
   assert source.cache_name is not None  # only Flax folders are not cached
   cached = model_cache_dir(source.cache_name)
   meta = _cache_record(spec, source)
-  if cache and (_cache_hit(cached, source)
-                or _stream_into_cache(source, cached, meta)):
+  if cache and (_cache_hit(cached, source) or (
+      stream and _stream_into_cache(source, cached, meta))):
     model, params, tokenizer = load_flax_dir(cached, dtype=dtype)
   else:
     torch_model, config, tokenizer = _load_torch(source)
@@ -458,7 +462,8 @@ def cached_checkpoint(spec: str, *, dtype: Any = jnp.float32,
   cached = model_cache_dir(source.cache_name)
   if not (_cache_hit(cached, source) or (stream and _stream_into_cache(
       source, cached, _cache_record(spec, source)))):
-    load_model(spec, trust_pickle=trust_pickle)  # converts whole, caches
+    # Converts whole and caches; streaming was tried (or not asked for).
+    load_model(spec, trust_pickle=trust_pickle, stream=False)
   from transformers import AutoConfig
   try:
     config = AutoConfig.from_pretrained(str(cached))

@@ -209,6 +209,22 @@ def test_torch_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
       np.testing.assert_array_equal(f.get_tensor(".".join(k)), v)
 
 
+def test_unstreamed_conversion_goes_through_torch(tmp_path, cache,
+                                                  monkeypatch):
+  # stream=False (experiments.bench_convert's baseline) must take the
+  # whole conversion, not stream inside load_model.
+  d, tm = _save_torch(tmp_path)
+
+  def no_stream(*args, **kwargs):
+    raise AssertionError("stream=False must not stream")
+
+  monkeypatch.setattr(hf_import, "_stream_into_cache", no_stream)
+  _, path = hf_import.cached_checkpoint(str(d), stream=False)
+  _, params, _ = hf_import.load_model(str(path.parent))
+  jax.tree.map(np.testing.assert_array_equal, params,
+               hf_import.torch_to_flax(tm)[1])
+
+
 def test_unmapped_shard_names_convert_through_torch(tmp_path, cache,
                                                     caplog):
   # A base model's checkpoint (no 'model.' prefix): transformers maps it,
