@@ -75,7 +75,7 @@ def test_tiny_llama_bytes_and_flops_by_hand():
       "solver Grams + eigenvectors": (4 + 2 * m) * f * f * 4,
       "solver iterates": iterates,
       "Pareto sets + model layers":
-          sum_no * ((m + 1) * 4 + 1 + (P + 1 + m) * b),
+          sum_no * ((m + 1) * 4 + 1 + (2 + m) * b),
   }
   plan = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE)
   assert _rows(plan) == want

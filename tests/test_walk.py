@@ -228,3 +228,65 @@ def test_resume_from_a_checkpoint_ends_bit_equal(problem, walks, tmp_path):
     np.testing.assert_array_equal(getattr(res, key), getattr(full, key))
   assert ([lay["linears"] for lay in res.layers]
           == [lay["linears"] for lay in full.layers])
+
+
+def _layer0_solved(problem, prefs):
+  """MOSP's unit for `prefs`, its layer-0 dense params and its solve."""
+  from mosp_jax.pipeline.prune import mosp_unit
+  adapter, params, calib, _ = problem
+  unit = mosp_unit(adapter, prefs, len(calib), pattern=PATTERN, cfg=CFG)
+  lp = adapter.layer_params(params, 0)
+  grams = {i: layer_grams(adapter, lp, walk.embed_stream(adapter, params, c,
+                                                         BATCH))
+           for i, c in enumerate(calib)}
+  _, carry = unit.solve(0, lp, grams)
+  assert all(not g for g in grams.values())  # the solve used them up
+  return adapter, unit, lp, carry
+
+
+def test_mosp_evaluation_holds_one_preference_layer_at_a_time(problem):
+  """When MOSP's evaluation hands model p's layer to the walk, the arrays
+  of a linear's shape alive are the same in number for 3 preferences as
+  for 7: earlier preferences' layers are gone, later ones not built (the
+  whole set of P layers at once would add 4 more of each)."""
+  counts = {}
+  for P in (3, 7):
+    prefs = np.random.default_rng(P).dirichlet([1, 1], P).astype(np.float32)
+    adapter, unit, lp, carry = _layer0_solved(problem, prefs)
+    shape = adapter.get_layer_kernel(lp, "mlp.down_proj").shape
+    seen, order = [], []
+
+    def advance(j, layer_params, shape=shape, seen=seen, order=order):
+      del layer_params
+      order.append(j)
+      seen.append(sum(a.shape == shape for a in jax.live_arrays()))
+
+    ev = unit.evaluate(0, lp, carry, advance)
+    assert order == list(range(P + 1))
+    assert len(ev.zeros) == P + 1
+    assert [len(r["rel_error"]) for r in ev.record["linears"].values()] == [
+        P + 1] * len(adapter.linear_names())
+    counts[P] = seen
+    del carry
+  assert max(counts[7]) == max(counts[3]), counts
+
+
+@pytest.mark.parametrize("calls,message", [
+    ([0], r"evaluate did not advance models \[1\]"),
+    ([0, 0], r"advance\(0\) called twice"),
+    ([2], r"advance\(2\) called twice or outside 0..1")])
+def test_walk_refuses_a_unit_that_skips_or_repeats_a_model(problem, calls,
+                                                          message):
+  adapter, params, calib, test = problem
+
+  def evaluate(layer, dense, carry, advance):
+    for j in calls:
+      advance(j, dense)
+    return walk.Evaluated([0, 0], 1, {})
+
+  unit = walk.Unit(tasks=(0,), models=2,
+                   solve=lambda layer, dense, grams: ([dense], None),
+                   evaluate=evaluate, where="probe ")
+  with pytest.raises(ValueError, match="probe layer 0: " + message):
+    walk.walk_layers(adapter, from_tree(adapter, params), calib, test,
+                     [unit], batch_size=BATCH, log=lambda s: None)

@@ -352,9 +352,12 @@ def memory_rows(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   - solver iterates, largest linear: `n o (max(4 c + 2, 6 m + 2) g +
     c)`: stage 1's `B, D, V, Z` per channel with `B0, G B0`; stages 2-3
     vmapped over tasks (`X, R, P, Z, AP, b` per task); the masks.
-  - Pareto sets and model layers: `sum n o ((m + 1) g + 1 + (P + 1 +
-    m_task) b)`: per linear `W`, the `W_i`, the core bits, and a
-    layer copy per evaluated model (`m_task = m` with `--streams=task`).
+  - Pareto sets and model layers: `sum n o ((m + 1) g + 1 + (2 +
+    m_task) b)`: per linear `W`, the `W_i`, the core bits, and the layer
+    copies alive at once: `W`'s and one preference's (the evaluation
+    builds and advances one preference at a time, `prune._evaluate_layer`
+    [ours]), or the task models' during the solve (`m_task = m` with
+    `--streams=task`).
   """
   m, N, T, d = len(run.tasks), run.nsamples, run.seqlen, shapes.hidden
   S, P, B, b, g = (run.test_tokens // T, len(run.prefs), run.batch_size,
@@ -402,8 +405,8 @@ def memory_rows(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
           "n o (max(4 c + 2, 6 m + 2) g + c), largest linear"),
       Row("Pareto sets + model layers", sum(
           lin.n * lin.o for lin in shapes.linears)
-          * ((m + 1) * g + 1 + (P + 1 + m_task) * b),
-          "sum n o ((m + 1) g + 1 + (P + 1 + m_task) b)", ("--prefs",)),
+          * ((m + 1) * g + 1 + (2 + m_task) * b),
+          "sum n o ((m + 1) g + 1 + (2 + m_task) b)", ("--tasks",)),
   ]
   return tuple(rows)
 

@@ -9,10 +9,11 @@ docs/METHOD_NOTES.md#whole-model. MOSP is one `walk.Unit` of
      default through the global model `W` [ours: the paper does not say],
      which makes the walk the ALPS-concat baseline's own; with
      `streams='task'` task i's stream goes through its model `W_i`;
-  4. evaluate: materialise every requested preference's model (a weighted
-     sum and a projection) and advance the test streams of every model
-     (the preferences and `W`) and task through it, so every model is
-     evaluated with no whole-model pass and no model is held whole.
+  4. evaluate: materialise each requested preference's model (a weighted
+     sum and a projection) and advance its test streams (one per task)
+     through it, one preference at a time [ours], then `W`'s; so every
+     model is evaluated with no whole-model pass, no model is held whole
+     and one preference's layer exists at a time.
 Embeddings, norms and the LM head stay dense.
 """
 
@@ -136,12 +137,11 @@ def prune_and_evaluate(
 
 class _Solved(NamedTuple):
   """What MOSP's solve of one layer hands to its evaluation: per linear
-  its Pareto set and solver info; per group the task Grams on the device
-  (key: the group's first linear) and on the host; the global model."""
+  its Pareto set and solver info; per group the `(m, n, n)` task Grams on
+  the device (key: the group's first linear); the global model."""
   sets: dict[str, ParetoLayer]
   infos: dict[str, MospInfo]
   grams_dev: dict[str, jax.Array]
-  task_grams: dict[int, walk.Grams]
   global_layer: Params
 
 
@@ -157,9 +157,10 @@ def mosp_unit(adapter: Adapter, prefs: np.ndarray, m: int, *,
       solve=functools.partial(_solve_layer, adapter=adapter,
                               pattern=pattern, cfg=cfg, streams=streams,
                               mesh=mesh),
-      evaluate=functools.partial(_evaluate_layer, adapter=adapter,
-                                 pattern=pattern, cfg=cfg,
-                                 prefs=jax.device_put(prefs)),
+      evaluate=functools.partial(
+          _evaluate_layer, adapter=adapter, pattern=pattern, cfg=cfg,
+          prefs=tuple(jax.device_put(prefs[p:p + 1])
+                      for p in range(prefs.shape[0]))),
       commit=None if artifact_dir is None else functools.partial(
           _save_layer, artifact_dir, groups=adapter.linear_groups(),
           cfg=cfg))
@@ -171,12 +172,14 @@ def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
                  mesh: jax.sharding.Mesh | None
                  ) -> tuple[list[Params], _Solved]:
   """One Pareto set per linear of `layer` from the `m` tasks' Grams; the
-  layers the calibration streams go through (`W`, or `W_i` for task i)."""
+  layers the calibration streams go through (`W`, or `W_i` for task i).
+  Empties `task_grams` group by group: their host copies go once on the
+  device."""
   m = len(task_grams)
   sets, infos, grams_dev = {}, {}, {}
   global_layer, task_layers = dense, [dense] * m
   for group in adapter.linear_groups():
-    G_dev = jax.device_put(np.stack([task_grams[i][group[0]]
+    G_dev = jax.device_put(np.stack([task_grams[i].pop(group[0])
                                      for i in range(m)]))
     grams_dev[group[0]] = G_dev
     for name in group:
@@ -194,36 +197,46 @@ def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
           task_layers[i] = adapter.set_layer_kernel(task_layers[i], name, w)
       sets[name], infos[name] = par, info
   through = task_layers if streams == "task" else [global_layer] * m
-  return through, _Solved(sets, infos, grams_dev, task_grams, global_layer)
+  return through, _Solved(sets, infos, grams_dev, global_layer)
 
 
-def _evaluate_layer(layer: int, dense: Params, s: _Solved, *,
-                    adapter: Adapter, prefs: jax.Array, pattern: Pattern,
+def _evaluate_layer(layer: int, dense: Params, s: _Solved,
+                    advance: walk.Advance, *, adapter: Adapter,
+                    prefs: tuple[jax.Array, ...], pattern: Pattern,
                     cfg: SolverConfig) -> walk.Evaluated:
-  """Materialises the `(P, m)` preferences' models of `layer`; their layers
-  and the global model's, zeros, and per linear the solver iterations and
-  `(P + 1, m)` relative errors on the calibration Grams."""
-  P = prefs.shape[0]
-  model_layers = [dense] * P
-  stats, zeros, weights = {}, np.zeros(P + 1), 0
-  for group in adapter.linear_groups():
-    G_dev = s.grams_dev[group[0]]
-    for name in group:
-      W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
-      par = s.sets[name]
-      W, _ = mosp_materialize(par, prefs, pattern=pattern, cfg=cfg,
-                              grams=G_dev, W0=W0)
-      for p, w in enumerate(_unstack(W)):
-        model_layers[p] = adapter.set_layer_kernel(model_layers[p], name, w)
-      (errs, nz), info = jax.device_get((walk.model_stats(
-          G_dev, W0, jnp.concatenate([W, par.W[None]])), s.infos[name]))
-      zeros += nz
-      weights += W0.size
-      stats[name] = {"stage1_iters": int(info.stage1.iters),
-                     "stage2_iters": np.asarray(info.stage2.iters).tolist(),
-                     "rel_error": np.asarray(errs).tolist()}
-  return walk.Evaluated([*model_layers, s.global_layer], zeros, weights,
-                        {"linears": stats})
+  """Materialises the models of preferences `prefs` (P arrays `(1, m)`)
+  of `layer` one at a time, each advanced (`advance(p, layer)`) before
+  the next is built, then advances `W`'s (model P); their zeros, and per
+  linear the solver iterations and `(P + 1, m)` relative errors on the
+  calibration Grams."""
+  P = len(prefs)
+  zeros = np.zeros(P + 1)
+  errors: dict[str, list] = {}
+  for p in range(P + 1):
+    model_layer = dense if p < P else s.global_layer
+    for group in adapter.linear_groups():
+      G_dev = s.grams_dev[group[0]]
+      for name in group:
+        W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
+        if p < P:
+          W = mosp_materialize(s.sets[name], prefs[p],
+                               pattern=pattern, cfg=cfg, grams=G_dev,
+                               W0=W0)[0]
+          model_layer = adapter.set_layer_kernel(model_layer, name, W[0])
+        else:
+          W = jnp.asarray(s.sets[name].W)[None]
+        errs, nz = jax.device_get(walk.model_stats(G_dev, W0, W))
+        zeros[p] += nz[0]
+        errors.setdefault(name, []).append(errs[0].tolist())
+    advance(p, model_layer)
+  weights = sum(adapter.get_layer_kernel(dense, name).size
+                for name in adapter.linear_names())
+  stats = {}
+  for name, info in jax.device_get(s.infos).items():
+    stats[name] = {"stage1_iters": int(info.stage1.iters),
+                   "stage2_iters": np.asarray(info.stage2.iters).tolist(),
+                   "rel_error": errors[name]}
+  return walk.Evaluated(zeros, weights, {"linears": stats})
 
 
 def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
@@ -231,8 +244,7 @@ def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
   """Saves the layer's Pareto sets to the artifact."""
   # [ours] A refit needs the Grams again when a preference is
   # materialised later (export); the paper's Pareto set does not.
-  m = len(s.task_grams)
-  grams = ({g[0]: np.stack([s.task_grams[i][g[0]] for i in range(m)])
+  grams = ({g[0]: np.asarray(jax.device_get(s.grams_dev[g[0]]))
             for g in groups} if cfg.pref_refit_iters > 0 else None)
   artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
                       grams=grams)

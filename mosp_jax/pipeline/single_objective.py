@@ -134,8 +134,13 @@ def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
         lp = adapter.set_layer_kernel(lp, name, W)
         zeros += int(jax.device_get(_zeros(W)))
         weights += W0.size
-    return [lp] * len(used), walk.Evaluated([lp], [zeros], weights, {})
+    return [lp] * len(used), (lp, walk.Evaluated([zeros], weights, {}))
 
-  return walk.Unit(tasks=used, models=1, solve=solve,
-                   evaluate=lambda layer, dense, evaluated: evaluated,
+  def evaluate(layer, dense, solved, advance):
+    del layer, dense  # the model's layer is the solve's
+    lp, evaluated = solved
+    advance(0, lp)
+    return evaluated
+
+  return walk.Unit(tasks=used, models=1, solve=solve, evaluate=evaluate,
                    where=where)

@@ -188,16 +188,17 @@ def eta_text(durations: Sequence[float], remaining: int) -> str:
 class Evaluated(NamedTuple):
   """What a unit's models are after one layer.
 
-  layers: per evaluated model, the decoder layer its test streams go
-    through.
   zeros: per evaluated model, exact zeros in its pruned linears.
   weights: weights in the pruned linears of one model.
   record: JSON-able entries of the layer's record (e.g. 'linears').
   """
-  layers: list[Params]
   zeros: Sequence[int] | np.ndarray
   weights: int
   record: dict
+
+
+# `advance(j, layer_params)`: model j's test streams through its layer.
+Advance = Callable[[int, Params], None]
 
 
 class Unit(NamedTuple):
@@ -209,9 +210,13 @@ class Unit(NamedTuple):
   solve: `(layer, dense, {task: Grams}) -> (layers, carry)`: prunes the
     layer, `dense` being its dense parameter subtree; `layers[j]` is the
     decoder layer task `tasks[j]`'s calibration stream goes through; timed
-    as 'solve'.
-  evaluate: `(layer, dense, carry) -> Evaluated`: the evaluated models'
-    layers (e.g. materialised preferences); timed as 'evaluate'.
+    as 'solve'. It may empty the Grams' dicts (the walk keeps no other
+    reference), so their host memory goes as soon as they are used.
+  evaluate: `(layer, dense, carry, advance) -> Evaluated`: builds each
+    evaluated model's layer (e.g. a materialised preference) and calls
+    `advance(j, layer)` once for every model `j < models`, which moves
+    that model's test streams through it before it returns; so a unit
+    can hold one evaluated layer at a time [ours]; timed as 'evaluate'.
   commit: `(layer, carry) -> None` or None: saves what the layer made
     (untimed, before the layer is checkpointed).
   where: prefix of error messages ('sparsegpt model 2, ').
@@ -220,7 +225,7 @@ class Unit(NamedTuple):
   models: int
   solve: Callable[[int, Params, dict[int, Grams]],
                   tuple[list[Params], Any]]
-  evaluate: Callable[[int, Params, Any], Evaluated]
+  evaluate: Callable[[int, Params, Any, Advance], Evaluated]
   commit: Callable[[int, Any], None] | None = None
   where: str = ""
 
@@ -266,6 +271,33 @@ def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
   return out
 
 
+def _evaluate(adapter: Adapter, unit: Unit, layer: int, lp: Params,
+              carry: Any, tests: Sequence[list[Stream]], offload: bool
+              ) -> tuple[list[list[Stream]], Evaluated]:
+  """`unit.evaluate` with the `advance` it calls: each model's test
+  streams `tests[j]` (one per task) through that model's layer, waited
+  for before the next model's layer is built. Returns the advanced
+  streams and the unit's `Evaluated`."""
+  out: dict[int, list[Stream]] = {}
+
+  def advance(j: int, model_layer: Params) -> None:
+    if not 0 <= j < unit.models or j in out:
+      raise ValueError(f"{unit.where}layer {layer}: advance({j}) called "
+                       f"twice or outside 0..{unit.models - 1}")
+    # Dispatch is asynchronous: wait, so this work is timed as 'evaluate'
+    # and the layer's buffers go before the next model's are built.
+    out[j] = jax.block_until_ready(
+        [advance_stream(adapter, model_layer, s, offload=offload)
+         for s in tests[j]])
+
+  ev = unit.evaluate(layer, lp, carry, advance)
+  missing = sorted(set(range(unit.models)) - set(out))
+  if missing:
+    raise ValueError(f"{unit.where}layer {layer}: evaluate did not advance "
+                     f"models {missing}")
+  return [out[j] for j in range(unit.models)], ev
+
+
 def _walk_layer(
     adapter: Adapter, model: DenseLayers, layer: int, units: Sequence[Unit],
     state: dict[str, list], offload: bool
@@ -289,17 +321,14 @@ def _walk_layer(
     grams = _capture(adapter, layer, lp, unit, calib[u])
     t1 = time.perf_counter()
     layers, carry = unit.solve(layer, lp, grams)
+    del grams  # whatever the solve left of them
     t2 = time.perf_counter()
     calib[u] = _advance_calib(adapter, layer, unit, layers, calib[u],
                               offload)
+    del layers
     t3 = time.perf_counter()
-    ev = unit.evaluate(layer, lp, carry)
-    tests[u] = [[advance_stream(adapter, lpm, s, offload=offload)
-                 for s in streams]
-                for lpm, streams in zip(ev.layers, tests[u], strict=True)]
-    # Dispatch is asynchronous: wait, or this work would be timed as the
-    # next phase.
-    jax.block_until_ready(tests[u])
+    tests[u], ev = _evaluate(adapter, unit, layer, lp, carry, tests[u],
+                             offload)
     t4 = time.perf_counter()
     for key, dt in zip(_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
                        strict=True):
