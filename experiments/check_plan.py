@@ -73,7 +73,8 @@ def main(argv):
   log(plan_lib.format_checks(checks, tolerance=FLAGS.tolerance,
                              min_seconds=FLAGS.min_seconds))
   log(f"  memory: plan {at_iters.total_bytes / plan_lib.GIB:.2f} GiB "
-      f"(arrays, a floor); measured {peak / plan_lib.GIB:.2f} GiB "
+      f"(arrays, every term at its peak); measured "
+      f"{peak / plan_lib.GIB:.2f} GiB "
       f"({peak_kind}{'' if measured else ', of reading a finished run'})")
   report = {
       "model": run.model, "layers": len(res.layers),

@@ -22,7 +22,11 @@ Memory [ours] counts every term at its own peak at the same time: the
 arrays the walk holds, not what XLA, Python and the libraries add (the
 quick run's plan says 1.50 GiB where `/usr/bin/time -v` measured 5.13 GB
 peak resident memory on the CPU, where host and device share the RAM),
-so it is a floor on the arrays, not a bound on the process. The walk
+so it is neither a floor nor a bound on the process: on small models
+the runtime's overhead dominates and the process uses more; on the
+1-layer Llama-2-7B simulation the plan said 22.24 GiB and the process
+peaked at 16.00 GiB, because the solver's terms and the evaluation's
+are never alive together, though the sum counts both. The walk
 reads the dense model one layer at a time (`layer_source`), so the
 weights term is one layer and the outside parameters; `--dtype=bfloat16`
 halves `b`; `--offload_streams` moves the streams to host memory (chosen
