@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 import zlib
 
 import jax
 import numpy as np
 import pytest
+
+# The repository root: the working directory of tests that run a command.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def guarded(fn, *args, jit: bool = True, **kwargs):

@@ -5,11 +5,10 @@ every parameter of the saved model once."""
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def test_bench_convert_record(tmp_path):

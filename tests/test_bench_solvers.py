@@ -11,11 +11,10 @@ process: its flags share names with experiments.run's.
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 _RECORD = """
 import json

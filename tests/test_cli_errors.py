@@ -26,9 +26,8 @@ from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
 from mosp_jax.pipeline.walk import eta_text
 
 from . import cli_worker
-from .conftest import TINY_RUN_FLAGS
+from .conftest import ROOT, TINY_RUN_FLAGS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--flagfile=experiments/configs/smoke.flags"
 RUN, COMPARE, BENCH = ("experiments.run", "experiments.compare",
                        "experiments.bench_solvers")

@@ -1,7 +1,6 @@
 """experiments.compare: front metrics, flags and smoke runs on tiny-llama."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -11,6 +10,8 @@ from absl import flags
 from absl.testing import flagsaver
 
 from experiments import compare, comparison, shared_flags
+
+from .conftest import ROOT
 
 SMOKE = "experiments/configs/smoke.flags"
 # The three vertices only: a mixed baseline builds 3 models.
@@ -84,14 +85,13 @@ def test_compare_reads_the_run_flagfile(tmp_path):
   --export_pref, which compare accepts; a misspelt flag is still one
   error line. --methods=bogus stops it before any model is loaded, and
   so does --plan_only."""
-  root = pathlib.Path(__file__).resolve().parents[1]
 
   def compare_with(*args):
     return subprocess.run(
         [sys.executable, "-m", "experiments.compare",
          "--flagfile=experiments/configs/quick.flags",
          f"--out_dir={tmp_path / 'out'}", *args],
-        cwd=root, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
   proc = compare_with("--methods=bogus")
   errors = [s for s in proc.stderr.splitlines() if s.startswith("error:")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -22,7 +21,8 @@ from absl.testing import flagsaver
 from experiments import shared_flags
 from mosp_jax.solvers import sharding
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .conftest import ROOT
+
 CASES = [(spec, pattern) for spec in ("4", "2x2")
          for pattern in ("unstructured", "2:4")]
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.solvers import Unstructured
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .conftest import ROOT
+
 SMOKE = ["-m", "experiments.run",
          "--flagfile=experiments/configs/smoke.flags"]
 
