@@ -8,6 +8,7 @@ import torch
 from bridge.hf_import import torch_to_flax
 from mosp_jax import models
 from mosp_jax.pipeline import artifact, preferences
+from mosp_jax.pipeline import grams as grams_lib
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.solvers import ParetoLayer
 
@@ -39,12 +40,46 @@ def test_grams_equal_xtx_of_pytorch_inputs(family):
             for lo in range(0, 6, 2)]  # three batches
   with jax.transfer_guard("disallow"):
     grams = layer_grams(adapter, adapter.layer_params(params, 0), stream)
+    # Accumulators kept across calls (the walk's) change nothing.
+    sums: dict = {}
+    for _ in range(2):
+      again = layer_grams(adapter, adapter.layer_params(params, 0), stream,
+                          sums=sums)
+      for key, G in grams.items():
+        np.testing.assert_array_equal(again[key], G)
   assert sorted(grams) == sorted(g[0] for g in adapter.linear_groups())
   for key, G in grams.items():
     X = seen[key]
     ref = X.T @ X / X.shape[0]
     np.testing.assert_allclose(G, ref, rtol=1e-4,
                                atol=1e-5 * np.abs(ref).max())
+
+
+def test_gram_sums_are_float64_in_place():
+  rng = np.random.default_rng(0)
+  batches = [rng.standard_normal((40, 40)).astype(np.float32) * 10.0 ** e
+             for e in (6, -3, 0)]
+  acc = grams_lib.accumulate(None, batches[0])
+  first = acc
+  for b in batches[1:]:
+    acc = grams_lib.accumulate(acc, b)
+  assert acc is first and acc.dtype == np.float64  # No copy per batch.
+  # Independent reference: a plain loop in float64, then the mean in
+  # float64 cast once to float32.
+  ref = np.zeros((40, 40))
+  for b in batches:
+    ref = ref + b.astype(np.float64)
+  np.testing.assert_array_equal(acc, ref)
+  got = grams_lib.finish(acc, 7)
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, (ref / 7).astype(np.float32))
+  # `first` starts over in the same buffer (the walk's reuse).
+  again = grams_lib.accumulate(np.full((40, 40), np.nan), batches[2],
+                               first=True)
+  np.testing.assert_array_equal(again, batches[2].astype(np.float64))
+  # Summed in float32, the result differs.
+  assert not np.array_equal(got, ((batches[0] + batches[1] + batches[2])
+                                  / np.float32(7)).astype(np.float32))
 
 
 def test_artifact_round_trip(tmp_path):

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.pipeline import grams
 from mosp_jax.solvers import projection
 
 GRAM_BYTES = 4  # float32 Grams and solver iterates (grams.py casts).
@@ -86,6 +87,9 @@ PCG_PASSES = 10
 # stable, 33 with checks every 3 (README, "Benchmark"; 31-36 on real
 # SmolLM2 layers). `max_iter` is the upper bound.
 EXPECTED_STAGE1_ITERS = 33
+# Host passes over a Gram after its last batch (`grams.finish`: the
+# division, the float32 cast, the finite check) [ours: a count].
+GRAM_FINISH_PASSES = 3
 GIB = 2**30
 
 
@@ -136,8 +140,8 @@ class Device:
       second.
     pass_rate: elements per second of one elementwise pass (a compare and
       a sum over float32, as the top-k's bisection does).
-    host_rate: float32 -> float64 accumulations per second on the host
-      (numpy, the capture's Gram sums).
+    host_rate: element passes per second of the capture's host-side Gram
+      sums (`grams.accumulate`: float32 into float64, in place).
     host_is_device: the CPU backend, where host copies use the same
       memory.
     forward_flops: the effective rate of the run's model's decoder-layer
@@ -488,7 +492,8 @@ def phase_work(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
 
   - capture: `m N T (f + 2 sum_g n_g^2)` FLOPs (the dense layer's
     forward `f = layer_forward_flops` and every group's `X^T X`), plus
-    `m ceil(N / B) sum_g n_g^2` float64 accumulations on the host.
+    `m (ceil(N / B) + GRAM_FINISH_PASSES) sum_g n_g^2` host passes (the
+    float64 sums, `grams.accumulate`, and the mean, `grams.finish`).
   - solve: `solve_work` summed over the layer's linears.
   - propagate: `m N T f` (every calibration stream through the pruned
     layer).
@@ -502,7 +507,7 @@ def phase_work(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
   sum_n2 = sum(n * n for n in shapes.groups)
   batches = -(-N // run.batch_size)
   capture = Work(matmul=m * N * T * 2.0 * sum_n2, forward=m * N * T * f,
-                 host=float(m * batches * sum_n2))
+                 host=float(m * (batches + GRAM_FINISH_PASSES) * sum_n2))
   solve = Work()
   evaluate = Work(forward=(P + 2) * m * S * T * f)
   for lin in shapes.linears:
@@ -734,17 +739,14 @@ def measure_pass_rate(n: int = 2048) -> float:
   return TOPK_PASSES * n * n / _best_seconds(fn, scores)
 
 
-def measure_host_rate(n: int = 2048) -> float:
-  """float32 -> float64 accumulations per second in numpy (the capture's
-  host-side Gram sums, `grams.layer_grams`)."""
+def measure_host_rate(n: int = 4096) -> float:
+  """Elements per second of the capture's host-side Gram sum
+  (`grams.accumulate` of an `(n, n)` float32 batch into float64): at
+  n = 4096 its arrays (192 MiB) are far outside the caches, as a real
+  Gram's are."""
   g = np.ones((n, n), np.float32)
-  acc = np.zeros((n, n), np.float64)
-
-  def add(x: np.ndarray) -> np.ndarray:
-    np.add(acc, np.asarray(x, np.float64), out=acc)
-    return acc
-
-  return n * n / _best_seconds(add, g)
+  acc = grams.accumulate(None, g)
+  return n * n / _best_seconds(grams.accumulate, acc, g)
 
 
 def measure_forward_flops(config: Any, *, batch_size: int,

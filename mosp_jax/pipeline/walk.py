@@ -254,8 +254,9 @@ _PHASES = ("capture", "solve", "propagate", "evaluate")
 
 
 def _capture(adapter: Adapter, layer: int, lp: Params, unit: Unit,
-             calib: Sequence[Stream]) -> dict[int, Grams]:
-  return {i: layer_grams(adapter, lp, s,
+             calib: Sequence[Stream], sums: dict[str, np.ndarray]
+             ) -> dict[int, Grams]:
+  return {i: layer_grams(adapter, lp, s, sums=sums,
                          where=f"{unit.where}layer {layer}, task {i}")
           for i, s in zip(unit.tasks, calib, strict=True)}
 
@@ -300,11 +301,12 @@ def _evaluate(adapter: Adapter, unit: Unit, layer: int, lp: Params,
 
 def _walk_layer(
     adapter: Adapter, model: DenseLayers, layer: int, units: Sequence[Unit],
-    state: dict[str, list], offload: bool
+    state: dict[str, list], offload: bool, sums: dict[str, np.ndarray]
 ) -> tuple[dict[str, list], dict[str, float], dict, np.ndarray, np.ndarray]:
   """One decoder layer of every unit: `(state, times, record, zeros,
   weights)`, times per phase in seconds (reading the layer counts as
-  capture)."""
+  capture); `sums`: the host's Gram accumulators, reused
+  (`grams.accumulate`)."""
   times = dict.fromkeys(_PHASES, 0.0)
   t0 = time.perf_counter()
   lp = model.layer(layer)
@@ -318,7 +320,7 @@ def _walk_layer(
   calib, tests = list(state["calib"]), list(state["test"])
   for u, unit in enumerate(units):
     t0 = time.perf_counter()
-    grams = _capture(adapter, layer, lp, unit, calib[u])
+    grams = _capture(adapter, layer, lp, unit, calib[u], sums)
     t1 = time.perf_counter()
     layers, carry = unit.solve(layer, lp, grams)
     del grams  # whatever the solve left of them
@@ -386,9 +388,10 @@ def walk_layers(
   if checkpoint is not None and first > 0:
     log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
   durations = []
+  sums: dict[str, np.ndarray] = {}
   for layer in range(first, n_layers):
     state, times, record, z, w = _walk_layer(adapter, model, layer, units,
-                                             state, offload_streams)
+                                             state, offload_streams, sums)
     zeros, weights = zeros + z, weights + w
     for key in _PHASES:
       seconds[key] += times[key]
