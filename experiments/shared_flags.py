@@ -16,7 +16,13 @@ from absl import flags
 
 from mosp_jax import cli
 from mosp_jax import data as data_lib
-from mosp_jax.config import DTYPES, PREF_MAPS, RunConfig, SolverConfig
+from mosp_jax.config import (
+  CORE_RULES,
+  DTYPES,
+  PREF_MAPS,
+  RunConfig,
+  SolverConfig,
+)
 from mosp_jax.pipeline import preferences
 from mosp_jax.solvers import NM, Pattern, Unstructured
 from mosp_jax.solvers import sharding as sharding_lib
@@ -68,6 +74,11 @@ flags.DEFINE_float("alpha", _D.alpha, "Share of the budget k in the shared "
                    "core S_c [paper 0.5].")
 flags.DEFINE_float("p", _D.p, "Temperature of the preference map "
                    "lam' = T_p(lam) [paper 0.5]; 1 = plain interpolation.")
+flags.DEFINE_enum("core_rule", _D.core_rule, list(CORE_RULES), "How "
+                  "stage 1 chooses the core S_c: dual [paper-summary], the "
+                  "dual ADMM's core channel; global [ours], the top "
+                  "alpha k of |W| inside supp(W), stage 1 then one ALPS "
+                  "solve.")
 flags.DEFINE_enum("pref_map", _D.pref_map, list(PREF_MAPS), "Form of T_p "
                   "[ours; the paper's is not known]: power lam^(1/p), "
                   "normalized lam^(1/p) / sum.")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # solvers import this module: no import cycle at run time.
   from mosp_jax.solvers.projection import Pattern
 
 PREF_MAPS = ("power", "normalized")
+CORE_RULES = ("dual", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,11 @@ class SolverConfig:
       [paper 0.5].
     p: temperature of the preference map `lam' = T_p(lam)` [paper 0.5];
       `p = 1` is plain interpolation (the paper's ablation without it).
+    core_rule: how stage 1 chooses the core `S_c`: 'dual' (default)
+      [paper-summary], the second channel of stage 1's dual ADMM;
+      'global' [ours], the top `floor(alpha k)` of the global model's
+      `|W|` (scaled units) inside `supp(W)`, so that stage 1 is one ALPS
+      solve and the core costs a top-k.
     pref_map: the form of `T_p`, which the paper does not give [ours]:
       'power' `lam'_i = lam_i^(1/p)` (default; interior preferences lean
       toward the global model), 'normalized' `lam_i^(1/p) / sum_j
@@ -49,6 +55,7 @@ class SolverConfig:
   """
   alpha: float = 0.5
   p: float = 0.5
+  core_rule: str = "dual"
   pref_map: str = "power"
   rho0: float = 0.1
   update_every: int = 3
@@ -63,6 +70,8 @@ class SolverConfig:
     checks = [
         ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
         ("p", self.p > 0.0, "> 0"),
+        ("core_rule", self.core_rule in CORE_RULES,
+         f"one of {', '.join(CORE_RULES)}"),
         ("pref_map", self.pref_map in PREF_MAPS,
          f"one of {', '.join(PREF_MAPS)}"),
         ("rho0", self.rho0 > 0.0, "> 0"),

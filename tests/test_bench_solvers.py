@@ -41,3 +41,4 @@ def test_mosp_against_alps_record():
   assert all(t > 0 for t in r["mosp_breakdown_s"].values())
   assert r["alps_s"] > 0
   assert r["ratio"] == r["mosp_s"] / r["alps_s"]
+  assert r["ratio_global_core"] == r["mosp_global_core_s"] / r["alps_s"]

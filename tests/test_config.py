@@ -13,6 +13,7 @@ def test_paper_defaults():
           c.stage2_max_iter, c.damping, c.pcg_iters, c.max_iter) == (
               0.5, 0.5, 0.1, 3, 0.5, 10, 0.01, 10, 300)
   assert c.pref_map == "power" and c.pref_refit_iters == 0
+  assert c.core_rule == "dual"
 
 
 def test_frozen():
@@ -22,7 +23,8 @@ def test_frozen():
 
 @pytest.mark.parametrize("field,value", [
     ("alpha", 1.5), ("alpha", float("nan")), ("p", 0.0), ("p", -1.0),
-    ("pref_map", "softmax"), ("rho0", 0.0), ("update_every", 0),
+    ("pref_map", "softmax"), ("core_rule", "mean"), ("rho0", 0.0),
+    ("update_every", 0),
     ("max_iter", 0), ("stage2_rho", -0.5), ("stage2_max_iter", -1),
     ("damping", -0.01), ("pcg_iters", -1), ("pref_refit_iters", -1)])
 def test_bad_values_name_the_field(field, value):

@@ -70,8 +70,9 @@ def test_global_model_is_alps_on_the_concatenated_gram(layer, pattern):
   assert int(info.stage1.iters) == int(ainfo.admm.iters)
 
 
+@pytest.mark.parametrize("core_rule", ["dual", "global"])
 @pytest.mark.parametrize("n_in, n_out", [(48, 16), (48, 12), (48, 40)])
-def test_global_model_is_alps_bit_for_bit(n_in, n_out):
+def test_global_model_is_alps_bit_for_bit(n_in, n_out, core_rule):
   """The same W as `alps_prune` on the same `H`, to the bit, also where
   one channel's columns and both channels' columns would pick different
   linear steps (48 x 16: 48 < 3 * 16 is false, 48 < 3 * 32 true; on
@@ -81,18 +82,19 @@ def test_global_model_is_alps_bit_for_bit(n_in, n_out):
   W0 = rng.standard_normal((n_in, n_out)).astype(np.float32)
   pattern = Unstructured(0.5)
   par, _ = mosp_pareto(jnp.asarray(grams), jnp.asarray(W0), pattern=pattern,
-                       cfg=CFG)
+                       cfg=dataclasses.replace(CFG, core_rule=core_rule))
   H = concat_gram(jnp.asarray(grams))
   W, _, _ = alps_prune(H, jnp.asarray(W0), pattern=pattern, cfg=CFG)
   np.testing.assert_array_equal(np.asarray(par.W), np.asarray(W))
 
 
+@pytest.mark.parametrize("core_rule", ["dual", "global"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_core_is_floor_alpha_k_inside_the_global_support(layer, pattern,
-                                                         alpha):
+                                                         alpha, core_rule):
   grams, W0 = layer
-  cfg = dataclasses.replace(CFG, alpha=alpha)
+  cfg = dataclasses.replace(CFG, alpha=alpha, core_rule=core_rule)
   par, _ = pareto(grams, W0, pattern, cfg)
   k = pattern.keep(N_IN, N_OUT)
   assert not (par.core & (par.W == 0)).any()
@@ -106,6 +108,34 @@ def test_core_is_floor_alpha_k_inside_the_global_support(layer, pattern,
   for Wi in par.W_tasks:
     assert not (par.core & (Wi == 0)).any()
     assert (Wi != 0).sum() <= k
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_global_core_rule_is_the_top_of_the_scaled_global_model(layer,
+                                                                  pattern):
+  """`core_rule='global'` [ours]: the core is the top floor(alpha k) of
+  `|d w|` inside supp(W) (per N:M group), by a numpy sort; the global
+  model is the same as the paper's rule gives."""
+  grams, W0 = layer
+  par, _ = pareto(grams, W0, pattern,
+                  dataclasses.replace(CFG, core_rule="global"))
+  paper, _ = pareto(grams, W0, pattern)
+  np.testing.assert_array_equal(par.W, paper.W)
+  score = np.abs(par.W * par.d[:, None])
+  score[par.W == 0] = -1
+  want = np.zeros_like(par.core)
+  if isinstance(pattern, NM):
+    count = math.floor(CFG.alpha * pattern.n)
+    for lo in range(0, N_IN, pattern.m):
+      rows = np.arange(lo, lo + pattern.m)
+      for c in range(N_OUT):
+        top = np.argsort(-score[rows, c], kind="stable")[:count]
+        want[rows[top], c] = True
+  else:
+    count = math.floor(CFG.alpha * pattern.keep(N_IN, N_OUT))
+    top = np.argsort(-score.ravel(), kind="stable")[:count]
+    want.ravel()[top] = True
+  np.testing.assert_array_equal(par.core, want)
 
 
 def test_stage2_without_iterations_returns_the_global_model(layer):

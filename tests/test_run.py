@@ -24,7 +24,8 @@ def parse(*args):
 
 @flagsaver.flagsaver
 def test_every_solver_flag_reaches_its_field(tmp_path):
-  values = {"alpha": 0.3, "p": 1.0, "pref_map": "normalized", "rho0": 0.2,
+  values = {"alpha": 0.3, "p": 1.0, "pref_map": "normalized",
+            "core_rule": "global", "rho0": 0.2,
             "update_every": 4, "max_iter": 50, "stage2_rho": 0.7,
             "stage2_max_iter": 4, "damping": 0.05, "pcg_iters": 5,
             "pref_refit_iters": 3}

@@ -318,9 +318,10 @@ def shapes_from_config(config: Any) -> ModelShapes:
 
 def _channels(run: RunConfig, solver: SolverConfig, lin: Linear) -> int:
   """Stage 1's channels `c`: 2 when it carries a core strictly inside the
-  budget (`alps.admm_support`), else 1."""
+  budget (`alps.admm_support`; `core_rule='dual'`), else 1."""
   core = projection.core_count(run.pattern, lin.n, lin.o, solver.alpha)
-  return 2 if 0 < core < run.pattern.unit_keep(lin.n, lin.o) else 1
+  inside = 0 < core < run.pattern.unit_keep(lin.n, lin.o)
+  return 2 if inside and solver.core_rule == "dual" else 1
 
 
 # Memory.

@@ -9,6 +9,8 @@ The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD_NOTES.md,
            weights inside `supp(W)`), both through one eigendecomposition
            of `H`; the rho schedule follows `supp(W)`. Then PCG refines
            `W` on `H`, so `W` is exactly ALPS on the concatenated data.
+           Option [ours] (`core_rule='global'`): ALPS alone, the core the
+           top `floor(alpha k)` of the refined `|W|` (`global_core`).
   stage 2  per task (vmap) [paper-summary]: ADMM on `G_i` from `W`, core
            `S_c` frozen, fixed `rho = 0.5`, one factorisation, at most 10
            iterations.
@@ -94,6 +96,29 @@ class MospResult(NamedTuple):
   weights: jax.Array
   pareto: ParetoLayer
   info: MospInfo
+
+
+def global_core(X: jax.Array, mask: jax.Array, *,
+                pattern: projection.Pattern, count: int) -> jax.Array:
+  """The core of `core_rule='global'` [ours]: the top `count` of `|X|`
+  per selection unit of `pattern` inside `mask`.
+
+  Args:
+    X: `(n_in, n_out)` the global model (scaled units), zero off `mask`.
+    mask: `(n_in, n_out)` bool, its support (the unit's whole budget).
+    pattern: the budget per matrix or per N:M group.
+    count: the core's size per unit (`projection.core_count`).
+
+  Returns:
+    `(n_in, n_out)` bool: empty for `count = 0`, `mask` itself when
+    `count` is the whole budget.
+  """
+  n_in, n_out = X.shape
+  if count <= 0:
+    return jnp.zeros_like(mask)
+  if count >= pattern.unit_keep(n_in, n_out):
+    return mask
+  return projection.select(jnp.abs(X), pattern, count, mask)
 
 
 def stage2(G: jax.Array, B0: jax.Array, core: jax.Array, X: jax.Array, *,
@@ -212,20 +237,24 @@ def refit(grams: jax.Array, W0: jax.Array, weights: jax.Array,
 @functools.partial(
     jax.jit, static_argnames=("pattern", "alpha", "update_every",
                               "max_iter", "stage2_max_iter", "pcg_iters",
-                              "layout"))
+                              "core_rule", "layout"))
 def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha,
             update_every, max_iter, stage2_max_iter, pcg_iters,
-            layout=None):
+            core_rule="dual", layout=None):
   n_in, n_out = W0.shape
   sc = alps_lib.pinned(scale_problem(concat_gram(grams), W0,
                                      damping=damping), layout)
   Q, L = alps_lib.scaled_eig(sc, layout)
+  count = projection.core_count(pattern, n_in, n_out, alpha)
+  dual = core_rule == "dual"
   sup, info1 = alps_lib.admm_support(
       sc, Q, L, pattern=pattern, rho0=rho0, update_every=update_every,
-      max_iter=max_iter,
-      core_count=projection.core_count(pattern, n_in, n_out, alpha))
+      max_iter=max_iter, core_count=count if dual else 0)
   X, pinfo = pcg_lib.masked_pcg(sc.G, sc.B0, sup.mask, sup.D,
                                 iters=pcg_iters)
+  if not dual:
+    sup = sup._replace(core=global_core(X, sup.mask, pattern=pattern,
+                                        count=count))
   G = scale_tasks(grams, sc.d, damping=damping)
   if layout is not None:
     G = layout.constrain(G, layout.replicated)
@@ -309,7 +338,8 @@ def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
   return _pareto(grams, W0, *scalars, pattern=pattern, alpha=cfg.alpha,
                  update_every=cfg.update_every, max_iter=cfg.max_iter,
                  stage2_max_iter=cfg.stage2_max_iter,
-                 pcg_iters=cfg.pcg_iters, layout=layout)
+                 pcg_iters=cfg.pcg_iters, core_rule=cfg.core_rule,
+                 layout=layout)
 
 
 def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
