@@ -112,6 +112,28 @@ def test_solve_work_of_one_linear_by_hand():
                                 + solver.pcg_iters * 10 * n * o))
 
 
+def test_global_core_rule_plans_one_stage1_channel():
+  """`core_rule='global'` runs stage 1 as ALPS alone: its solve is
+  planned as the paper rule's without a core (alpha 0), and smaller than
+  the paper rule's with one; the iterates row shrinks with it."""
+  config = pc.parse_random_spec("random:llama-2-7b").config()
+  shapes = plan_lib.shapes_from_config(config)
+
+  def plan(**kw):
+    return plan_lib.make_plan(shapes, _run(),
+                              dataclasses.replace(SolverConfig(), **kw),
+                              DEVICE)
+
+  def solve(p):
+    return next(ph for ph in p.phases if ph.name == "solve").per_layer
+
+  glob, dual, none = (plan(core_rule="global"), plan(),
+                      plan(alpha=0.0))
+  assert solve(glob) == solve(none)
+  assert solve(glob).matmul < solve(dual).matmul
+  assert _rows(glob)["solver iterates"] < _rows(dual)["solver iterates"]
+
+
 def test_llama_2_7b_paper_plan_weights():
   config = pc.parse_random_spec("random:llama-2-7b").config()
   shapes = plan_lib.shapes_from_config(config)
