@@ -43,6 +43,26 @@ def test_config_record_round_trips_and_ignores_out_dir():
   assert moved.to_dict() == rec.to_dict()  # A run dir may move.
 
 
+def test_a_run_written_before_a_solver_field_existed_resumes(tmp_path):
+  """A config.json without a field added later (here `core_rule`) is the
+  same configuration as the field's default, and only that."""
+  from mosp_jax import cli
+  out = tmp_path / "run"
+  out.mkdir()
+  run = RunConfig(model="tiny-llama", tasks=("general", "math"),
+                  pattern=Unstructured(0.5), nsamples=4, seqlen=64,
+                  test_tokens=256, prefs=((1.0, 0.0), (0.0, 1.0)),
+                  batch_size=4, seed=0, out_dir=str(out))
+  old = run_record.ConfigRecord(run, SolverConfig()).to_dict()
+  del old["solver"]["core_rule"]
+  (out / run_record.CONFIG_FILE).write_text(json.dumps(old))
+  same = run_record.ConfigRecord(run, SolverConfig())
+  assert run_record.check_run_dir(same, overwrite=False) == (out, True)
+  other = run_record.ConfigRecord(run, SolverConfig(core_rule="global"))
+  with pytest.raises(cli.UsageError, match=r"differs in: solver\)"):
+    run_record.check_run_dir(other, overwrite=False)
+
+
 def test_records_of_a_run_read_back_exactly(tiny_run):
   """What the runner wrote parses into the typed records and serialises
   back to the same JSON, key for key."""

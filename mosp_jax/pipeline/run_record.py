@@ -326,6 +326,13 @@ def check_run_dir(record: ConfigRecord, *, overwrite: bool
   except (OSError, ValueError):
     prev = None
   now = record.to_dict()
+  if isinstance(prev, dict):
+    # A field added after the run was written reads as its default, the
+    # behaviour the run had (e.g. `core_rule`'s 'dual').
+    try:
+      prev = ConfigRecord.from_dict(prev).to_dict()
+    except RunRecordError:
+      pass
   if prev == now:
     return out, True
   if not isinstance(prev, dict):
