@@ -99,6 +99,33 @@ def test_task_masks_keep_the_core_and_the_budget(rng, pattern, alpha):
     np.testing.assert_array_equal(own[i], ref)
 
 
+@pytest.mark.parametrize("pattern", [P.Unstructured(0.5), P.Unstructured(0.7),
+                                     P.NM(2, 4)])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_core_select_inside_the_support(rng, pattern, alpha):
+  """The core: the top `floor(alpha k)` of the scores inside the support
+  per unit, against numpy; empty at alpha 0, the support at alpha 1."""
+  n_in, n_out = 16, 12
+  scores = np.abs(rng.standard_normal((n_in, n_out))).astype(np.float32)
+  support = np.asarray(P.prune_mask(rng.random((n_in, n_out)), pattern))
+  count = P.core_count(pattern, n_in, n_out, alpha)
+  got = np.asarray(guarded(
+      lambda s, sup: P.core_select(s, pattern, count, sup), scores, support))
+  assert not (got & ~support).any()
+  if isinstance(pattern, P.NM):
+    ref = np_nm(np.where(support, scores, -1.0), count, pattern.m)
+    np.testing.assert_array_equal(
+        got.reshape(-1, pattern.m, n_out).sum(1), count)
+  else:
+    ref = np_topk(scores, count, support)
+    assert got.sum() == count
+  np.testing.assert_array_equal(got, ref)
+  if alpha == 0.0:
+    assert not got.any()
+  if alpha == 1.0:
+    np.testing.assert_array_equal(got, support)
+
+
 def test_eager_equals_jit(rng):
   Z = rng.standard_normal((2, 12, 8)).astype(np.float32)
   core = np.zeros((12, 8), bool)

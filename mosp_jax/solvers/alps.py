@@ -73,7 +73,7 @@ def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
     glob = projection.prune_mask(jnp.abs(Z[0]), pattern)
     if not with_core:
       return glob[None], ()
-    core = projection.select(jnp.abs(Z[1]), pattern, core_count, glob)
+    core = projection.core_select(jnp.abs(Z[1]), pattern, core_count, glob)
     return jnp.stack([glob, core]), ()
 
   channels = 2 if with_core else 1
@@ -91,10 +91,10 @@ def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
       k=pattern.keep(n_in, n_out), rho0=rho0, adaptive=True,
       update_every=update_every, max_iter=max_iter)
   glob = it.mask[0]
-  if with_core:
-    core = it.mask[1]
-  else:
-    core = glob if core_count >= unit else jnp.zeros_like(glob)
+  # Without a core channel the core is the rule's edge case: empty, or
+  # the whole support.
+  core = it.mask[1] if with_core else projection.core_select(
+      jnp.abs(it.D[0]), pattern, core_count, glob)
   return Support(mask=glob, D=it.D[0], core=core), info
 
 

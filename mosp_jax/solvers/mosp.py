@@ -10,7 +10,8 @@ The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD_NOTES.md,
            of `H`; the rho schedule follows `supp(W)`. Then PCG refines
            `W` on `H`, so `W` is exactly ALPS on the concatenated data.
            Option [ours] (`core_rule='global'`): ALPS alone, the core the
-           top `floor(alpha k)` of the refined `|W|` (`global_core`).
+           top `floor(alpha k)` of the refined `|W|`
+           (`projection.core_select`).
   stage 2  per task (vmap) [paper-summary]: ADMM on `G_i` from `W`, core
            `S_c` frozen, fixed `rho = 0.5`, one factorisation, at most 10
            iterations.
@@ -96,29 +97,6 @@ class MospResult(NamedTuple):
   weights: jax.Array
   pareto: ParetoLayer
   info: MospInfo
-
-
-def global_core(X: jax.Array, mask: jax.Array, *,
-                pattern: projection.Pattern, count: int) -> jax.Array:
-  """The core of `core_rule='global'` [ours]: the top `count` of `|X|`
-  per selection unit of `pattern` inside `mask`.
-
-  Args:
-    X: `(n_in, n_out)` the global model (scaled units), zero off `mask`.
-    mask: `(n_in, n_out)` bool, its support (the unit's whole budget).
-    pattern: the budget per matrix or per N:M group.
-    count: the core's size per unit (`projection.core_count`).
-
-  Returns:
-    `(n_in, n_out)` bool: empty for `count = 0`, `mask` itself when
-    `count` is the whole budget.
-  """
-  n_in, n_out = X.shape
-  if count <= 0:
-    return jnp.zeros_like(mask)
-  if count >= pattern.unit_keep(n_in, n_out):
-    return mask
-  return projection.select(jnp.abs(X), pattern, count, mask)
 
 
 def stage2(G: jax.Array, B0: jax.Array, core: jax.Array, X: jax.Array, *,
@@ -253,8 +231,9 @@ def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha,
   X, pinfo = pcg_lib.masked_pcg(sc.G, sc.B0, sup.mask, sup.D,
                                 iters=pcg_iters)
   if not dual:
-    sup = sup._replace(core=global_core(X, sup.mask, pattern=pattern,
-                                        count=count))
+    # [ours] The core from the refined |W| (scaled units) inside supp(W).
+    sup = sup._replace(core=projection.core_select(jnp.abs(X), pattern,
+                                                   count, sup.mask))
   G = scale_tasks(grams, sc.d, damping=damping)
   if layout is not None:
     G = layout.constrain(G, layout.replicated)

@@ -192,6 +192,29 @@ def prune_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
   return select(scores, pattern, pattern.unit_keep(n_in, n_out))
 
 
+def core_select(scores: jax.Array, pattern: Pattern, count: int,
+                support: jax.Array) -> jax.Array:
+  """MOSP's core inside a support: the top `count` of `scores` per
+  selection unit of `pattern`, among the entries of `support`.
+
+  Args:
+    scores: `(n_in, n_out)`, non-negative.
+    pattern: the budget per matrix or per N:M group.
+    count: static, the core's size per unit (`core_count`).
+    support: `(n_in, n_out)` bool, the unit's whole budget (`prune_mask`).
+
+  Returns:
+    bool `(n_in, n_out)`: empty for `count <= 0`, `support` itself when
+    `count` is the whole budget (no selection is run in either case).
+  """
+  n_in, n_out = scores.shape
+  if count <= 0:
+    return jnp.zeros(scores.shape, bool)
+  if count >= pattern.unit_keep(n_in, n_out):
+    return support
+  return select(scores, pattern, count, support)
+
+
 def core_count(pattern: Pattern, n_in: int, n_out: int, alpha: float) -> int:
   """Size of the shared core per selection unit: `floor(alpha * budget)`."""
   return int(math.floor(alpha * pattern.unit_keep(n_in, n_out)))
