@@ -55,6 +55,18 @@ def test_grams_equal_xtx_of_pytorch_inputs(family):
                                atol=1e-5 * np.abs(ref).max())
 
 
+def test_an_empty_stream_is_refused_before_any_gram():
+  fm, params = torch_to_flax(tiny_torch("llama"))
+  adapter = models.adapter_for(fm)
+  sums = {"kept": np.ones(2)}
+  with pytest.raises(ValueError, match=r"layer 0, task math: the stream is "
+                     r"empty; no Gram of 'self_attn\.q_proj'"):
+    layer_grams(adapter, adapter.layer_params(jax.device_put(params), 0),
+                [], where="layer 0, task math", sums=sums)
+  np.testing.assert_array_equal(sums.pop("kept"), 1.0)
+  assert not sums  # No accumulator was started.
+
+
 def test_gram_sums_are_float64_in_place():
   rng = np.random.default_rng(0)
   batches = [rng.standard_normal((40, 40)).astype(np.float32) * 10.0 ** e

@@ -72,10 +72,11 @@ def layer_grams(adapter: Adapter, layer_params: Params,
     for k in keys:
       sums[k] = accumulate(sums.get(k), got[k], first=tokens == 0)
     tokens += batch.shape[0] * batch.shape[1]
+  if tokens == 0:
+    raise ValueError(f"{where}: the stream is empty; no Gram of "
+                     f"{', '.join(map(repr, keys))}")
   out = {}
   for k in keys:
-    if tokens == 0:
-      raise ValueError(f"{where}: the stream is empty; no Gram of {k!r}")
     out[k] = finish(sums[k], tokens)
     if not np.isfinite(out[k]).all():
       raise NonFiniteError(f"{where}: the Gram of {k!r} has NaN or Inf "
