@@ -76,6 +76,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement; "
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Sparsity of the problems.")
 _TASKS = flags.DEFINE_integer("tasks", 3, "m, tasks for the MOSP timing.")
 _PREFS = flags.DEFINE_integer("prefs", 15, "K, preferences for MOSP.")
+_GLOBAL_CORE = flags.DEFINE_bool(
+    "global_core", True, "Also time MOSP with --core_rule=global beside "
+    "MOSP and ALPS (--noglobal_core skips it: at 11008x4096 it costs about "
+    "20 minutes on a 2-core CPU).")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", True, "Also time each MOSP stage alone (one more MOSP's "
+    "work per repeat; --nobreakdown skips it).")
 _MESH = flags.DEFINE_string(
     "mesh", "", "Also benchmark the solvers on this device mesh ('4', "
     "'2x2'; on CPU with XLA_FLAGS=--xla_force_host_platform_device_count).")
@@ -173,31 +180,41 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
 
 
 def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
-                       repeats: int, pattern) -> dict:
+                       repeats: int, pattern, *, global_core: bool = True,
+                       breakdown: bool = True) -> dict:
+  """MOSP (m tasks, K preferences) against one ALPS solve on the
+  concatenated Gram, interleaved; with `global_core` also MOSP with
+  `core_rule='global'`, with `breakdown` each MOSP stage alone."""
   grams = jax.device_put(_grams(rng, m, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
   prefs = jax.device_put(rng.dirichlet(np.ones(m), K).astype(np.float32))
   H = jax.jit(concat_gram)(grams)
-  global_cfg = SolverConfig(core_rule="global")
+  calls = [_compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
+           _compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
+                     grams, W0, prefs)]
+  if global_core:
+    global_cfg = SolverConfig(core_rule="global")
+    calls.append(_compiled(
+        lambda g, w, p: mosp_prune(g, w, p, pattern=pattern,
+                                   cfg=global_cfg), grams, W0, prefs))
   with jax.transfer_guard("disallow"):
-    (t_alps, t_mosp, t_global), ((_, _, ainfo), res, _) = _best_times(
-        [_compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
-         _compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
-                   grams, W0, prefs),
-         _compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern,
-                                              cfg=global_cfg),
-                   grams, W0, prefs)], repeats)
-  parts = _mosp_breakdown(grams, W0, prefs, res.pareto, pattern, repeats)
-  return {"n_in": n_in, "n_out": n_out, "m": m, "K": K,
-          "alps_s": t_alps, "mosp_s": t_mosp, "ratio": t_mosp / t_alps,
-          # The core taken from |W| instead of the dual ADMM [ours].
-          "mosp_global_core_s": t_global,
-          "ratio_global_core": t_global / t_alps,
-          "naive_front_ratio": float(K),
-          "alps_iters": int(ainfo.admm.iters),
-          "mosp_stage1_iters": int(res.info.stage1.iters),
-          "mosp_stage2_iters": [int(i) for i in res.info.stage2.iters],
-          "mosp_breakdown_s": parts}
+    times, outs = _best_times(calls, repeats)
+  t_alps, t_mosp = times[:2]
+  (_, _, ainfo), res = outs[:2]
+  out = {"n_in": n_in, "n_out": n_out, "m": m, "K": K,
+         "alps_s": t_alps, "mosp_s": t_mosp, "ratio": t_mosp / t_alps,
+         "naive_front_ratio": float(K),
+         "alps_iters": int(ainfo.admm.iters),
+         "mosp_stage1_iters": int(res.info.stage1.iters),
+         "mosp_stage2_iters": [int(i) for i in res.info.stage2.iters]}
+  if global_core:
+    # The core taken from |W| instead of the dual ADMM [ours].
+    out["mosp_global_core_s"] = times[2]
+    out["ratio_global_core"] = times[2] / t_alps
+  if breakdown:
+    out["mosp_breakdown_s"] = _mosp_breakdown(grams, W0, prefs, res.pareto,
+                                              pattern, repeats)
+  return out
 
 
 def _mosp_breakdown(grams, W0, prefs, pareto, pattern, repeats: int
@@ -450,8 +467,10 @@ def main(argv):
   for n_in, n_out in f.solve_shapes:
     print(f"timing MOSP (m={_TASKS.value}, K={_PREFS.value}) vs ALPS, "
           f"{n_in}x{n_out} ...", flush=True)
-    cmps.append(bench_mosp_vs_alps(n_in, n_out, _TASKS.value, _PREFS.value,
-                                   rng, _REPEATS.value, f.pattern))
+    cmps.append(bench_mosp_vs_alps(
+        n_in, n_out, _TASKS.value, _PREFS.value, rng, _REPEATS.value,
+        f.pattern, global_core=_GLOBAL_CORE.value,
+        breakdown=_BREAKDOWN.value))
     artifact.write_json(f.out, result)
   if _MESH.value:
     mesh_in, mesh_out = f.mesh_layer
@@ -471,12 +490,14 @@ def main(argv):
   for cmp in cmps:
     print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
           f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
-          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x); with "
-          f"--core_rule=global {cmp['mosp_global_core_s']:.2f} s -> ratio "
-          f"{cmp['ratio_global_core']:.2f}")
-    print("  MOSP stages (s): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in cmp["mosp_breakdown_s"].items()) +
-          f"; iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
+          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)" + (
+              f"; with --core_rule=global {cmp['mosp_global_core_s']:.2f} s"
+              f" -> ratio {cmp['ratio_global_core']:.2f}"
+              if "ratio_global_core" in cmp else ""))
+    stages = cmp.get("mosp_breakdown_s")
+    print("  " + (("MOSP stages (s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in stages.items()) + "; ") if stages else "")
+          + f"iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
           f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
   if "mesh" in result:
     r, d = result["mesh"], result["mesh_setup"]

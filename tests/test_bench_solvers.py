@@ -23,6 +23,9 @@ from experiments import bench_solvers
 from mosp_jax.solvers import Unstructured
 print(json.dumps(bench_solvers.bench_mosp_vs_alps(
     48, 40, 3, 2, np.random.default_rng(0), 1, Unstructured(0.5))))
+print(json.dumps(bench_solvers.bench_mosp_vs_alps(
+    48, 40, 3, 2, np.random.default_rng(0), 1, Unstructured(0.5),
+    global_core=False, breakdown=False)))
 """
 
 
@@ -30,7 +33,8 @@ def test_mosp_against_alps_record():
   proc = subprocess.run([sys.executable, "-c", _RECORD], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  r, bare = (json.loads(line)
+             for line in proc.stdout.strip().splitlines()[-2:])
   assert (r["n_in"], r["n_out"], r["m"], r["K"]) == (48, 40, 3, 2)
   assert r["alps_iters"] > 0
   assert r["mosp_stage1_iters"] == r["alps_iters"]
@@ -42,3 +46,10 @@ def test_mosp_against_alps_record():
   assert r["alps_s"] > 0
   assert r["ratio"] == r["mosp_s"] / r["alps_s"]
   assert r["ratio_global_core"] == r["mosp_global_core_s"] / r["alps_s"]
+  # --noglobal_core --nobreakdown: the same solves (same inputs, same
+  # iterations), without the optional timings.
+  assert "mosp_global_core_s" not in bare
+  assert "mosp_breakdown_s" not in bare
+  assert bare["mosp_stage1_iters"] == r["mosp_stage1_iters"]
+  assert bare["mosp_stage2_iters"] == r["mosp_stage2_iters"]
+  assert bare["ratio"] == bare["mosp_s"] / bare["alps_s"]
