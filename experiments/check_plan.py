@@ -12,7 +12,8 @@ with the plan taken at the stage-1 ADMM iteration count the run measured
 model), and the plan's memory floor beside the measured peak
 (`pipeline.plan.peak_memory`). Writes <out_dir>/plan_check.json. Project
 issue 15, item 4: the target is every phase over --min_seconds within
---tolerance.
+--tolerance. With --plan_only it prints the plan and exits, as
+experiments.run does (nothing is run or written).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def main(argv):
     raise cli.UsageError("--tolerance must be > 0 and --min_seconds >= 0, "
                          f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
   memory = shared_flags.device_memory_bytes()
+  if FLAGS.plan_only:  # The plan without its run: experiments.run's.
+    runner.plan_only(run, solver, memory_bytes=memory,
+                     for_gpu=FLAGS.plan_for_gpu,
+                     offload_streams=FLAGS.offload_streams, log=log)
+    return
   runner.check_inputs(run, weights=False)  # as run_experiment
   # Before the run, on a quiet device: the rates of the plan.
   planned = runner.plan_run(run, solver, memory_bytes=memory,

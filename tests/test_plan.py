@@ -309,12 +309,21 @@ def test_check_plan_command(tmp_path):
   memory measured, at least the plan's floor of arrays), then the same
   command again, which reads the finished run back. It takes
   experiments.run's own flags (a flagfile of the run sets them) and
-  ignores them."""
+  ignores them; --plan_only prints the plan and stops."""
   from tests.conftest import TINY_RUN_FLAGS
   out = tmp_path / "run"
   argv = [*TINY_RUN_FLAGS, f"--out_dir={out}", "--export_pref=centroid"]
-  fresh, again = cli_worker.run_cases("experiments.check_plan",
-                                      [argv, argv], tmp_path, timeout=600)
+  planned = tmp_path / "plan_only"
+  fresh, again, only = cli_worker.run_cases(
+      "experiments.check_plan",
+      [argv, argv, [*TINY_RUN_FLAGS, f"--out_dir={planned}", "--plan_only"]],
+      tmp_path, timeout=600)
+  # --plan_only: the plan, then nothing run or written (it once ran the
+  # whole job, ignoring the flag).
+  assert only["status"] == 0, only["stderr"][-3000:]
+  assert only["stdout"].startswith("plan: tiny-llama")
+  assert "measured against the plan" not in only["stdout"]
+  assert not planned.exists()
   assert fresh["status"] == 0, fresh["stderr"][-3000:]
   assert again["status"] == 0, again["stderr"][-3000:]
   assert "nothing was redone" in again["stdout"]
