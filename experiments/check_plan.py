@@ -50,10 +50,8 @@ def main(argv):
     raise cli.UsageError("--tolerance must be > 0 and --min_seconds >= 0, "
                          f"got {FLAGS.tolerance}, {FLAGS.min_seconds}")
   memory = shared_flags.device_memory_bytes()
-  if FLAGS.plan_only:  # The plan without its run: experiments.run's.
-    runner.plan_only(run, solver, memory_bytes=memory,
-                     for_gpu=FLAGS.plan_for_gpu,
-                     offload_streams=FLAGS.offload_streams, log=log)
+  if shared_flags.print_plan_if_asked(run, solver, memory_bytes=memory,
+                                      log=log):
     return
   runner.check_inputs(run, weights=False)  # as run_experiment
   # Before the run, on a quiet device: the rates of the plan.

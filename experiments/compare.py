@@ -145,10 +145,8 @@ def main(argv):
   # The plan is MOSP's walk, the entries' largest [ours: a baseline's
   # walk holds one model's test streams per task (P with 'mixed'), MOSP's
   # P + 2 and the Pareto sets]; entries run one after another.
-  if FLAGS.plan_only:
-    runner.plan_only(run, solver, memory_bytes=memory,
-                     for_gpu=FLAGS.plan_for_gpu,
-                     offload_streams=FLAGS.offload_streams, log=log)
+  if shared_flags.print_plan_if_asked(run, solver, memory_bytes=memory,
+                                      log=log):
     return
   if FLAGS.layer_level and (run.dtype != "float32" or FLAGS.offload_streams):
     raise cli.UsageError(

@@ -49,10 +49,8 @@ def main(argv):
       pruned.parse_preference(FLAGS.export_pref, run.tasks,
                               flag="--export_pref")
   memory = shared_flags.device_memory_bytes()
-  if FLAGS.plan_only:
-    runner.plan_only(run, solver, memory_bytes=memory,
-                     for_gpu=FLAGS.plan_for_gpu,
-                     offload_streams=FLAGS.offload_streams, log=log)
+  if shared_flags.print_plan_if_asked(run, solver, memory_bytes=memory,
+                                      log=log):
     return
   logging.info("run config: %s", run)
   logging.info("solver config: %s", solver)

@@ -105,16 +105,6 @@ def make_run_plan(run: RunConfig, solver: SolverConfig,
       stage1_iters=stage1_iters, offload_streams=offload_streams)
 
 
-def plan_only(run: RunConfig, solver: SolverConfig, *,
-              memory_bytes: int | None, for_gpu: bool,
-              offload_streams: bool = False, log=print) -> None:
-  """--plan_only: the checks that need no weights, then the plan
-  (`plan_run`); nothing is loaded or written."""
-  check_inputs(run, weights=False)
-  plan_run(run, solver, memory_bytes=memory_bytes, for_gpu=for_gpu,
-           offload_streams=offload_streams, log=log)
-
-
 def load_data(run: RunConfig, tokenizer
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Per task, `(nsamples, seqlen)` calibration and `(n_test, seqlen)`

@@ -14,6 +14,7 @@ import os
 import numpy as np
 from absl import flags
 
+from experiments import runner
 from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import (
@@ -236,6 +237,21 @@ def device_memory_bytes(f=FLAGS) -> int | None:
     raise cli.UsageError(f"--device_memory_gb must be >= 0 (0 = detect), "
                          f"got {f.device_memory_gb}")
   return int(f.device_memory_gb * 2**30) if f.device_memory_gb else None
+
+
+def print_plan_if_asked(run: RunConfig, solver: SolverConfig, *,
+                        memory_bytes: int | None, log=print,
+                        f=FLAGS) -> bool:
+  """--plan_only: the checks that need no weights, then the plan
+  (`runner.plan_run`), and True, so the command returns; nothing is
+  loaded or written. False without the flag."""
+  if not f.plan_only:
+    return False
+  runner.check_inputs(run, weights=False)
+  runner.plan_run(run, solver, memory_bytes=memory_bytes,
+                  for_gpu=f.plan_for_gpu, offload_streams=f.offload_streams,
+                  log=log)
+  return True
 
 
 def mesh_from_flags(f=FLAGS):
