@@ -69,14 +69,16 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
   makes the plan fit [ours]: the returned plan's `offload_streams` says
   so (set from the start by `offload_streams`)."""
   config = load.model_config(run.model)
-  device = plan_lib.with_forward_rate(
-      plan_lib.measure_device(memory_bytes), config,
-      batch_size=run.batch_size, seqlen=run.seqlen)
+  shapes = plan_lib.shapes_from_config(config)
+  device = plan_lib.measure_device(
+      memory_bytes, linear=plan_lib.largest_linear(shapes))
+  device = plan_lib.with_forward_rate(device, config,
+                                     batch_size=run.batch_size,
+                                     seqlen=run.seqlen)
   if for_gpu:
     device = dataclasses.replace(
         device, host_is_device=False,
         name=f"a GPU (seconds at the rates of {device.name})")
-  shapes = plan_lib.shapes_from_config(config)
   plan = make_run_plan(run, solver, device, shapes,
                        offload_streams=offload_streams)
   if not plan.fits() and not offload_streams:

@@ -226,6 +226,7 @@ def test_measured_rates_are_positive():
   assert plan_lib.measure_matmul_flops(64) > 0
   assert plan_lib.measure_eigh_flops(32) > 0
   assert plan_lib.measure_pass_rate(64) > 0
+  assert plan_lib.measure_pass_rate(64, 16) > 0
   assert plan_lib.measure_host_rate(64) > 0
   memory, _ = plan_lib.available_memory_bytes()
   assert memory > 0
@@ -339,3 +340,10 @@ def test_check_plan_command(tmp_path):
   assert "process peak resident set" in fresh["stdout"]
   peak = fresh["stdout"].split("measured ")[-1].split(" GiB")[0]
   assert float(peak) * plan_lib.GIB >= report["plan_total_bytes"]
+
+
+def test_pass_rate_is_probed_on_the_largest_linear():
+  shapes = plan_lib.shapes_from_config(tiny_config("llama"))
+  n, o = plan_lib.largest_linear(shapes)
+  assert (n, o) in {(lin.n, lin.o) for lin in shapes.linears}
+  assert n * o == max(lin.n * lin.o for lin in shapes.linears)

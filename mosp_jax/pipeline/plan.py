@@ -39,11 +39,12 @@ on the spot (`with_forward_rate`: the norms, RoPE, softmax and
 activations that FLOP counts leave out halved SmolLM2's rate against a
 bare matmul), other matmul FLOPs at the device's measured matmul rate,
 the eigendecompositions at a measured `eigh` rate, the solvers' exact
-top-k and elementwise updates as passes over the weights at a measured
-pass rate, the host-side float64 Gram accumulation at a measured host
-rate. The ADMM iteration count of stage 1 is the expected one
-(`EXPECTED_STAGE1_ITERS`, capped by `max_iter`); `max_iter` is the upper
-bound and the table shows the solve time at it too.
+top-k and elementwise updates as passes over the weights at a pass rate
+measured on the run's largest linear, the host-side float64 Gram
+accumulation at a measured host rate. The ADMM iteration count of stage 1
+is the expected one (`EXPECTED_STAGE1_ITERS`, capped by `max_iter`);
+`max_iter` is the upper bound and the table shows the solve time at it
+too.
 `experiments.check_plan` sets a measured run beside its plan
 (`check_phases`).
 """
@@ -140,6 +141,9 @@ class Device:
       second.
     pass_rate: elements per second of one elementwise pass (a compare and
       a sum over float32, as the top-k's bisection does).
+      Measured on the run's largest linear (`measure_device(linear=)`):
+      a 2048^2 probe ran at 0.6-2.1 G/s on the 2-core CPU where
+      SmolLM2's and Llama-2-7B's linears run at about 3.4 and 1.1.
     host_rate: element passes per second of the capture's host-side Gram
       sums (`grams.accumulate`: float32 into float64, in place).
     host_is_device: the CPU backend, where host copies use the same
@@ -739,12 +743,14 @@ def measure_eigh_flops(n: int = 1024, dtype: Any = jnp.float32) -> float:
       jax.jit(jnp.linalg.eigh), sym)
 
 
-def measure_pass_rate(n: int = 2048) -> float:
+def measure_pass_rate(n: int = 2048, o: int | None = None) -> float:
   """Elements per second of one top-k pass: `projection.topk_mask` of
-  half of `(n, n)` scores, `TOPK_PASSES n^2` elements per call."""
-  scores = jnp.abs(_random(n, jnp.float32))
-  fn = jax.jit(functools.partial(projection.topk_mask, k=n * n // 2))
-  return TOPK_PASSES * n * n / _best_seconds(fn, scores)
+  half of `(n, o)` scores (`o = n` by default), `TOPK_PASSES n o`
+  elements per call."""
+  o = n if o is None else o
+  scores = jnp.abs(jax.random.normal(jax.random.key(0), (n, o)))
+  fn = jax.jit(functools.partial(projection.topk_mask, k=n * o // 2))
+  return TOPK_PASSES * n * o / _best_seconds(fn, scores)
 
 
 def measure_host_rate(n: int = 4096) -> float:
@@ -824,19 +830,28 @@ def peak_memory() -> tuple[int, str]:
           "process peak resident set")
 
 
-@functools.lru_cache(maxsize=1)
-def _rates() -> tuple[float, float, float, float]:
-  """The measured rates, once per process (a few seconds on a CPU)."""
-  return (measure_matmul_flops(), measure_eigh_flops(), measure_pass_rate(),
-          measure_host_rate())
+@functools.lru_cache(maxsize=4)
+def _rates(linear: tuple[int, int]) -> tuple[float, float, float, float]:
+  """The measured rates, once per process and shape (a few seconds on a
+  CPU)."""
+  return (measure_matmul_flops(), measure_eigh_flops(),
+          measure_pass_rate(*linear), measure_host_rate())
 
 
-def measure_device(memory_bytes: int | None = None) -> Device:
+def measure_device(memory_bytes: int | None = None, *,
+                   linear: tuple[int, int] = (2048, 2048)) -> Device:
   """The default device with its rates measured on the spot and its
-  memory (`memory_bytes`, or `available_memory_bytes()`)."""
+  memory (`memory_bytes`, or `available_memory_bytes()`); the pass rate
+  on scores of the `linear` shape `(n, o)` (the run's largest:
+  `largest_linear`)."""
   detected, host_is_device = available_memory_bytes()
   dev = jax.devices()[0]
   return Device(getattr(dev, "device_kind", dev.platform),
                 detected if memory_bytes is None else memory_bytes,
-                *_rates(), host_is_device=host_is_device)
+                *_rates(tuple(linear)), host_is_device=host_is_device)
 
+
+def largest_linear(shapes: ModelShapes) -> tuple[int, int]:
+  """`(n, o)` of the model's linear with the most weights."""
+  lin = max(shapes.linears, key=lambda lin: lin.n * lin.o)
+  return lin.n, lin.o
