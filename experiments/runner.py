@@ -71,7 +71,7 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
   config = load.model_config(run.model)
   shapes = plan_lib.shapes_from_config(config)
   device = plan_lib.measure_device(
-      memory_bytes, linear=plan_lib.largest_linear(shapes))
+      memory_bytes, linear=plan_lib.pass_probe_shape(shapes))
   device = plan_lib.with_forward_rate(device, config,
                                      batch_size=run.batch_size,
                                      seqlen=run.seqlen)

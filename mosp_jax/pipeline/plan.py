@@ -40,11 +40,11 @@ activations that FLOP counts leave out halved SmolLM2's rate against a
 bare matmul), other matmul FLOPs at the device's measured matmul rate,
 the eigendecompositions at a measured `eigh` rate, the solvers' exact
 top-k and elementwise updates as passes over the weights at a pass rate
-measured on the run's largest linear, the host-side float64 Gram
-accumulation at a measured host rate. The ADMM iteration count of stage 1
-is the expected one (`EXPECTED_STAGE1_ITERS`, capped by `max_iter`);
-`max_iter` is the upper bound and the table shows the solve time at it
-too.
+measured on the run's largest linear (at least 2048^2), the host-side
+float64 Gram accumulation at a measured host rate. The ADMM iteration
+count of stage 1 is the expected one (`EXPECTED_STAGE1_ITERS`, capped by
+`max_iter`); `max_iter` is the upper bound and the table shows the solve
+time at it too.
 `experiments.check_plan` sets a measured run beside its plan
 (`check_phases`).
 """
@@ -92,6 +92,8 @@ EXPECTED_STAGE1_ITERS = 33
 # division, the float32 cast, the finite check) [ours: a count].
 GRAM_FINISH_PASSES = 3
 GIB = 2**30
+# The smallest scores the pass rate is measured on (`pass_probe_shape`).
+PASS_PROBE_MIN = (2048, 2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +143,8 @@ class Device:
       second.
     pass_rate: elements per second of one elementwise pass (a compare and
       a sum over float32, as the top-k's bisection does).
-      Measured on the run's largest linear (`measure_device(linear=)`):
-      a 2048^2 probe ran at 0.6-2.1 G/s on the 2-core CPU where
-      SmolLM2's and Llama-2-7B's linears run at about 3.4 and 1.1.
+      Measured on the run's largest linear, or 2048^2 scores if that
+      is smaller (`pass_probe_shape`).
     host_rate: element passes per second of the capture's host-side Gram
       sums (`grams.accumulate`: float32 into float64, in place).
     host_is_device: the CPU backend, where host copies use the same
@@ -839,11 +840,11 @@ def _rates(linear: tuple[int, int]) -> tuple[float, float, float, float]:
 
 
 def measure_device(memory_bytes: int | None = None, *,
-                   linear: tuple[int, int] = (2048, 2048)) -> Device:
+                   linear: tuple[int, int] = PASS_PROBE_MIN) -> Device:
   """The default device with its rates measured on the spot and its
   memory (`memory_bytes`, or `available_memory_bytes()`); the pass rate
-  on scores of the `linear` shape `(n, o)` (the run's largest:
-  `largest_linear`)."""
+  on scores of the `linear` shape `(n, o)` (a run's:
+  `pass_probe_shape`)."""
   detected, host_is_device = available_memory_bytes()
   dev = jax.devices()[0]
   return Device(getattr(dev, "device_kind", dev.platform),
@@ -851,7 +852,18 @@ def measure_device(memory_bytes: int | None = None, *,
                 *_rates(tuple(linear)), host_is_device=host_is_device)
 
 
-def largest_linear(shapes: ModelShapes) -> tuple[int, int]:
-  """`(n, o)` of the model's linear with the most weights."""
+def pass_probe_shape(shapes: ModelShapes) -> tuple[int, int]:
+  """The scores' shape `(n, o)` the pass rate is measured on: the
+  model's largest linear, or `PASS_PROBE_MIN` when that has fewer
+  elements [ours, measured]. A loop step of the solvers passes over
+  several arrays of a linear's size per channel, out of the caches: on
+  SmolLM2-135M (largest linear 576 x 1536) a probe of that size ran at
+  3.6-4.3 G/s, in cache, where its solves ran as if at about 2.4, and
+  the 2048^2 probe at 1.5-2.2 predicted a layer's solve at 0.95 of the
+  measured; at Llama-2-7B's 4096 x 11008 the probe ran at 1.1-1.4 G/s
+  and predicted the solve at 1.07 of the measured, where the 2048^2
+  probe (1.56) said 1.30."""
   lin = max(shapes.linears, key=lambda lin: lin.n * lin.o)
+  if lin.n * lin.o < PASS_PROBE_MIN[0] * PASS_PROBE_MIN[1]:
+    return PASS_PROBE_MIN
   return lin.n, lin.o
