@@ -35,12 +35,14 @@ model config's EOS is id 2 (`<|im_end|>`) (README, "The exports' tokenizer").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -145,6 +147,31 @@ def torch_dtype_kwargs(dtype: Any) -> dict[str, Any]:
   return {"dtype" if new else "torch_dtype": dtype}
 
 
+@contextlib.contextmanager
+def _without_gguf_progress_bar() -> Iterator[None]:
+  """Within it, transformers' GGUF loader draws no progress bar.
+
+  It wraps the tensors in `tqdm.auto.tqdm` (272 lines of bar on SmolLM2's
+  first conversion), which no transformers setting turns off and tqdm's
+  own switch reads only at import [ours: the command prints its own
+  'loading the model' line]; the loader's name for it is swapped for a
+  pass-through and put back on exit."""
+  try:
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+  except ImportError:  # A transformers without GGUF support.
+    yield
+    return
+  bar = getattr(gguf_utils, "tqdm", None)
+  if bar is None:
+    yield
+    return
+  gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+  try:
+    yield
+  finally:
+    gguf_utils.tqdm = bar
+
+
 def _load_torch(source: Source) -> tuple[Any, Any, Any]:
   """(torch model, config, tokenizer or None) of a non-Flax source."""
   import torch
@@ -168,8 +195,10 @@ def _load_torch(source: Source) -> tuple[Any, Any, Any]:
   if source.kind != "gguf":
     kwargs["use_safetensors"] = not source.pickle
   try:
-    model = AutoModelForCausalLM.from_pretrained(
-        where, config=config, **torch_dtype_kwargs(torch.float32), **kwargs)
+    with _without_gguf_progress_bar():
+      model = AutoModelForCausalLM.from_pretrained(
+          where, config=config, **torch_dtype_kwargs(torch.float32),
+          **kwargs)
   except (OSError, ValueError, RuntimeError) as e:
     raise ModelLoadError(f"{what}: cannot load the weights: {e}") from e
   return model, model.config, _load_tokenizer(source, where, kwargs)

