@@ -61,6 +61,12 @@ def test_sharded_equals_single_device(worker, spec, pattern):
   assert c["alps_rel_objective_diff"] <= 1e-6
 
 
+def test_pcg_split_by_columns_equals_one_device(worker):
+  """The PCG's per-column step sizes do not depend on how many columns a
+  device holds (`pcg.column_sums`): bit for bit on 576 x 256."""
+  assert worker["pcg"]["pcg_entries_differing"] == 0
+
+
 def test_layouts(worker):
   """Iterates split by columns over every device; on '2x2' the 4 models
   of `mosp_materialize` are also split over the task axis."""

@@ -27,6 +27,20 @@ class PcgInfo(NamedTuple):
   residual: jax.Array
 
 
+def column_sums(x: jax.Array) -> jax.Array:
+  """`(n, o) -> (o,)`: the sum of each column, as `ones(n) @ x` [ours].
+
+  `jnp.sum(x, axis=0)` sums in an order that depends on how many columns
+  the array has, so a column split over a device mesh changed the last
+  bit of 140-1130 of the sums on 576-11008 x 256-2048 arrays, and the
+  PCG's step sizes with them; the product with a vector of ones gave
+  each column's sum bit for bit the same on one device and on four.
+  `HIGHEST`: a GPU would otherwise be free to round the inputs to TF32.
+  """
+  return jnp.matmul(jnp.ones((x.shape[0],), x.dtype), x,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def masked_pcg(H: jax.Array, W0: jax.Array, mask: jax.Array, X0: jax.Array, *,
         iters: int) -> tuple[jax.Array, PcgInfo]:
   """Least-squares refit of `W0` on the support `mask`.
@@ -52,17 +66,17 @@ def masked_pcg(H: jax.Array, W0: jax.Array, mask: jax.Array, X0: jax.Array, *,
   diag = jnp.diagonal(H)
   minv = jnp.where(diag > 0, 1.0 / jnp.where(diag > 0, diag, 1.0), 0.0)
   Z = minv[:, None] * R
-  rz = jnp.sum(R * Z, axis=0)
+  rz = column_sums(R * Z)
 
   def body(_, carry):
     X, R, P, rz = carry
     AP = m * (H @ P)
-    pap = jnp.sum(P * AP, axis=0)
+    pap = column_sums(P * AP)
     alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
     X = X + alpha * P
     R = R - alpha * AP
     Z = minv[:, None] * R
-    rz_new = jnp.sum(R * Z, axis=0)
+    rz_new = column_sums(R * Z)
     beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
     return X, R, Z + beta * P, rz_new
 

@@ -17,9 +17,10 @@ global counts become all-reduces of integers; divisions by broadcasts are
 written as products with reciprocals, which XLA otherwise rewrites in
 some programs only. Results then equal one device's bit for bit on the
 tests' layers (tests/test_mesh.py), given shards of at least 64 columns
-(narrower ones take another XLA:CPU matmul kernel and agree to rounding);
-on the 1536 x 2048 layer of `bench_solvers --mesh` 0.004% of the mask
-entries differ, objectives agree to 3e-4 (README, not yet diagnosed).
+(narrower ones take another XLA:CPU matmul kernel and agree to rounding).
+The PCG's per-column sums go through `pcg.column_sums` (a product with a
+vector of ones): `jnp.sum(axis=0)` summed in an order that depends on the
+shard's width and flipped stage-2 masks at 1536 x 2048.
 So the output columns are split over every device: each holds
 `1 / devices` of the iterates. The task axis splits only what is
 independent across its index: the eigendecompositions (one Gram per
