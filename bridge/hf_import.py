@@ -151,7 +151,7 @@ def torch_dtype_kwargs(dtype: Any) -> dict[str, Any]:
 def _without_gguf_progress_bar() -> Iterator[None]:
   """Within it, transformers' GGUF loader draws no progress bar.
 
-  It wraps the tensors in `tqdm.auto.tqdm` (272 lines of bar on SmolLM2's
+  It wraps the tensors in `tqdm.auto.tqdm` (272 bar updates on SmolLM2's
   first conversion), which no transformers setting turns off and tqdm's
   own switch reads only at import [ours: the command prints its own
   'loading the model' line]; the loader's name for it is swapped for a

@@ -725,8 +725,11 @@ def _best_seconds(fn: Any, *args: Any, repeats: int = 3,
   return best
 
 
-def _random(n: int, dtype: Any, seed: int = 0) -> jax.Array:
-  return jax.random.normal(jax.random.key(seed), (n, n), dtype)
+def _random(n: int, dtype: Any, seed: int = 0, o: int | None = None
+            ) -> jax.Array:
+  """Standard normal `(n, o)` (`o = n` by default)."""
+  return jax.random.normal(jax.random.key(seed), (n, n if o is None else o),
+                           dtype)
 
 
 def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32) -> float:
@@ -748,8 +751,8 @@ def measure_pass_rate(n: int = 2048, o: int | None = None) -> float:
   """Elements per second of one top-k pass: `projection.topk_mask` of
   half of `(n, o)` scores (`o = n` by default), `TOPK_PASSES n o`
   elements per call."""
-  o = n if o is None else o
-  scores = jnp.abs(jax.random.normal(jax.random.key(0), (n, o)))
+  scores = jnp.abs(_random(n, jnp.float32, o=o))
+  o = scores.shape[1]
   fn = jax.jit(functools.partial(projection.topk_mask, k=n * o // 2))
   return TOPK_PASSES * n * o / _best_seconds(fn, scores)
 
@@ -860,9 +863,9 @@ def pass_probe_shape(shapes: ModelShapes) -> tuple[int, int]:
   SmolLM2-135M (largest linear 576 x 1536) a probe of that size ran at
   3.6-4.3 G/s, in cache, where its solves ran as if at about 2.4, and
   the 2048^2 probe at 1.5-2.2 predicted a layer's solve at 0.95 of the
-  measured; at Llama-2-7B's 4096 x 11008 the probe ran at 1.1-1.4 G/s
-  and predicted the solve at 1.07 of the measured, where the 2048^2
-  probe (1.56) said 1.30."""
+  measured; at Llama-2-7B's 4096 x 11008 the probe ran at 1.1-1.5 G/s
+  and predicted the 2-layer simulation's solve at 1.07-1.22 of the
+  measured, where the 2048^2 probe (1.56) said 1.30."""
   lin = max(shapes.linears, key=lambda lin: lin.n * lin.o)
   if lin.n * lin.o < PASS_PROBE_MIN[0] * PASS_PROBE_MIN[1]:
     return PASS_PROBE_MIN
