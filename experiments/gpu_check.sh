@@ -11,7 +11,10 @@
 #      by its time limit keeps the shapes it finished);
 #   2. experiments.check_plan on sim7b.flags: 2 decoder layers of a random
 #      Llama-2-7B, 3 tasks, 7 preferences, measured against its plan;
-# and writes OUT_DIR/gpu_check.json (device, versions, both results) with
+#   3. the 4096^2 float32 matmul rate in true float32 (what every command
+#      computes, mosp_jax/cli.py: float32_matmuls) and in TensorFloat32
+#      (JAX's default on the GPU): what the float32 costs there;
+# and writes OUT_DIR/gpu_check.json (device, versions, the three results) with
 # the two logs. GPU_CHECK_SMOKE=1 runs both on the smoke model instead
 # (a minute on a CPU: checks this script, not the GPU).
 set -uo pipefail
@@ -62,6 +65,13 @@ def read(path):
 import flax
 import transformers
 
+from mosp_jax.pipeline import plan
+
+gflops = {}
+for precision in ("float32", "tensorfloat32"):
+  with jax.default_matmul_precision(precision):
+    gflops[precision] = plan.measure_matmul_flops(4096) / 1e9
+
 dev = jax.devices()[0]
 report = {
     "device": getattr(dev, "device_kind", dev.platform),
@@ -72,6 +82,7 @@ report = {
                     "check_plan": int(sys.argv[4])},
     "bench_solvers": read(work / "bench.json"),
     "check_plan": read(work / "sim" / "plan_check.json"),
+    "matmul_gflops_4096": gflops,
 }
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 print(f"wrote {out}/gpu_check.json: bench_solvers exit "

@@ -13,7 +13,9 @@ Every command (`experiments.run`, `experiments.compare`,
   numbers, a failed check);
 - refuses NaN and Inf in every float flag;
 - is quiet: library logs (absl INFO, orbax, JAX, transformers) are shown
-  only when `--verbosity` (`-v`) is given, e.g. `--verbosity=0` for INFO.
+  only when `--verbosity` (`-v`) is given, e.g. `--verbosity=0` for INFO;
+- computes float32 matrix products in true float32 on every device
+  (`float32_matmuls`), not in JAX's faster default of a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 
+import jax
 from absl import app, flags, logging
 
 from mosp_jax import fetch
@@ -142,6 +145,25 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+MATMUL_PRECISION_ENV = "JAX_DEFAULT_MATMUL_PRECISION"
+
+
+def float32_matmuls() -> None:
+  """Makes JAX compute float32 matrix products in true float32 on every
+  device, unless `JAX_DEFAULT_MATMUL_PRECISION` is set (then that wins).
+
+  [ours] JAX's default precision favours speed: TensorFloat32 (10-bit
+  mantissas) on recent NVIDIA GPUs, bfloat16 passes on TPUs; on the CPU it
+  is float32 either way. The solvers (products with eigenvectors, ADMM
+  and PCG steps), the Grams and the forwards assume float32 products, as
+  PyTorch computes them by default (TF32 off for matmuls since 1.12), so
+  an export's PyTorch perplexity checks the same arithmetic. A product
+  traced while this holds carries `Precision.HIGHEST`.
+  """
+  if MATMUL_PRECISION_ENV not in os.environ:
+    jax.config.update("jax_default_matmul_precision", "float32")
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl `flags_parser`: a flag that does not parse, or a float flag that
   is not finite, ends with one `error:` line and exit status 2."""
@@ -182,6 +204,8 @@ def guarded(main: Callable[[list[str]], object]
 def run(main: Callable[[list[str]], object],
         argv: Sequence[str] | None = None) -> None:
   """`absl.app.run(main)` with the project's flag parsing, error handling
-  and quiet logs; `argv` defaults to `sys.argv`."""
+  and quiet logs, in float32 matmuls (`float32_matmuls`); `argv` defaults
+  to `sys.argv`."""
+  float32_matmuls()
   app.run(guarded(main), argv=None if argv is None else list(argv),
           flags_parser=parse_flags)

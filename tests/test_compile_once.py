@@ -160,7 +160,7 @@ def test_mosp_materialize_compiles_once_per_preference_count():
 
 
 # The walk's per-layer functions: forward, Gram capture, solvers, stats.
-PER_LAYER = ("advance", "_batch_grams", "_pareto", "_materialize",
+PER_LAYER = ("advance", "batch_grams", "_pareto", "_materialize",
              "model_stats")
 
 

@@ -26,8 +26,10 @@ class NonFiniteError(FloatingPointError):
 
 
 @functools.partial(jax.jit, static_argnames=("adapter", "keys"))
-def _batch_grams(adapter: Adapter, layer_params: Params, hidden: jax.Array,
-                 *, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+def batch_grams(adapter: Adapter, layer_params: Params, hidden: jax.Array,
+                *, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Unnormalised float32 Grams `X^T X` `(n_in, n_in)` of one batch
+  `hidden (B, T, d)`, for the input of each linear group in `keys`."""
   _, xs = adapter.apply_block(layer_params, hidden, capture=True)
   out = {}
   for key in keys:
@@ -67,7 +69,7 @@ def layer_grams(adapter: Adapter, layer_params: Params,
   sums = {} if sums is None else sums
   tokens = 0
   for batch in stream:
-    got = jax.device_get(_batch_grams(adapter, layer_params,
+    got = jax.device_get(batch_grams(adapter, layer_params,
                                       jax.device_put(batch), keys=keys))
     for k in keys:
       sums[k] = accumulate(sums.get(k), got[k], first=tokens == 0)
