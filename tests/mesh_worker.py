@@ -128,8 +128,9 @@ def pipeline_case() -> dict:
 
 def pcg_case() -> dict:
   """PCG on a column-split 576 x 256 problem against one device: how
-  many entries differ (`pcg.column_sums` makes the step sizes' column
-  sums independent of the split; `jnp.sum(axis=0)` was not)."""
+  many entries of the weights and of the residual norms differ
+  (`pcg.column_sums` makes the column sums independent of the split;
+  `jnp.sum(axis=0)` and `jnp.linalg.norm(axis=0)` were not)."""
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -143,12 +144,14 @@ def pcg_case() -> dict:
   mask = np.asarray(projection.topk_mask(np.abs(W0), n * o // 2))
   mesh = make_mesh("4")
   cols = NamedSharding(mesh, P(None, "cols"))
-  fn = jax.jit(lambda h, w, mk: pcg.masked_pcg(h, w, mk, w, iters=10)[0])
-  one = np.asarray(fn(*jax.device_put((H, W0, mask))))
-  split = np.asarray(jax.device_get(fn(
+  fn = jax.jit(lambda h, w, mk: pcg.masked_pcg(h, w, mk, w, iters=10))
+  one = jax.device_get(fn(*jax.device_put((H, W0, mask))))
+  split = jax.device_get(fn(
       jax.device_put(H, NamedSharding(mesh, P())),
-      jax.device_put(W0, cols), jax.device_put(mask, cols))))
-  return {"pcg_entries_differing": int(np.sum(one != split))}
+      jax.device_put(W0, cols), jax.device_put(mask, cols)))
+  return {"pcg_entries_differing": int(np.sum(one[0] != split[0])),
+          "pcg_residuals_differing": int(np.sum(
+              one[1].residual != split[1].residual))}
 
 
 def uneven_error() -> str:

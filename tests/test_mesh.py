@@ -62,9 +62,11 @@ def test_sharded_equals_single_device(worker, spec, pattern):
 
 
 def test_pcg_split_by_columns_equals_one_device(worker):
-  """The PCG's per-column step sizes do not depend on how many columns a
-  device holds (`pcg.column_sums`): bit for bit on 576 x 256."""
+  """The PCG's per-column step sizes and residual norms do not depend on
+  how many columns a device holds (`pcg.column_sums`): bit for bit on
+  576 x 256."""
   assert worker["pcg"]["pcg_entries_differing"] == 0
+  assert worker["pcg"]["pcg_residuals_differing"] == 0
 
 
 def test_layouts(worker):
