@@ -17,10 +17,11 @@ Pickled PyTorch weights (`*.bin`, `*.pt`, ...) are refused unless
 `trust_pickle=True`: unpickling runs arbitrary code. Spec resolution and the
 up-front integrity checks live in `bridge.model_files`.
 
-A PyTorch safetensors folder is converted into the cache tensor by tensor
-(`bridge.stream_convert`, [ours]: host memory holds one tensor, never the
-model). Other non-Flax sources (GGUF, pickles, Hub ids), and safetensors
-whose names need transformers' own mapping, go through PyTorch
+A PyTorch folder (safetensors or trusted, memory-mappable pickles) is
+converted into the cache tensor by tensor (`bridge.stream_convert`, [ours]:
+host memory holds one tensor, never the model). Other non-Flax sources
+(GGUF, Hub ids), and shards whose names need transformers' own mapping or
+pickles in the legacy (pre-zip) format, go through PyTorch
 (`AutoModelForCausalLM`), then the rename table of `bridge.rename` and a tree
 diff against the Flax model. The result is cached as a Flax checkpoint
 (float32 safetensors, config, tokenizer) in
@@ -328,12 +329,13 @@ def _write_checkpoint(dest: str | os.PathLike, config: Any,
 
 def _stream_into_cache(source: Source, cached: pathlib.Path,
                        meta: dict) -> bool:
-  """Converts a PyTorch safetensors folder into the cache tensor by
-  tensor (`bridge.stream_convert`, [ours]); the PyTorch model is never
-  built. Returns False, writing nothing, for other sources and where the
-  shards' names or shapes do not map onto the Flax model by the rename
-  table alone (transformers' own loading then converts it whole)."""
-  if source.kind != "torch" or source.pickle:
+  """Converts a PyTorch folder (safetensors or pickled shards) into the
+  cache tensor by tensor (`bridge.stream_convert`, [ours]); the PyTorch
+  model is never built. Returns False, writing nothing, for other sources
+  and where the shards' names or shapes do not map onto the Flax model by
+  the rename table alone, or a pickle cannot be memory-mapped
+  (transformers' own loading then converts it whole)."""
+  if source.kind != "torch":
     return False
   from transformers import AutoConfig
 
@@ -350,13 +352,14 @@ def _stream_into_cache(source: Source, cached: pathlib.Path,
     stream_convert.convert(
         where, path, expected=_expected(model),
         model_type=config.model_type,
-        tie_word_embeddings=config.tie_word_embeddings, what=where)
+        tie_word_embeddings=config.tie_word_embeddings, what=where,
+        pickle=source.pickle)
 
   try:
     _write_checkpoint(cached, config, weights, tokenizer, meta)
   except rename.CheckpointMismatchError as e:
-    log.info("%s: converting through transformers, the shards do not map "
-             "tensor by tensor (%s)", where, e)
+    log.info("%s: converting through transformers, the shards do not "
+             "convert tensor by tensor (%s)", where, e)
     return False
   return True
 
@@ -432,9 +435,9 @@ def load_model(
     dtype: dtype of the returned params and of the model's computation.
     cache: read / write the converted checkpoint in the model cache.
     trust_pickle: allow pickled PyTorch weights.
-    stream: with `cache`, convert a PyTorch safetensors folder into the
-      cache tensor by tensor (`_stream_into_cache`); False converts it
-      whole, through PyTorch, as other sources are.
+    stream: with `cache`, convert a PyTorch folder (safetensors or
+      pickles) into the cache tensor by tensor (`_stream_into_cache`);
+      False converts it whole, through PyTorch, as other sources are.
 
   Returns:
     model: an uninitialised HF Flax model (`model(ids, params=params)`;
@@ -481,8 +484,8 @@ def cached_checkpoint(spec: str, *, dtype: Any = jnp.float32,
   of a spec converted into the model cache (converting it first, as
   `load_model`, when not cached), for reading layer by layer; None for a
   Flax checkpoint folder, which is not cached (`load_model` reads it).
-  `stream=False` converts a PyTorch safetensors folder whole, through
-  PyTorch, as other sources are (`experiments.bench_convert` compares
+  `stream=False` converts a PyTorch folder whole, through PyTorch, as
+  other sources are (`experiments.bench_convert` compares
   the two)."""
   source = resolve(spec, trust_pickle=trust_pickle)
   if source.kind == "flax":

@@ -1,10 +1,13 @@
-"""A PyTorch safetensors folder converted to a Flax checkpoint tensor by tensor.
+"""A PyTorch checkpoint folder converted to a Flax checkpoint tensor by tensor.
 
 [ours] The whole-model conversion of `bridge.hf_import` builds the PyTorch
 model, its state dict in numpy and the Flax tree: about three float32
 copies of the model in host memory at once (about 81 GB for Llama-2-7B,
 360 GB for OPT-30B). Here each tensor is read from its shard
-(`safetensors.safe_open`), renamed and transposed by `bridge.rename`'s
+(`safetensors.safe_open`; for pickled shards, `torch.load(mmap=True,
+weights_only=True)`, which maps the file and reads a tensor's bytes when
+it is used: older checkpoints such as OPT's came as pickles), renamed and
+transposed by `bridge.rename`'s
 table, cast to float32 and appended to the output file, whose header is
 computed first from the shards' shapes; the names and shapes are checked
 against the Flax model (`rename.tree_diff`) before any data is read. Host
@@ -28,9 +31,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bridge import rename
+from bridge import model_files, rename
 
 INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
 class _Shape(NamedTuple):
@@ -39,18 +43,63 @@ class _Shape(NamedTuple):
   shape: tuple[int, ...]
 
 
-def shard_files(folder: str | os.PathLike) -> list[pathlib.Path]:
-  """The weight files of a PyTorch safetensors folder: those its index
-  names (`model.safetensors.index.json`), else every `*.safetensors`."""
+def shard_files(folder: str | os.PathLike, *,
+                pickle: bool = False) -> list[pathlib.Path]:
+  """The weight files of a PyTorch checkpoint folder: those its index
+  names (`model.safetensors.index.json`, or `pytorch_model.bin.index.json`
+  when `pickle`), else every `*.safetensors` (every pickle file)."""
   d = pathlib.Path(folder)
-  if (d / INDEX).exists():
+  index = d / (PICKLE_INDEX if pickle else INDEX)
+  if index.exists():
     try:
-      weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+      weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise rename.CheckpointMismatchError(
-          f"{d / INDEX}: unreadable index ({e})") from e
+          f"{index}: unreadable index ({e})") from e
     return [d / n for n in sorted(set(weight_map.values()))]
+  if pickle:
+    return sorted(f for f in d.iterdir()
+                  if f.name.endswith(model_files.PICKLE_SUFFIXES))
   return sorted(d.glob("*.safetensors"))
+
+
+class _Tensor(NamedTuple):
+  """A stored tensor: its shape and how to read it (a torch tensor)."""
+
+  shape: tuple[int, ...]
+  read: Callable[[], Any]
+
+
+def _safetensors_tensors(path: pathlib.Path,
+                         stack: contextlib.ExitStack) -> dict[str, _Tensor]:
+  from safetensors import safe_open
+
+  h = stack.enter_context(safe_open(str(path), framework="pt"))
+  return {key: _Tensor(tuple(h.get_slice(key).get_shape()),
+                       functools.partial(h.get_tensor, key))
+          for key in h.keys()}  # noqa: SIM118 (a safe_open handle)
+
+
+def _pickle_tensors(path: pathlib.Path, what: str) -> dict[str, _Tensor]:
+  """The tensors of a pickled state dict, memory-mapped. Raises
+  CheckpointMismatchError when the file cannot be mapped (the legacy,
+  pre-zip format) or holds more than tensors: then it converts whole."""
+  import pickle
+
+  import torch
+
+  try:
+    state = torch.load(str(path), map_location="cpu", mmap=True,
+                       weights_only=True)
+  except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as e:
+    raise rename.CheckpointMismatchError(
+        f"{what}: {path.name} cannot be memory-mapped ({e})") from e
+  if not isinstance(state, dict) or not all(
+      isinstance(v, torch.Tensor) for v in state.values()):
+    raise rename.CheckpointMismatchError(
+        f"{what}: {path.name} is not a state dict of tensors")
+  # `detach` is a view: the bytes are read when the tensor is cast.
+  return {key: _Tensor(tuple(t.shape), t.detach) for key, t in state.items()}
 
 
 def write_float32(path: str | os.PathLike,
@@ -86,9 +135,10 @@ def write_float32(path: str | os.PathLike,
 
 def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
             expected: Mapping[tuple[str, ...], rename.Shaped],
-            model_type: str, tie_word_embeddings: bool, what: str) -> None:
-  """Converts the folder's PyTorch safetensors shards into the Flax
-  checkpoint file `dest`, one tensor at a time.
+            model_type: str, tie_word_embeddings: bool, what: str,
+            pickle: bool = False) -> None:
+  """Converts the folder's PyTorch shards into the Flax checkpoint file
+  `dest`, one tensor at a time.
 
   Args:
     folder: the PyTorch checkpoint folder (`shard_files`).
@@ -99,32 +149,33 @@ def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
       shards is checked against the embedding and dropped, as
       `rename.pt_to_flax` does.
     what: the checkpoint, for error messages.
+    pickle: the shards are pickled (`*.bin`, ...), not safetensors.
 
   Raises:
     rename.CheckpointMismatchError: names or shapes differ from the
-      model's (nothing is written then), a tensor is in two shards, or a
-      tied head differs from the embedding.
+      model's (nothing is written then), a tensor is in two shards, a
+      tied head differs from the embedding, or a pickle cannot be mapped.
   """
   import torch
-  from safetensors import safe_open
 
   head_key, emb_path = rename.TIED_HEADS.get(model_type, (None, None))
   with contextlib.ExitStack() as stack:
-    shard_of: dict[str, Any] = {}
-    for f in shard_files(folder):
-      h = stack.enter_context(safe_open(str(f), framework="pt"))
-      for key in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-        if key in shard_of:
+    stored: dict[str, _Tensor] = {}
+    for f in shard_files(folder, pickle=pickle):
+      tensors = (_pickle_tensors(f, what) if pickle
+                 else _safetensors_tensors(f, stack))
+      for key, tensor in tensors.items():
+        if key in stored:
           raise rename.CheckpointMismatchError(
               f"{what}: tensor {key} is stored in two shards")
-        shard_of[key] = h
+        stored[key] = tensor
     shapes: dict[tuple[str, ...], _Shape] = {}
     source: dict[tuple[str, ...], tuple[str, bool]] = {}
     tied_head = False
-    for key, h in shard_of.items():
+    for key, tensor in stored.items():
       if rename.ignored(key):
         continue
-      shape = tuple(h.get_slice(key).get_shape())
+      shape = tensor.shape
       rule = rename.flax_path(key, expected)
       if rule is None:
         if tie_word_embeddings and key == head_key:
@@ -140,7 +191,7 @@ def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
     rename.tree_diff(shapes, expected, what=what)
 
     def read(key: str, transpose: bool = False) -> np.ndarray:
-      arr = shard_of[key].get_tensor(key).to(torch.float32).numpy()
+      arr = stored[key].read().to(torch.float32).numpy()
       return arr.T if transpose else arr
 
     if tied_head:

@@ -2,13 +2,15 @@ r"""Peak memory of converting a PyTorch checkpoint: tensor by tensor or whole.
 
   python -m experiments.bench_convert --out=convert.json
   python -m experiments.bench_convert --out=convert.json --layers=2 --hidden=256
+  python -m experiments.bench_convert --out=convert_pickle.json --pickle
 
 Saves a random Llama of the given shape as bfloat16 safetensors shards (as
-transformers writes large checkpoints), then converts it into an empty
-model cache twice: streamed, tensor by tensor (`bridge.stream_convert`,
-what `hf_import.cached_checkpoint` does for such a folder), and whole,
-through the PyTorch model (what it did before, and still does for GGUF
-files and pickles). Every step runs in a fresh process, whose peak
+transformers writes large checkpoints; `--pickle`: pickled `.bin` shards,
+as OPT's checkpoints come), then converts it into an empty model cache
+twice: streamed, tensor by tensor (`bridge.stream_convert`, what
+`hf_import.cached_checkpoint` does for such a folder), and whole, through
+the PyTorch model (what it did before, and still does for GGUF files and
+legacy pickles). Every step runs in a fresh process, whose peak
 resident memory (`os.wait4`) and wall time are recorded, beside the peak
 of a process that only imports the same modules; and whether the two
 float32 files hold the same tensors bit for bit. Everything is written
@@ -40,6 +42,8 @@ _MLP = flags.DEFINE_integer("mlp", 5632, "MLP (intermediate) size.")
 _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _SHARD = flags.DEFINE_string("shard_size", "500MB",
                              "transformers' max_shard_size of the shards.")
+_PICKLE = flags.DEFINE_bool("pickle", False,
+                            "Pickled .bin shards instead of safetensors.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,14 +65,16 @@ if mode == "make":
       tie_word_embeddings=False)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-  model.save_pretrained(ckpt, max_shard_size=s["shard_size"])
+  model.save_pretrained(ckpt, max_shard_size=s["shard_size"],
+                        safe_serialization=not s["pickle"])
   print(sum(p.numel() for p in model.parameters()))
   sys.exit()
 from bridge import hf_import
-if mode == "imports":
-  hf_import.load_config(ckpt)
+if mode == "imports":  # trust_pickle: the pickles are this benchmark's own
+  hf_import.load_config(ckpt, trust_pickle=True)
 else:
-  print(hf_import.cached_checkpoint(ckpt, stream=mode == "stream")[1])
+  print(hf_import.cached_checkpoint(ckpt, stream=mode == "stream",
+                                    trust_pickle=True)[1])
 """
 
 
@@ -79,7 +85,7 @@ def _run_child(mode: str, ckpt: pathlib.Path, tmp: pathlib.Path
   converted model.safetensors for `stream` and `whole`)."""
   shape = {"layers": _LAYERS.value, "hidden": _HIDDEN.value,
            "mlp": _MLP.value, "vocab": _VOCAB.value,
-           "shard_size": _SHARD.value}
+           "shard_size": _SHARD.value, "pickle": _PICKLE.value}
   log = tmp / f"{mode}.log"
   with open(log, "wb") as f:
     t = time.perf_counter()
@@ -126,7 +132,7 @@ def main(argv):
     print("saving a random Llama ...", flush=True)
     ckpt = tmp / "checkpoint"
     params = int(_run_child("make", ckpt, tmp)["printed"])
-    shards = sorted(ckpt.glob("*.safetensors"))
+    shards = sorted(ckpt.glob("*.bin" if _PICKLE.value else "*.safetensors"))
     # The floor of every child's peak: each is forked from this process.
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     runs = {}
@@ -138,7 +144,7 @@ def main(argv):
     record = {
         "parameters": params, "layers": _LAYERS.value,
         "hidden": _HIDDEN.value, "mlp": _MLP.value, "vocab": _VOCAB.value,
-        "shards": len(shards),
+        "shards": len(shards), "pickle": _PICKLE.value,
         "shard_bytes": sum(s.stat().st_size for s in shards),
         "float32_bytes": os.path.getsize(files["stream"]),
         "same_tensors": equal,
@@ -146,7 +152,9 @@ def main(argv):
         **{f"{m}_{k}": v for m, r in runs.items() for k, v in r.items()}}
   artifact.write_json(_OUT.value, record)
   gb = 1e9
-  print(f"{params / 1e6:.0f} M parameters, {len(shards)} bfloat16 shards "
+  kind = "pickled" if _PICKLE.value else "safetensors"
+  print(f"{params / 1e6:.0f} M parameters, {len(shards)} bfloat16 {kind} "
+        f"shards "
         f"({record['shard_bytes'] / gb:.2f} GB) -> float32 "
         f"{record['float32_bytes'] / gb:.2f} GB")
   print(f"peak resident memory: streamed "

@@ -8,19 +8,22 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
-def test_bench_convert_record(tmp_path):
+@pytest.mark.parametrize("pickle", [False, True])
+def test_bench_convert_record(tmp_path, pickle):
   out = tmp_path / "convert.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.bench_convert", f"--out={out}",
        "--layers=1", "--hidden=64", "--mlp=96", "--vocab=256",
-       "--shard_size=40KB"], cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
+       "--shard_size=40KB", f"--{'' if pickle else 'no'}pickle"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(out.read_text())
-  assert r["same_tensors"] is True
+  assert r["same_tensors"] is True and r["pickle"] is pickle
   assert r["shards"] >= 2
   # bfloat16 shards -> float32: 4 bytes per parameter plus a header.
   assert 4 * r["parameters"] < r["float32_bytes"] < 4 * r["parameters"] + 2**16

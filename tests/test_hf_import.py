@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import FlaxOPTForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from bridge import hf_import, rename
+from bridge import hf_import, rename, stream_convert
 from mosp_jax import fetch, models
 from tests.tiny_models import (
     VOCAB,
@@ -207,6 +207,45 @@ def test_torch_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
     assert set(f.keys()) == {".".join(k) for k in flat}
     for k, v in flat.items():
       np.testing.assert_array_equal(f.get_tensor(".".join(k)), v)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_pickled_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
+                                                 family):
+  # Pickled shards (OPT's only format on the Hub), memory-mapped.
+  tm = tiny_torch(family)
+  d = tmp_path / "pickled"
+  tm.save_pretrained(d, max_shard_size="20KB", safe_serialization=False)
+  tiny_tokenizer().save_pretrained(d)
+  assert len(list(d.glob("*.bin"))) >= 2 and not list(d.glob("*.safetensors"))
+  assert (d / stream_convert.PICKLE_INDEX).exists()
+  _, want, _ = hf_import.load_model(str(d), cache=False, trust_pickle=True)
+
+  def no_torch(*args, **kwargs):
+    raise AssertionError("the PyTorch model must not be built")
+
+  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  _, params, _ = hf_import.load_model(str(d), trust_pickle=True)
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
+def test_legacy_pickle_converts_through_torch(tmp_path, cache):
+  # The pre-zip format cannot be memory-mapped: transformers converts it.
+  tm = tiny_torch("llama")
+  d = tmp_path / "legacy"
+  tm.config.save_pretrained(d)
+  tiny_tokenizer().save_pretrained(d)
+  torch.save(tm.state_dict(), d / "pytorch_model.bin",
+             _use_new_zipfile_serialization=False)
+  with pytest.raises(rename.CheckpointMismatchError,
+                     match="cannot be memory-mapped"):
+    stream_convert.convert(d, tmp_path / "out.safetensors", expected={},
+                           model_type="llama", tie_word_embeddings=True,
+                           what="legacy", pickle=True)
+  assert not (tmp_path / "out.safetensors").exists()
+  _, params, _ = hf_import.load_model(str(d), trust_pickle=True)
+  jax.tree.map(np.testing.assert_array_equal, params,
+               hf_import.torch_to_flax(tm)[1])
 
 
 def test_unstreamed_conversion_goes_through_torch(tmp_path, cache,
