@@ -33,12 +33,13 @@ TINY_LLAMA_LAYERS = 2
 TINY_LLAMA_VOCAB = 49152
 
 
-def load_tokenizer(spec: str) -> Any:
+def load_tokenizer(spec: str, *, trust_pickle: bool = False) -> Any:
   """The tokenizer of a run's model spec, read without converting the
   model ('tiny-llama' uses SmolLM2's; a `random:` paper model SmolLM2's
   with ids modulo its vocabulary, `paper_configs.ModuloVocabTokenizer`;
   else `bridge.hf_import.load_tokenizer`). A bad `random:` spec raises
-  `paper_configs.RandomSpecError`.
+  `paper_configs.RandomSpecError`. `trust_pickle`, here and below: allow
+  pickled PyTorch weights (`RunConfig.trust_pickle`).
   """
   from bridge import hf_import
   from mosp_jax.models import paper_configs
@@ -47,11 +48,12 @@ def load_tokenizer(spec: str) -> Any:
     return paper_configs.random_tokenizer(
         hf_import.load_tokenizer(hf_import.SMOLLM2), random_spec)
   return hf_import.load_tokenizer(
-      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec)
+      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec,
+      trust_pickle=trust_pickle)
 
 
-def load_dense(spec: str, tokenizer: Any = None
-               ) -> tuple[Adapter, dict, Any]:
+def load_dense(spec: str, tokenizer: Any = None, *,
+               trust_pickle: bool = False) -> tuple[Adapter, dict, Any]:
   """(adapter, float32 numpy params, tokenizer) of a run's model spec; the
   one loader of `experiments.run` and of the bridge.
 
@@ -66,7 +68,7 @@ def load_dense(spec: str, tokenizer: Any = None
   from mosp_jax import models
   from mosp_jax.models import paper_configs
   if tokenizer is None:
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, trust_pickle=trust_pickle)
   random_spec = paper_configs.parse_random_spec(spec)
   model: FlaxPreTrainedModel
   if spec == TINY_LLAMA:
@@ -74,13 +76,13 @@ def load_dense(spec: str, tokenizer: Any = None
   elif random_spec is not None:
     model, params = paper_configs.random_model(random_spec, seed=0)
   else:
-    model, params, _ = hf_import.load_model(spec)
+    model, params, _ = hf_import.load_model(spec, trust_pickle=trust_pickle)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   return models.adapter_for(model), params, tokenizer
 
 
 def load_layers(spec: str, tokenizer: Any = None, *,
-                dtype: Any = jnp.float32
+                dtype: Any = jnp.float32, trust_pickle: bool = False
                 ) -> tuple[Adapter, layer_source.DenseLayers, Any]:
   """(adapter, dense model read layer by layer, tokenizer) of a run's model
   spec: what the layer walk prunes (issue 15 item 1).
@@ -97,7 +99,7 @@ def load_layers(spec: str, tokenizer: Any = None, *,
   from mosp_jax import models
   from mosp_jax.models import paper_configs
   if tokenizer is None:
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, trust_pickle=trust_pickle)
   random_spec = paper_configs.parse_random_spec(spec)
   if random_spec is not None:
     config = random_spec.config()
@@ -109,9 +111,11 @@ def load_layers(spec: str, tokenizer: Any = None, *,
         std=paper_configs.init_std(config), seed=0, what=spec, dtype=dtype)
     return adapter, source, tokenizer
   cached = (None if spec == TINY_LLAMA
-            else hf_import.cached_checkpoint(spec, dtype=dtype))
+            else hf_import.cached_checkpoint(spec, dtype=dtype,
+                                             trust_pickle=trust_pickle))
   if cached is None:
-    adapter, params, tokenizer = load_dense(spec, tokenizer)
+    adapter, params, tokenizer = load_dense(spec, tokenizer,
+                                            trust_pickle=trust_pickle)
     return (*layered(adapter, params, what=spec, dtype=dtype), tokenizer)
   model, path = cached
   adapter = models.adapter_for(model)
@@ -131,7 +135,7 @@ def layered(adapter: Adapter, params: dict, *, what: str,
                                          dtype=dtype)
 
 
-def model_config(spec: str) -> Any:
+def model_config(spec: str, *, trust_pickle: bool = False) -> Any:
   """The HF config of a run's model spec, read without weights (a
   `random:` spec is not checked against the memory limit of random
   weights: nothing is built); `cli.UsageError` when --model names no
@@ -147,13 +151,13 @@ def model_config(spec: str) -> Any:
     return random_spec.config()
   from bridge import hf_import
   try:
-    return hf_import.load_config(spec)
+    return hf_import.load_config(spec, trust_pickle=trust_pickle)
   except FileNotFoundError as e:
     raise cli.UsageError(f"--model: {e}") from e
 
 
-def model_shape(spec: str, *, weights: bool = True
-                ) -> tuple[int | None, int | None]:
+def model_shape(spec: str, *, weights: bool = True,
+                trust_pickle: bool = False) -> tuple[int | None, int | None]:
   """`(context tokens, decoder layers)` of a model spec, read from its
   config alone (None where the config does not say); `cli.UsageError`
   when --model names no file, or a `random:` spec that is unknown, has a
@@ -166,7 +170,7 @@ def model_shape(spec: str, *, weights: bool = True
     random_spec = paper_configs.parse_random_spec(spec)
     if random_spec is not None and weights:  # Random weights: their size.
       paper_configs.check_random_spec(random_spec)
-  config = model_config(spec)
+  config = model_config(spec, trust_pickle=trust_pickle)
   context = (getattr(config, "max_position_embeddings", None)
              or getattr(config, "n_positions", None))
   layers = (getattr(config, "num_hidden_layers", None)

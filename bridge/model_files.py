@@ -87,8 +87,8 @@ def _safetensors_format(path: pathlib.Path) -> str | None:
 def _refuse_pickle(path: pathlib.Path) -> None:
   raise ModelLoadError(
       f"{path}: pickled PyTorch weights; loading them runs arbitrary code. "
-      "Convert them to safetensors, or pass trust_pickle=True if you trust "
-      "the file")
+      "Convert them to safetensors, or, if you trust the file, pass "
+      "--trust_pickle (trust_pickle=True in Python)")
 
 
 def _resolve_dir(d: pathlib.Path, trust_pickle: bool) -> Source:

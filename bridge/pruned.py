@@ -169,7 +169,8 @@ def load_run_dense(run: RunInfo, *, log=lambda s: None
   """`(adapter, params, tokenizer, sha256)` of the dense model the run
   pruned; RunDirError when the model loaded now is not that one (its
   fingerprint or layer count differs)."""
-  adapter, params, tokenizer = load.load_dense(run.model)
+  adapter, params, tokenizer = load.load_dense(
+      run.model, trust_pickle=run.config.run.trust_pickle)
   dense_sha = run_record.params_sha256(params)
   want = run.meta.dense_sha256
   if want is not None and want != dense_sha:

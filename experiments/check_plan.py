@@ -68,7 +68,8 @@ def main(argv):
   iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
   at_iters = runner.make_run_plan(
       run, solver, planned.device,
-      plan_lib.shapes_from_config(load.model_config(run.model)),
+      plan_lib.shapes_from_config(load.model_config(
+          run.model, trust_pickle=run.trust_pickle)),
       stage1_iters=iters,
       offload_streams=planned.offload_streams)
   checks = plan_lib.check_phases(at_iters, res.layers)

@@ -156,7 +156,7 @@ def main(argv):
   out = comparison.check_out_dir(run, FLAGS.overwrite)
   runner.check_inputs(run)
   if FLAGS.layer_level:
-    _, n_layers = load.model_shape(run.model)
+    _, n_layers = load.model_shape(run.model, trust_pickle=run.trust_pickle)
     if n_layers is not None and not -1 <= FLAGS.layer < n_layers:
       raise cli.UsageError(f"--layer {FLAGS.layer}: {run.model} has "
                            f"{n_layers} layers (0..{n_layers - 1}; -1: the "

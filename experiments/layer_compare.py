@@ -65,11 +65,12 @@ def load_inputs(run: RunConfig, *, log: Callable[[str], None] = print):
   """
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
-  tokenizer = load.load_tokenizer(run.model)
+  tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
   calib, test = runner.load_data(run, tokenizer)
   t_data = time.perf_counter() - t0
   log(f"loading the model {run.model} ...")
-  adapter, params, _ = load.load_dense(run.model, tokenizer)
+  adapter, params, _ = load.load_dense(run.model, tokenizer,
+                                       trust_pickle=run.trust_pickle)
   params = jax.device_put(params)
   return adapter, params, calib, test, (time.perf_counter() - t0 - t_data,
                                         t_data)

@@ -38,7 +38,8 @@ def check_model_fits(run: RunConfig, *, weights: bool = True) -> None:
   """Fails fast (`cli.UsageError`) when --model names no file or --seqlen
   exceeds the model's context (or, when its `weights` will be built, a
   `random:` model is over their limit); reads the model config only."""
-  context, _ = load.model_shape(run.model, weights=weights)
+  context, _ = load.model_shape(run.model, weights=weights,
+                                trust_pickle=run.trust_pickle)
   if context is not None and run.seqlen > context:
     raise cli.UsageError(f"--seqlen {run.seqlen} exceeds the context of "
                          f"{run.model} ({context} tokens)")
@@ -68,7 +69,7 @@ def plan_run(run: RunConfig, solver: SolverConfig, *,
   Streams that do not fit on the device go to host memory when that
   makes the plan fit [ours]: the returned plan's `offload_streams` says
   so (set from the start by `offload_streams`)."""
-  config = load.model_config(run.model)
+  config = load.model_config(run.model, trust_pickle=run.trust_pickle)
   shapes = plan_lib.shapes_from_config(config)
   device = plan_lib.measure_device(
       memory_bytes, linear=plan_lib.pass_probe_shape(shapes))
@@ -181,7 +182,8 @@ def _load_model_claiming(run: RunConfig, tokenizer, out: pathlib.Path, *,
   corrected command does not meet a run that never started."""
   try:
     return load.load_layers(run.model, tokenizer,
-                            dtype=jnp.dtype(run.dtype))
+                            dtype=jnp.dtype(run.dtype),
+                            trust_pickle=run.trust_pickle)
   except BaseException:
     if not resuming:
       (out / run_record.CONFIG_FILE).unlink(missing_ok=True)
@@ -270,7 +272,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
         offload_streams=offload_streams, log=log).offload_streams
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
-  tokenizer = load.load_tokenizer(run.model)
+  tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
   calib, test = load_data(run, tokenizer)
   t_data = time.perf_counter() - t0
   existed = out.exists()

@@ -65,6 +65,10 @@ flags.DEFINE_bool("offload_streams", False, "Keep the activation streams "
                   "in host memory between layers, one batch on the device "
                   "at a time (chosen by the plan when they do not fit on "
                   "the device) [ours].")
+flags.DEFINE_bool("trust_pickle", False, "Allow a --model whose PyTorch "
+                  "weights are pickled (*.bin): unpickling can run code, "
+                  "so give it only for files you trust. Memory-mappable "
+                  "pickles are converted tensor by tensor [ours].")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration windows.")
 flags.DEFINE_string("out_dir", None, "Run directory (created).")
 flags.DEFINE_bool("overwrite", False, "Start afresh in an --out_dir that "
@@ -220,7 +224,7 @@ def configs_from_flags(f=FLAGS) -> tuple[RunConfig, SolverConfig]:
         nsamples=f.nsamples, seqlen=f.seqlen, test_tokens=f.test_tokens,
         prefs=tuple(tuple(float(x) for x in r) for r in prefs),
         batch_size=f.batch_size, seed=f.seed, out_dir=f.out_dir,
-        streams=f.streams, dtype=f.dtype)
+        streams=f.streams, dtype=f.dtype, trust_pickle=f.trust_pickle)
   except cli.UsageError:
     raise
   except ValueError as e:

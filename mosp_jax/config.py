@@ -119,6 +119,8 @@ class RunConfig:
     dtype: device dtype of the weights and activations, 'float32' or
       'bfloat16' [ours; the Grams and solvers compute in float32 either
       way].
+    trust_pickle: allow a model with pickled PyTorch weights (`*.bin`);
+      unpickling can run code, so they are refused otherwise.
   """
   model: str
   tasks: tuple[str, ...]
@@ -132,6 +134,7 @@ class RunConfig:
   out_dir: str
   streams: str = "global"
   dtype: str = "float32"
+  trust_pickle: bool = False
 
   def __post_init__(self):
     if len(self.tasks) < 1:

@@ -142,3 +142,52 @@ def test_sparsity_zero_models_equal_dense(tmp_path):
   for mdl in res.models:
     np.testing.assert_allclose([mdl.ppl[t] for t in run.tasks], dense,
                                rtol=1e-4)
+
+
+@flagsaver.flagsaver
+def test_pickled_model_needs_trust_pickle_then_runs_and_exports(
+    tmp_path, monkeypatch):
+  import os
+
+  from bridge import hf_import, torch_export
+  from bridge.model_files import ModelLoadError
+  from mosp_jax import fetch
+
+  from .conftest import TINY_RUN_FLAGS
+  from .tiny_models import tiny_torch
+
+  # A model cache of its own for the converted model; the tasks' data and
+  # tokenizers come from the usual cache.
+  real = fetch.cache_dir()
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  for entry in real.iterdir():
+    if entry.name != "models":
+      os.symlink(entry, cache / entry.name)
+  monkeypatch.setenv("MOSP_JAX_CACHE", str(cache))
+  d = tmp_path / "pickled"
+  tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  tiny_torch("llama", vocab_size=len(tokenizer)).save_pretrained(
+      d, safe_serialization=False)
+  tokenizer.save_pretrained(d)
+  args = [*TINY_RUN_FLAGS, f"--model={d}", "--pref_grid=1"]
+  refused = tmp_path / "refused"
+  run, solver = parse(*args, f"--out_dir={refused}")
+  with pytest.raises(ModelLoadError, match="--trust_pickle"):
+    runner.run_experiment(run, solver, log=lambda s: None)
+  assert not refused.exists()
+  out = tmp_path / "trusted"
+
+  def no_torch(*args, **kwargs):
+    raise AssertionError("the PyTorch model must not be built")
+
+  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  run, solver = parse(*args, f"--out_dir={out}", "--trust_pickle")
+  res = runner.run_experiment(run, solver, log=lambda s: None)
+  assert all(np.isfinite(list(res.global_ppl.values())))
+  assert run_record.read_config(out).run.trust_pickle
+  # Converted tensor by tensor (no PyTorch model) into the cache, once.
+  assert len(list((cache / "models").glob("pt-pickled-*"))) == 1
+  # The export reloads the dense model with the run's permission.
+  info = torch_export.export_preference(out, "centroid", tmp_path / "export")
+  assert info is not None

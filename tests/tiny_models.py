@@ -30,7 +30,7 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     cls = GPT2Config
   else:
     raise ValueError(family)
-  kw.update(vocab_size=VOCAB, **overrides)
+  kw.update({"vocab_size": VOCAB, **overrides})
   return cls(**kw)
 
 
