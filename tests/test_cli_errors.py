@@ -412,3 +412,19 @@ def test_front_2d_and_single_task_plot(tmp_path):
   front_plot.plot_fronts(png, ["general"], np.ones((1, 1)), np.array([[9.0]]),
                      np.array([5.0]))
   assert png.stat().st_size > 5_000
+
+
+def test_plot_merges_entries_with_equal_points(tmp_path):
+  w = np.array([[105.89, 4.23, 16.59]])
+  merged = front_plot.merge_identical({
+      "alps-concat": w, "sparsegpt-concat": w * 1.2, "mosp:W": w.copy(),
+      "mosp[x]:W": w.copy(), "one-off": w * (1 + 1e-7)})
+  assert list(merged) == ["alps-concat = mosp:W = mosp[x]:W",
+                          "sparsegpt-concat", "one-off"]
+  np.testing.assert_array_equal(merged["alps-concat = mosp:W = mosp[x]:W"],
+                                w)
+  png = tmp_path / "fronts.png"
+  prefs = np.eye(3, dtype=np.float32)
+  front_plot.plot_fronts(png, ["a", "b", "c"], prefs, 100 + 10 * prefs,
+                         np.full(3, 90.0), extra={"x": w, "y": w.copy()})
+  assert png.stat().st_size > 5_000

@@ -109,12 +109,32 @@ def _style_axis(axis) -> None:
   axis.set_major_formatter(fmt)
 
 
+def merge_identical(points: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Entries whose point sets are equal (same shape and values), drawn
+  once under their names joined by ' = ', in first-seen order [ours].
+
+  A comparison often holds one model under several names (ALPS-concat is
+  MOSP's global model `W`, bit for bit); drawn apart, the later marker
+  hides the earlier one and the legend names a colour no point shows.
+  """
+  groups: list[tuple[list[str], np.ndarray]] = []
+  for name, pts in points.items():
+    pts = np.asarray(pts)
+    same = next((names for names, v in groups
+                 if v.shape == pts.shape and np.array_equal(v, pts)), None)
+    if same is None:
+      groups.append(([name], pts))
+    else:
+      same.append(name)
+  return {" = ".join(names): pts for names, pts in groups}
+
+
 def _log_points(ppl: np.ndarray, extra: dict[str, np.ndarray] | None,
                 m: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """`{method: (n, m) log values}` with MOSP first, and each one's colour
   (C3 is MOSP's)."""
   methods = {"MOSP": np.log(np.asarray(ppl, np.float64)).reshape(-1, m)}
-  for name, pts in (extra or {}).items():
+  for name, pts in merge_identical(extra or {}).items():
     methods[name] = np.log(np.asarray(pts, np.float64)).reshape(-1, m)
   colors = {"MOSP": "C3"}
   for j, name in enumerate(n for n in methods if n != "MOSP"):
@@ -188,7 +208,8 @@ def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
     tasks: the m task names.
     prefs: `(P, m)`; ppl: `(P, m)` the MOSP models.
     dense_ppl: `(m,)`, or None (no dense point).
-    extra: other methods' points `{name: (Q, m) values}` (baselines).
+    extra: other methods' points `{name: (Q, m) values}` (baselines);
+      entries with equal points are drawn once (`merge_identical`).
     metric: what the values are (axis labels say `log <metric>`).
   """
   import matplotlib
