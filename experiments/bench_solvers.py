@@ -24,18 +24,16 @@ Every timed function is compiled ahead (`jax.jit(...).lower().compile()`),
 so no warm-up run is needed: at Llama-2-7B's shapes on a CPU one solve
 takes minutes, and `--repeats=1` times each once.
 
-With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks)
-and records under "mesh": the per-device bytes of the ADMM iterates and
-their loop workspace (outputs + temporaries of the compiled fixed-count
-ADMM loop, from XLA's memory analysis) against one device, the time per
-ADMM iteration on both, and whether full MOSP runs (pareto + materialize)
-give the same masks and objectives on the mesh as on one device.
+With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks;
+`experiments.bench_mesh`) and records under "mesh": the per-device
+bytes of the ADMM iterates and their loop workspace against one device,
+the time per ADMM iteration on both, and whether full MOSP runs give the
+same masks and objectives on the mesh as on one device.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mosp_jax import cli
+from experiments.bench_mesh import bench_mesh
+from experiments.bench_problems import compiled, random_grams, timed
+from mosp_jax import cli, timing
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import (
@@ -54,14 +54,13 @@ from mosp_jax.solvers import (
   mosp_prune,
   projection,
   prune_mask,
-  relative_error,
   sharding,
 )
 from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers import mosp as mosp_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers.admm import eig, eig_solve, run_admm
-from mosp_jax.solvers.scaling import Scaled, scale_problem, scale_tasks
+from mosp_jax.solvers.scaling import scale_problem, scale_tasks
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _LARGE = flags.DEFINE_bool(
@@ -95,53 +94,11 @@ SHAPES = [(576, 576), (576, 1536), (1536, 576)]
 LARGE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
-def _compiled(fn, *args):
-  """`fn` jitted and compiled ahead for `args`, as a call without
-  arguments (arrays stay arguments, so XLA cannot fold them as
-  constants); its timings never include compilation."""
-  exe = jax.jit(fn).lower(*args).compile()
-  return lambda: exe(*args)
-
-
-def _best_times(calls, repeats: int) -> tuple[list[float], list[Any]]:
-  """Best wall time (s) of each compiled call and its last output; runs
-  are interleaved so that load from other processes hits every call
-  alike (the ratios are what counts on a shared machine)."""
-  best = [float("inf")] * len(calls)
-  outs: list[Any] = [None] * len(calls)
-  for _ in range(repeats):
-    for i, call in enumerate(calls):
-      t = time.perf_counter()
-      outs[i] = jax.block_until_ready(call())
-      best[i] = min(best[i], time.perf_counter() - t)
-  return best, outs
-
-
-def _timed(fn, *args, repeats: int) -> tuple[float, Any]:
-  """`(best seconds, output)` of `fn(*args)`, compiled ahead."""
-  (t,), (out,) = _best_times([_compiled(fn, *args)], repeats)
-  return t, out
-
-
-def _grams(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
-  """m task Grams sharing half their structure, with outlier channels."""
-  tokens = 2 * n
-  shared = rng.standard_normal((n // 4, n), np.float32) / np.sqrt(n)
-  out = []
-  for _ in range(m):
-    own = rng.standard_normal((n // 4, n), np.float32) / np.sqrt(n)
-    X = rng.standard_normal((tokens, n // 2), np.float32) @ np.concatenate(
-        [shared, own])
-    X += 0.3 * rng.standard_normal((tokens, n), np.float32)
-    X *= np.exp(rng.standard_normal(n)).astype(np.float32)
-    out.append(X.T @ X / tokens)
-  return np.stack(out)
-
 
 def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
                 pattern) -> dict:
   """ADMM iterations/s and FLOP rate vs a plain matmul, same shapes."""
-  grams = jax.device_put(_grams(rng, 1, n_in))
+  grams = jax.device_put(random_grams(rng, 1, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
   cfg = SolverConfig()
   sc = jax.jit(lambda g, w: scale_problem(g[0], w, damping=cfg.damping))(
@@ -167,9 +124,9 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
     QtR = Q.T @ R
     return Q @ (QtR * (1.0 / (L + 0.1))[:, None])
 
-  (t_admm, t_mm), _ = _best_times(
-      [_compiled(admm_fixed, Q, L, sc.G, sc.B0),
-       _compiled(matmuls, Q, L, sc.B0)], repeats)
+  (t_admm, t_mm), _ = timing.best_times(
+      [compiled(admm_fixed, Q, L, sc.G, sc.B0),
+       compiled(matmuls, Q, L, sc.B0)], repeats=repeats)
   flops_iter = 4.0 * n_in * n_in * n_out
   admm_gflops = flops_iter * iters / t_admm / 1e9
   mm_gflops = flops_iter / t_mm / 1e9
@@ -185,20 +142,20 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
   """MOSP (m tasks, K preferences) against one ALPS solve on the
   concatenated Gram, interleaved; with `global_core` also MOSP with
   `core_rule='global'`, with `breakdown` each MOSP stage alone."""
-  grams = jax.device_put(_grams(rng, m, n_in))
+  grams = jax.device_put(random_grams(rng, m, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
   prefs = jax.device_put(rng.dirichlet(np.ones(m), K).astype(np.float32))
   H = jax.jit(concat_gram)(grams)
-  calls = [_compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
-           _compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
+  calls = [compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
+           compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
                      grams, W0, prefs)]
   if global_core:
     global_cfg = SolverConfig(core_rule="global")
-    calls.append(_compiled(
+    calls.append(compiled(
         lambda g, w, p: mosp_prune(g, w, p, pattern=pattern,
                                    cfg=global_cfg), grams, W0, prefs))
   with jax.transfer_guard("disallow"):
-    times, outs = _best_times(calls, repeats)
+    times, outs = timing.best_times(calls, repeats=repeats)
   t_alps, t_mosp = times[:2]
   (_, _, ainfo), res = outs[:2]
   out = {"n_in": n_in, "n_out": n_out, "m": m, "K": K,
@@ -225,7 +182,7 @@ def _mosp_breakdown(grams, W0, prefs, pareto, pattern, repeats: int
   cfg = SolverConfig()
   n_in, n_out = W0.shape
   core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
-  t = functools.partial(_timed, repeats=repeats)
+  t = functools.partial(timed, repeats=repeats)
   times = {}
   times["scale_eig"], (sc, (Q, L)) = t(
       lambda g, w: (lambda sc: (sc, eig(sc.G)))(
@@ -252,145 +209,6 @@ def _mosp_breakdown(grams, W0, prefs, pareto, pattern, repeats: int
       prefs)
   return times
 
-
-def _memory(compiled) -> dict:
-  """Per-device bytes of a compiled executable (XLA memory analysis)."""
-  ma = compiled.memory_analysis()
-  return {"argument": int(ma.argument_size_in_bytes),
-          "output": int(ma.output_size_in_bytes),
-          "temp": int(ma.temp_size_in_bytes),
-          "alias": int(ma.alias_size_in_bytes)}
-
-
-class _Pair(NamedTuple):
-  """One measurement on one device and on the mesh."""
-
-  one: Any
-  mesh: Any
-
-
-def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
-               iters: int, repeats: int, pattern) -> tuple[dict, dict]:
-  """MOSP on a device mesh vs one device: `("mesh" fields, details)`."""
-  mesh = sharding.make_mesh(spec)
-  if mesh is None:  # make_mesh('') is one device: nothing to compare.
-    raise ValueError("bench_mesh needs a mesh spec ('4', '2x2'), got ''")
-  sharding.check_layer(mesh, n_out)
-  grams_np = _grams(rng, m, n_in)
-  W0_np = rng.standard_normal((n_in, n_out), np.float32)
-  prefs_np = rng.dirichlet(np.ones(m), K).astype(np.float32)
-  mem, loop_s = _mesh_admm_loop(mesh, grams_np, W0_np, iters=iters,
-                                repeats=repeats, pattern=pattern)
-  res, mosp_s, err = _mesh_mosp(mesh, grams_np, W0_np, prefs_np,
-                                pattern=pattern)
-  masks_equal = bool(np.array_equal(res.one.masks, res.mesh.masks) and
-                     np.array_equal(res.one.pareto.core,
-                                    res.mesh.pareto.core))
-  iterate_bytes = lambda ma: ma["output"] + ma["temp"]  # noqa: E731
-  fields = {
-      "devices": mesh.size,
-      "bytes_per_device": iterate_bytes(mem.mesh),
-      "single_device_bytes": iterate_bytes(mem.one),
-      "masks_equal": masks_equal,
-      "max_rel_objective_diff": float(np.max(np.abs(err.mesh - err.one) /
-                                             np.abs(err.one))),
-      "iter_s": loop_s.mesh / iters,
-      "single_iter_s": loop_s.one / iters,
-  }
-  details = {
-      "spec": spec, "mesh_shape": dict(mesh.shape), "n_in": n_in,
-      "n_out": n_out, "m": m, "K": K, "pattern": str(pattern),
-      "timed_iters": iters,
-      "bytes": "outputs + temporaries of the compiled fixed-count stage-1 "
-               "ADMM loop per device; arguments (Grams, eigenvectors: "
-               "replicated) listed apart",
-      "memory_analysis_mesh": mem.mesh, "memory_analysis_single": mem.one,
-      "mosp_s": {"single": mosp_s.one, "mesh": mosp_s.mesh},
-      "mask_entries_differing": int(np.sum(res.one.masks != res.mesh.masks)),
-      "stage1_iters": [int(res.one.info.stage1.iters),
-                       int(res.mesh.info.stage1.iters)],
-      "stage2_iters": [_np(res.one.info.stage2.iters).tolist(),
-                       _np(res.mesh.info.stage2.iters).tolist()],
-  }
-  return fields, details
-
-
-def _mesh_admm_loop(mesh, grams: np.ndarray, W0: np.ndarray, *, iters: int,
-                    repeats: int, pattern) -> tuple[_Pair, _Pair]:
-  """`iters` stage-1 ADMM iterations compiled for one device and for the
-  mesh (iterates split by output column).
-
-  Args:
-    mesh: the device mesh.
-    grams: `(m, n_in, n_in)` task Grams; their concatenation is solved.
-    W0: `(n_in, n_out)` dense weights.
-    iters: iterations of the fixed-count loop.
-    repeats: timings per side; the best is kept.
-    pattern: the sparsity pattern.
-
-  Returns:
-    `(memory, seconds)`: per side, the `_memory` of the compiled loop and
-    its best wall time for `iters` iterations.
-  """
-  n_in, n_out = W0.shape
-  layout = sharding.layout_for(mesh)
-  cfg = SolverConfig()
-  sc = jax.jit(lambda g, w: scale_problem(concat_gram(g), w,
-                                          damping=cfg.damping))(
-      *jax.device_put((grams, W0)))
-  Q, L = jax.jit(eig)(sc.G)
-
-  core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
-
-  def admm_fixed(Q, L, G, B0):
-    """`iters` stage-1 ADMM iterations (the global model and the core),
-    no support checks."""
-    scaled = Scaled(G=G, B0=B0, d=jnp.ones(n_in))
-    sup, _ = alps_lib.admm_support(
-        scaled, Q, L, pattern=pattern, rho0=cfg.rho0,
-        update_every=iters + 1, max_iter=iters, core_count=core_count)
-    return sup
-
-  one_args = (Q, L, sc.G, sc.B0)
-  put = sharding.place
-  mesh_args = (put(Q, layout.replicated), put(L, layout.replicated),
-               put(sc.G, layout.replicated), put(sc.B0, layout.weights))
-  one = jax.jit(admm_fixed).lower(*one_args).compile()
-  shd = jax.jit(admm_fixed).lower(*mesh_args).compile()
-  mem_one, mem_shd = _memory(one), _memory(shd)
-  (t_one, t_shd), _ = _best_times([lambda: one(*one_args),
-                                   lambda: shd(*mesh_args)], repeats)
-  return _Pair(mem_one, mem_shd), _Pair(t_one, t_shd)
-
-
-def _mesh_mosp(mesh, grams_np: np.ndarray, W0_np: np.ndarray,
-               prefs_np: np.ndarray, *, pattern
-               ) -> tuple[_Pair, _Pair, _Pair]:
-  """Full MOSP (pareto + materialize) on one device and on the mesh.
-
-  Returns:
-    `(results, seconds, errors)`: per side, `mosp_prune`'s result on the
-    host, its wall time (one run, compilation included) and the
-    `(models, m)` relative errors of its weights, computed on one device.
-  """
-  grams, W0, prefs = jax.device_put((grams_np, W0_np, prefs_np))
-  with jax.transfer_guard("disallow"):
-    t = time.perf_counter()
-    r_one = jax.device_get(mosp_prune(grams, W0, prefs, pattern=pattern))
-    s_one = time.perf_counter() - t
-    t = time.perf_counter()
-    r_shd = jax.device_get(mosp_prune(grams, W0, prefs, pattern=pattern,
-                                      mesh=mesh))
-    s_shd = time.perf_counter() - t
-  rel = jax.jit(jax.vmap(jax.vmap(relative_error, (0, None, None)),
-                         (None, None, 0)))
-  e_one, e_shd = (_np(rel(grams, W0, jax.device_put(r.weights)))
-                  for r in (r_one, r_shd))
-  return _Pair(r_one, r_shd), _Pair(s_one, s_shd), _Pair(e_one, e_shd)
-
-
-def _np(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
 
 
 def _shape(text: str, flag: str) -> tuple[int, int]:
@@ -446,7 +264,39 @@ def _check_flags() -> _Flags:
   return _Flags(out, solve, (n_in, n_out), pattern)
 
 
-def main(argv):
+def _print_summary(result: dict[str, Any]) -> None:
+  """The measurements of `main`'s JSON record as a few lines of text."""
+  print(f"\ndevice: {result['device']}   sparsity {result['sparsity']}")
+  print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
+        f" {'ratio':>6}")
+  for r in result["shapes"]:
+    print(f"{r['n_in']:>5}x{r['n_out']:<6} {r['admm_iters_per_s']:9.2f} "
+          f"{r['admm_gflops']:10.1f} {r['matmul_gflops']:12.1f} "
+          f"{r['ratio_to_matmul']:6.2f}")
+  for cmp in result["mosp_vs_alps"]:
+    print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
+          f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
+          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)" + (
+              f"; with --core_rule=global {cmp['mosp_global_core_s']:.2f} s"
+              f" -> ratio {cmp['ratio_global_core']:.2f}"
+              if "ratio_global_core" in cmp else ""))
+    stages = cmp.get("mosp_breakdown_s")
+    print("  " + (("MOSP stages (s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in stages.items()) + "; ") if stages else "")
+          + f"iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
+          f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
+  if "mesh" in result:
+    r, d = result["mesh"], result["mesh_setup"]
+    print(f"mesh {d['spec']} ({r['devices']} devices), {d['n_in']}x"
+          f"{d['n_out']}, m={d['m']}: iterate bytes/device "
+          f"{r['bytes_per_device'] / 2**20:.1f} MiB vs one device "
+          f"{r['single_device_bytes'] / 2**20:.1f} MiB; ADMM "
+          f"{r['iter_s'] * 1e3:.0f} ms/iter vs {r['single_iter_s'] * 1e3:.0f}"
+          f"; masks equal {r['masks_equal']}, max rel objective diff "
+          f"{r['max_rel_objective_diff']:.1e}")
+
+
+def main(argv: list[str]) -> None:
   del argv  # cli.run refuses positional arguments.
   f = _check_flags()
   rng = np.random.default_rng(0)
@@ -480,34 +330,7 @@ def main(argv):
         _MESH.value, mesh_in, mesh_out, _TASKS.value, _MESH_PREFS.value, rng,
         _ITERS.value, _REPEATS.value, f.pattern)
     artifact.write_json(f.out, result)
-  print(f"\ndevice: {device}   sparsity {_SPARSITY.value}")
-  print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
-        f" {'ratio':>6}")
-  for r in rows:
-    print(f"{r['n_in']:>5}x{r['n_out']:<6} {r['admm_iters_per_s']:9.2f} "
-          f"{r['admm_gflops']:10.1f} {r['matmul_gflops']:12.1f} "
-          f"{r['ratio_to_matmul']:6.2f}")
-  for cmp in cmps:
-    print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
-          f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
-          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)" + (
-              f"; with --core_rule=global {cmp['mosp_global_core_s']:.2f} s"
-              f" -> ratio {cmp['ratio_global_core']:.2f}"
-              if "ratio_global_core" in cmp else ""))
-    stages = cmp.get("mosp_breakdown_s")
-    print("  " + (("MOSP stages (s): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in stages.items()) + "; ") if stages else "")
-          + f"iterations: stage 1 {cmp['mosp_stage1_iters']}, stage 2 "
-          f"{cmp['mosp_stage2_iters']}, ALPS {cmp['alps_iters']}")
-  if "mesh" in result:
-    r, d = result["mesh"], result["mesh_setup"]
-    print(f"mesh {d['spec']} ({r['devices']} devices), {d['n_in']}x"
-          f"{d['n_out']}, m={d['m']}: iterate bytes/device "
-          f"{r['bytes_per_device'] / 2**20:.1f} MiB vs one device "
-          f"{r['single_device_bytes'] / 2**20:.1f} MiB; ADMM "
-          f"{r['iter_s'] * 1e3:.0f} ms/iter vs {r['single_iter_s'] * 1e3:.0f}"
-          f"; masks equal {r['masks_equal']}, max rel objective diff "
-          f"{r['max_rel_objective_diff']:.1e}")
+  _print_summary(result)
   print(f"wrote {f.out}")
 
 

@@ -106,7 +106,7 @@ flags.DEFINE_integer("pref_refit_iters", _D.pref_refit_iters, "PCG "
                      "on F_lam's Gram [ours; 0 = the paper's weighted sum "
                      "and projection]; the artifact then keeps the task "
                      "Grams.")
-# The plan (mosp_jax/pipeline/plan.py): experiments.run's walk, and the
+# The plan (mosp_jax/pipeline/plan/): experiments.run's walk, and the
 # MOSP walk of a whole-model experiments.compare.
 flags.DEFINE_bool("plan", True, "Before loading the model, print the "
                   "run's memory and time plan (bytes per term, seconds per "

@@ -14,6 +14,7 @@ from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.models import paper_configs as pc
 from mosp_jax.pipeline import plan as plan_lib
 from mosp_jax.pipeline import preferences
+from mosp_jax.pipeline.plan import cost, probes
 from mosp_jax.solvers import Unstructured
 from tests import cli_worker
 from tests.tiny_models import tiny_config
@@ -83,7 +84,7 @@ def test_tiny_llama_bytes_and_flops_by_hand():
   # Phase work: one layer's forward per token, by hand.
   fwd = 2 * sum_no + 4 * T * d
   phases = {p.name: p for p in plan.phases}
-  assert phases["propagate"].per_layer == plan_lib.Work(
+  assert phases["propagate"].per_layer == cost.Work(
       forward=m * N * T * fwd)
   assert phases["capture"].per_layer.forward == m * N * T * fwd
   assert phases["capture"].per_layer.matmul == m * N * T * 2 * sum_n2
@@ -100,7 +101,7 @@ def test_tiny_llama_bytes_and_flops_by_hand():
 def test_solve_work_of_one_linear_by_hand():
   solver = SolverConfig()
   n, o, m, it = 64, 32, 3, 33
-  work = plan_lib.solve_work(plan_lib.Linear("x", n, o), 2, m, solver, it)
+  work = cost.solve_work(plan_lib.Linear("x", n, o), 2, m, solver, it)
   # 64 < 3 * 2 * 32: the explicit inverse, one matmul per iteration.
   stage1 = 2 * n * n * o + 2 * n ** 3 * (1 + it // 3) + it * 2 * n * n * 2 * o
   pcg = 2 * n * n * o * (solver.pcg_iters + 2)
@@ -215,7 +216,7 @@ def test_forward_rate_times_the_forwards():
     extra = 3 * p.per_layer.forward / DEVICE.matmul_flops
     assert p.layer_seconds == pytest.approx(base[p.name].layer_seconds
                                             + extra)
-  assert plan_lib.measure_forward_flops(config, batch_size=2,
+  assert probes.measure_forward_flops(config, batch_size=2,
                                         seqlen=16) > 0
   text = plan_lib.format_plan(plan_lib.make_plan(shapes, run,
                                                  SolverConfig(), slow))
@@ -223,11 +224,11 @@ def test_forward_rate_times_the_forwards():
 
 
 def test_measured_rates_are_positive():
-  assert plan_lib.measure_matmul_flops(64) > 0
-  assert plan_lib.measure_eigh_flops(32) > 0
-  assert plan_lib.measure_pass_rate(64) > 0
-  assert plan_lib.measure_pass_rate(64, 16) > 0
-  assert plan_lib.measure_host_rate(64) > 0
+  assert probes.measure_matmul_flops(64) > 0
+  assert probes.measure_eigh_flops(32) > 0
+  assert probes.measure_pass_rate(64) > 0
+  assert probes.measure_pass_rate(64, 16) > 0
+  assert probes.measure_host_rate(64) > 0
   memory, _ = plan_lib.available_memory_bytes()
   assert memory > 0
 
