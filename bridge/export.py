@@ -25,7 +25,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv  # cli.run refuses positional arguments.
   for name in ("run_dir", "preference", "out"):
     if not getattr(FLAGS, name):

@@ -41,14 +41,14 @@ def load_tokenizer(spec: str, *, trust_pickle: bool = False) -> Any:
   `paper_configs.RandomSpecError`. `trust_pickle`, here and below: allow
   pickled PyTorch weights (`RunConfig.trust_pickle`).
   """
-  from bridge import hf_import
+  from bridge import hf_import, model_files
   from mosp_jax.models import paper_configs
   random_spec = paper_configs.parse_random_spec(spec)
   if random_spec is not None:
     return paper_configs.random_tokenizer(
-        hf_import.load_tokenizer(hf_import.SMOLLM2), random_spec)
+        hf_import.load_tokenizer(model_files.SMOLLM2), random_spec)
   return hf_import.load_tokenizer(
-      hf_import.SMOLLM2 if spec == TINY_LLAMA else spec,
+      model_files.SMOLLM2 if spec == TINY_LLAMA else spec,
       trust_pickle=trust_pickle)
 
 
@@ -95,7 +95,7 @@ def load_layers(spec: str, tokenizer: Any = None, *,
   (the adapter computes in it). The values equal `load_dense`'s, and
   `sha256()` its `run_record.params_sha256`.
   """
-  from bridge import hf_import
+  from bridge import flax_checkpoint, hf_import
   from mosp_jax import models
   from mosp_jax.models import paper_configs
   if tokenizer is None:
@@ -120,7 +120,7 @@ def load_layers(spec: str, tokenizer: Any = None, *,
   model, path = cached
   adapter = models.adapter_for(model)
   source = layer_source.from_safetensors(adapter, str(path), dtype=dtype)
-  hf_import.check_shapes(source.shapes, model, what=str(path))
+  flax_checkpoint.check_shapes(source.shapes, model, what=str(path))
   return adapter, source, tokenizer
 
 

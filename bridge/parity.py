@@ -37,7 +37,7 @@ flags.DEFINE_string("report", "", "Also write the report as JSON here.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv  # cli.run refuses positional arguments.
   if not FLAGS.checkpoint:
     raise cli.UsageError("--checkpoint is required")

@@ -26,21 +26,22 @@ run's own computation) and checks the export against it:
 
 Both perplexities are computed in float32 from the same rounded weights,
 so `rtol` (default 1e-3) means the same for float16 / bfloat16 exports.
+The export folder is read by `bridge.export_files`, the perplexities
+computed by `bridge.perplexity`; `bridge.export_check` exports a run's
+preference and checks it (`--export_pref`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
-from bridge import hf_import, model_files, pruned, rename, torch_export
-from mosp_jax import cli
-from mosp_jax.pipeline import preferences, run_record, walk
+from bridge import export_files, perplexity, pruned, rename, torch_export
+from mosp_jax.pipeline import preferences, run_record
 
 DEFAULT_RTOL = 1e-3
 
@@ -98,116 +99,16 @@ class ParityReport:
   def ok(self) -> bool:
     return not self.problems
 
-  def to_json(self) -> dict:
+  def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["ok"] = self.ok
     return d
 
 
-# Perplexity on both sides: summed next-token NLL over (N, T) segments.
-
-
-def jax_perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
-                   batch_size: int) -> float:
-  """exp(mean next-token NLL) of `(N, T)` segments, layer by layer as the
-  run evaluates (`walk.perplexity`: embed, every decoder block, head), in
-  float32."""
-  with jax.transfer_guard("disallow"):
-    return walk.perplexity(adapter, jax.device_put(params),
-                           np.asarray(segments, np.int32),
-                           batch_size=batch_size)
-
-
-def torch_perplexity(model: Any, segments: np.ndarray, *,
-                     batch_size: int) -> float:
-  """exp(mean next-token NLL) of `(N, T)` segments with a PyTorch causal LM
-  (positions 0..T-1, no padding); log-softmax in float32."""
-  import torch
-  total, count = 0.0, 0
-  with torch.no_grad():
-    for lo in range(0, segments.shape[0], batch_size):
-      ids = torch.from_numpy(np.asarray(segments[lo:lo + batch_size],
-                                        np.int64))
-      logits = model(input_ids=ids).logits[:, :-1].float()
-      logp = torch.log_softmax(logits, dim=-1)
-      nll = -torch.gather(logp, -1, ids[:, 1:, None])
-      total += float(nll.double().sum())
-      count += ids.shape[0] * (ids.shape[1] - 1)
-  return float(np.exp(total / count))
-
 
 def _rel(a: float, b: float) -> float:
   return abs(a - b) / abs(b) if b else float("inf")
 
-
-# Reading the checkpoint.
-
-
-def _read_state(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
-  """Float32 tensors of every safetensors file, and their common dtype."""
-  import torch
-  from safetensors.torch import load_file
-
-  state, dtypes = {}, set()
-  files = sorted(folder.glob("*.safetensors"))
-  for f in files:
-    for k, v in load_file(str(f)).items():
-      if k in state:
-        raise rename.CheckpointMismatchError(
-            f"{folder}: tensor {k} is stored twice")
-      dtypes.add(str(v.dtype).removeprefix("torch."))
-      state[k] = v.to(torch.float32).numpy()
-  if len(dtypes) != 1:
-    raise rename.CheckpointMismatchError(
-        f"{folder}: expected one dtype for all tensors, found "
-        f"{sorted(dtypes) or 'no tensors'}")
-  return state, dtypes.pop()
-
-
-def _provenance(folder: pathlib.Path) -> dict:
-  path = folder / torch_export.EXPORT_META
-  return json.loads(path.read_text()) if path.exists() else {}
-
-
-def check_checkpoint_files(folder: pathlib.Path) -> None:
-  """Checks that an export folder holds what `bridge.export` writes
-  (config.json with a model_type, safetensors weights, tokenizer files)
-  before anything is loaded; raises ValueError naming what is missing."""
-  what = ("an export holds config.json, model.safetensors and the "
-          "tokenizer files (python -m bridge.export writes them)")
-  cfg = folder / "config.json"
-  if not cfg.is_file():
-    raise ValueError(f"{folder}: config.json is missing; {what}")
-  try:
-    model_type = json.loads(cfg.read_text()).get("model_type")
-  except (OSError, ValueError, AttributeError) as e:
-    raise ValueError(f"{cfg}: not a readable JSON object ({e})") from e
-  if not model_type:
-    raise ValueError(f"{cfg}: no 'model_type'; {what}")
-  if not any(folder.glob("*.safetensors")):
-    raise ValueError(f"{folder}: no *.safetensors weights; {what}")
-  if not any((folder / n).is_file() for n in hf_import.TOKENIZER_FILES):
-    raise ValueError(f"{folder}: no tokenizer files (any of "
-                     f"{', '.join(hf_import.TOKENIZER_FILES)}); {what}")
-
-
-def check_provenance(prov: dict, run: pruned.RunInfo,
-                     folder: pathlib.Path) -> None:
-  """Refuses a run that cannot be the one the export came from (its
-  mosp_export.json names other tasks, model or sparsity pattern)."""
-  if not prov:
-    return
-  theirs = {"tasks": list(prov.get("tasks", [])), "model": prov.get("model"),
-            "pattern": prov.get("pattern")}
-  ours = {"tasks": list(run.tasks), "model": run.model,
-          "pattern": run_record.pattern_to_dict(run.pattern)}
-  differ = [k for k in theirs if theirs[k] != ours[k]]
-  if differ:
-    raise ValueError(
-        f"--run_dir {run.run_dir}: not the run {folder} was exported from "
-        f"(its {torch_export.EXPORT_META} names run {prov.get('run_dir')}); "
-        + "; ".join(f"{k}: export {theirs[k]}, run {ours[k]}"
-                    for k in differ))
 
 
 def check_parity(
@@ -219,7 +120,7 @@ def check_parity(
     weight_atol: float = 0.0,
     batch_size: int | None = None,
     model: pruned.PrunedModel | None = None,
-    log=lambda s: None,
+    log: Callable[[str], None] = lambda s: None,
 ) -> ParityReport:
   """Checks an export against the run's model (see the module docstring).
 
@@ -244,10 +145,11 @@ def check_parity(
       the inputs cannot be read at all.
   """
   folder = pathlib.Path(checkpoint)
-  run, pref = _run_and_preference(folder, run_dir, preference)
+  run, pref = export_files.run_and_preference(folder, run_dir,
+                                              preference)
   batch_size = batch_size or run.config.run.batch_size
   model = _model_for(run, pref, model, log=log)
-  state, dtype = _read_state(folder)
+  state, dtype = export_files.read_state(folder)
   problems: list[str] = []
   if dtype not in torch_export.DTYPES:
     problems.append(f"weights: stored as {dtype}, expected one of "
@@ -272,37 +174,9 @@ def check_parity(
       problems=problems)
 
 
-def _run_and_preference(folder: pathlib.Path,
-                        run_dir: str | pathlib.Path | None,
-                        preference: str | None
-                        ) -> tuple[pruned.RunInfo, np.ndarray]:
-  """The run and the `(m,)` float32 preference an export is checked
-  against: the arguments, else what its `mosp_export.json` names. Refuses
-  a folder that is not a safetensors export of that run."""
-  source = model_files.resolve(str(folder))  # Refuses pickled weights.
-  if source.kind != "torch":
-    raise model_files.ModelLoadError(
-        f"{folder}: not a PyTorch safetensors checkpoint ({source.kind})")
-  check_checkpoint_files(folder)
-  prov = _provenance(folder)
-  run_dir = run_dir or prov.get("run_dir")
-  if run_dir is None:
-    raise cli.UsageError(f"--run_dir: required ({folder} has no "
-                         f"{torch_export.EXPORT_META})")
-  run = pruned.read_run(run_dir)
-  check_provenance(prov, run, folder)
-  if preference is None:
-    if "preference" not in prov:
-      raise cli.UsageError("--preference: required (the checkpoint has no "
-                           f"{torch_export.EXPORT_META})")
-    return run, np.asarray(prov["preference"], np.float32)
-  with cli.usage_errors("--preference"):
-    return run, pruned.parse_preference(preference, run.tasks)
-
-
 def _model_for(run: pruned.RunInfo, pref: np.ndarray,
-               model: pruned.PrunedModel | None, *, log
-               ) -> pruned.PrunedModel:
+               model: pruned.PrunedModel | None, *,
+               log: Callable[[str], None]) -> pruned.PrunedModel:
   """`model` when it is the preference's, else the preference's model
   materialised from the run; raises ValueError for another preference's."""
   if model is None:
@@ -388,7 +262,7 @@ def _check_masks(model: pruned.PrunedModel, got_params: dict,
 
 
 def _check_segments(run: pruned.RunInfo, model: pruned.PrunedModel,
-                    folder: pathlib.Path, *, log
+                    folder: pathlib.Path, *, log: Callable[[str], None]
                     ) -> tuple[dict[str, np.ndarray], list[str]]:
   """The run's test segments rebuilt with the run's tokenizer, checked
   against the fingerprints in results.json and against the segments the
@@ -418,20 +292,21 @@ def _check_segments(run: pruned.RunInfo, model: pruned.PrunedModel,
 def _check_perplexities(
     folder: pathlib.Path, run: pruned.RunInfo, model: pruned.PrunedModel,
     jax_params: dict, segments: dict[str, np.ndarray], *, dtype: str,
-    rtol: float, batch_size: int, log) -> tuple[list[TaskPpl], list[str]]:
+    rtol: float, batch_size: int, log: Callable[[str], None]
+) -> tuple[list[TaskPpl], list[str]]:
   """Per task, perplexity of the export loaded by stock PyTorch against
   the JAX walk on `jax_params` (the rounded weights), and the JAX one
   against what the run recorded (float32 exports of a run preference);
   returns the rows and the problems."""
-  tmodel, problems = _load_torch(folder)
+  tmodel, problems = perplexity.load_torch_export(folder)
   run_ppl = None
   if (model.run_index is not None and run.results is not None
       and dtype == "float32"):
     run_ppl = run.results.models[model.run_index].ppl
   ppl = []
   for task, seg in segments.items():
-    p_torch = torch_perplexity(tmodel, seg, batch_size=batch_size)
-    p_jax = jax_perplexity(model.adapter, jax_params, seg,
+    p_torch = perplexity.torch_perplexity(tmodel, seg, batch_size=batch_size)
+    p_jax = perplexity.jax_perplexity(model.adapter, jax_params, seg,
                            batch_size=batch_size)
     r = run_ppl[task] if run_ppl is not None else None
     row = TaskPpl(task=task, torch=p_torch, jax=p_jax,
@@ -450,23 +325,6 @@ def _check_perplexities(
                       f"{row.run_rel_diff:.3g} > {rtol:g}")
   return ppl, problems
 
-
-def _load_torch(folder: pathlib.Path) -> tuple[Any, list[str]]:
-  """The export loaded by `AutoModelForCausalLM` in float32 (eval mode),
-  and a problem per kind of tensor the load missed or could not use."""
-  import torch
-  from transformers import AutoModelForCausalLM
-
-  # (model, info) with output_loading_info; transformers' stub says model.
-  loaded: Any = AutoModelForCausalLM.from_pretrained(
-      str(folder), **hf_import.torch_dtype_kwargs(torch.float32),
-      use_safetensors=True,
-      output_loading_info=True)
-  tmodel, info = loaded
-  tmodel.eval()
-  return tmodel, [f"torch load: {key} {sorted(info[key])[:5]}"
-                  for key in ("missing_keys", "unexpected_keys",
-                              "mismatched_keys") if info.get(key)]
 
 
 def format_report(report: ParityReport, *, verbose: bool = False) -> str:
@@ -502,27 +360,3 @@ def format_report(report: ParityReport, *, verbose: bool = False) -> str:
     lines += [f"  - {p}" for p in report.problems]
   return "\n".join(lines)
 
-
-def export_and_check(run_dir: str | pathlib.Path, preference: str, *,
-                     dtype: str = "float32", rtol: float = DEFAULT_RTOL,
-                     log=lambda s: None) -> dict:
-  """Exports `preference` into `<run_dir>/export_<tag>/` (replacing an
-  older one) and checks its parity; returns a JSON summary with `ok`."""
-  out = (pathlib.Path(run_dir)
-         / f"export_{pruned.preference_tag(preference)}")
-  run = pruned.read_run(run_dir)
-  model = pruned.materialize(
-      run, pruned.parse_preference(preference, run.tasks), log=log)
-  torch_export.export_model(run, model, out, dtype=dtype, overwrite=True,
-                        log=log)
-  report = check_parity(out, run_dir, preference, rtol=rtol, model=model,
-                        log=log)
-  log(format_report(report))
-  return {"checkpoint": str(out), "dtype": dtype,
-          "preference": report.preference, "ok": report.ok,
-          "ppl": [dataclasses.asdict(r) for r in report.ppl],
-          "max_rel_diff": max((r.rel_diff for r in report.ppl), default=0.0),
-          "sparsity": [min(c.sparsity for c in report.linears),
-                       max(c.sparsity for c in report.linears)]
-          if report.linears else None,
-          "problems": report.problems}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -164,7 +164,8 @@ def run_index(run: RunInfo, pref: np.ndarray) -> int | None:
   return int(hits[0]) if hits.size else None
 
 
-def load_run_dense(run: RunInfo, *, log=lambda s: None
+def load_run_dense(run: RunInfo, *,
+                   log: Callable[[str], None] = lambda s: None
                    ) -> tuple[Adapter, dict, Any, str]:
   """`(adapter, params, tokenizer, sha256)` of the dense model the run
   pruned; RunDirError when the model loaded now is not that one (its
@@ -223,7 +224,8 @@ def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array, row: int,
 
 
 def materialize(run: RunInfo, pref: np.ndarray, *,
-                log=lambda s: None) -> PrunedModel:
+                log: Callable[[str], None] = lambda s: None
+                ) -> PrunedModel:
   """The model of preference `pref (m,)` from the run's Pareto set.
 
   Raises:

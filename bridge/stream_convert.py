@@ -1,6 +1,6 @@
 """A PyTorch checkpoint folder converted to a Flax checkpoint tensor by tensor.
 
-[ours] The whole-model conversion of `bridge.hf_import` builds the PyTorch
+[ours] The whole-model conversion of `bridge.torch_convert` builds the PyTorch
 model, its state dict in numpy and the Flax tree: about three float32
 copies of the model in host memory at once (about 81 GB for Llama-2-7B,
 360 GB for OPT-30B). Here each tensor is read from its shard
@@ -15,7 +15,7 @@ memory holds one tensor (two while a kernel is transposed, and the
 embedding beside the head when a tied head is checked).
 
 The output is a float32 safetensors file with metadata `format: flax`,
-the layout `hf_import.save_flax_dir` writes, read by the same loaders.
+the layout `flax_checkpoint.save_flax_dir` writes, read by the same loaders.
 """
 
 from __future__ import annotations
@@ -160,34 +160,10 @@ def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
 
   head_key, emb_path = rename.TIED_HEADS.get(model_type, (None, None))
   with contextlib.ExitStack() as stack:
-    stored: dict[str, _Tensor] = {}
-    for f in shard_files(folder, pickle=pickle):
-      tensors = (_pickle_tensors(f, what) if pickle
-                 else _safetensors_tensors(f, stack))
-      for key, tensor in tensors.items():
-        if key in stored:
-          raise rename.CheckpointMismatchError(
-              f"{what}: tensor {key} is stored in two shards")
-        stored[key] = tensor
-    shapes: dict[tuple[str, ...], _Shape] = {}
-    source: dict[tuple[str, ...], tuple[str, bool]] = {}
-    tied_head = False
-    for key, tensor in stored.items():
-      if rename.ignored(key):
-        continue
-      shape = tensor.shape
-      rule = rename.flax_path(key, expected)
-      if rule is None:
-        if tie_word_embeddings and key == head_key:
-          tied_head = True
-        else:  # tree_diff names it as unexpected
-          shapes[tuple(key.split("."))] = _Shape(shape)
-        continue
-      path, transpose = rule
-      shapes[path] = _Shape(shape[::-1] if transpose else shape)
-      source[path] = (key, transpose)
-    if tied_head and emb_path not in source:
-      shapes[tuple(str(head_key).split("."))] = _Shape(())
+    stored = _stored_tensors(folder, stack, pickle=pickle, what=what)
+    shapes, source, tied_head = _flax_shapes(
+        stored, expected, head_key=head_key, emb_path=emb_path,
+        tie_word_embeddings=tie_word_embeddings)
     rename.tree_diff(shapes, expected, what=what)
 
     def read(key: str, transpose: bool = False) -> np.ndarray:
@@ -201,3 +177,56 @@ def convert(folder: str | os.PathLike, dest: str | os.PathLike, *,
     write_float32(dest, [
         (".".join(path), shapes[path].shape, functools.partial(read, key, t))
         for path, (key, t) in sorted(source.items())], {"format": "flax"})
+
+
+def _stored_tensors(folder: str | os.PathLike, stack: contextlib.ExitStack,
+                    *, pickle: bool, what: str) -> dict[str, _Tensor]:
+  """Every tensor of the folder's shards by PyTorch name (files kept open
+  by `stack`); raises CheckpointMismatchError for a name in two shards."""
+  stored: dict[str, _Tensor] = {}
+  for f in shard_files(folder, pickle=pickle):
+    tensors = (_pickle_tensors(f, what) if pickle
+               else _safetensors_tensors(f, stack))
+    for key, tensor in tensors.items():
+      if key in stored:
+        raise rename.CheckpointMismatchError(
+            f"{what}: tensor {key} is stored in two shards")
+      stored[key] = tensor
+  return stored
+
+
+def _flax_shapes(stored: Mapping[str, _Tensor],
+                 expected: Mapping[tuple[str, ...], rename.Shaped], *,
+                 head_key: str | None, emb_path: tuple[str, ...] | None,
+                 tie_word_embeddings: bool
+                 ) -> tuple[dict[tuple[str, ...], _Shape],
+                            dict[tuple[str, ...], tuple[str, bool]], bool]:
+  """The stored tensors renamed onto Flax paths (`rename.flax_path`).
+
+  Returns:
+    `(shapes, source, tied_head)`: the shape at every Flax path, for
+    `rename.tree_diff` (a name no rule maps is kept under its own path,
+    which the diff reports as unexpected; a tied head stored with no
+    embedding under its own, shape `()`); per mapped path its
+    `(PyTorch name, transpose)`; whether a tied head is stored.
+  """
+  shapes: dict[tuple[str, ...], _Shape] = {}
+  source: dict[tuple[str, ...], tuple[str, bool]] = {}
+  tied_head = False
+  for key, tensor in stored.items():
+    if rename.ignored(key):
+      continue
+    shape = tensor.shape
+    rule = rename.flax_path(key, expected)
+    if rule is None:
+      if tie_word_embeddings and key == head_key:
+        tied_head = True
+      else:  # tree_diff names it as unexpected
+        shapes[tuple(key.split("."))] = _Shape(shape)
+      continue
+    path, transpose = rule
+    shapes[path] = _Shape(shape[::-1] if transpose else shape)
+    source[path] = (key, transpose)
+  if tied_head and emb_path not in source:
+    shapes[tuple(str(head_key).split("."))] = _Shape(())
+  return shapes, source, tied_head

@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,7 @@ def expected_torch_state(config: Any) -> dict[str, Any]:
   import torch
   from transformers import AutoModelForCausalLM
 
-  from bridge.hf_import import torch_dtype_kwargs
+  from bridge.torch_convert import torch_dtype_kwargs
   with torch.device("meta"):
     model = AutoModelForCausalLM.from_config(
         config, **torch_dtype_kwargs(torch.float32))
@@ -210,7 +211,8 @@ def linear_stats(model: pruned_lib.PrunedModel, dtype: str
 def export_preference(run_dir: str | os.PathLike, preference: str,
                       out: str | os.PathLike, *, dtype: str = "float32",
                       overwrite: bool = False,
-                      log=lambda s: None) -> ExportInfo:
+                      log: Callable[[str], None] = lambda s: None
+                      ) -> ExportInfo:
   """Materialises one preference of a run and writes it to `out`.
 
   Args:
@@ -246,7 +248,8 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
 
 def export_model(run: pruned_lib.RunInfo, model: pruned_lib.PrunedModel,
                  out: str | os.PathLike, *, dtype: str = "float32",
-                 overwrite: bool = False, log=lambda s: None) -> ExportInfo:
+                 overwrite: bool = False,
+                 log: Callable[[str], None] = lambda s: None) -> ExportInfo:
   """Writes a materialised model of `run` to `out` (see
   `export_preference`)."""
   _torch_dtype(dtype)

@@ -314,19 +314,21 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
 def export_and_check(out: pathlib.Path, pref: str) -> None:
   """--export_pref: export + parity into results.json; exits 1 on failure.
   Skipped when results.json already records a passing export of `pref`."""
-  from bridge import parity_check, pruned
+  from bridge import export_check, pruned
   results = run_record.read_results(out)
   folder = out / f"{run_record.EXPORT_PREFIX}{pruned.preference_tag(pref)}"
-  done = results.export or {}
-  if (done.get("ok") and pathlib.Path(done.get("checkpoint", "")).name
+  done = (export_check.ExportReport.from_json(results.export)
+          if results.export else None)
+  if (done is not None and done.ok and pathlib.Path(done.checkpoint).name
       == folder.name and folder.is_dir()):
     print(f"{folder} already passed its parity check; nothing was redone",
           flush=True)
     return
   print(f"exporting preference {pref} and checking its parity ...",
         flush=True)
-  report = parity_check.export_and_check(
+  report = export_check.export_and_check(
       out, pref, log=functools.partial(print, flush=True))
-  run_record.write_results(out, dataclasses.replace(results, export=report))
-  if not report["ok"]:
+  run_record.write_results(out, dataclasses.replace(
+      results, export=report.to_json()))
+  if not report.ok:
     sys.exit(cli.EXIT_FAILURE)

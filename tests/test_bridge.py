@@ -18,11 +18,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bridge import (
+  export_check,
   hf_import,
   model_files,
   parity_check,
+  perplexity,
   pruned,
   rename,
+  torch_convert,
   torch_export,
 )
 from experiments import runner, shared_flags
@@ -39,7 +42,7 @@ IDS = np.random.default_rng(0).integers(3, VOCAB, (3, 9)).astype(np.int32)
 def _export_flax(tmp_path, family, overrides, dtype="float32"):
   """A random tiny PyTorch model -> Flax -> an exported checkpoint."""
   tm = tiny_torch(family, **overrides)
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   out = tmp_path / f"export-{family}-{dtype}"
   state = torch_export.to_torch_state(fm.config, params, what=str(out))
   torch_export.write_checkpoint(out, fm.config, state, tiny_tokenizer(),
@@ -80,7 +83,7 @@ def test_flax_torch_flax_round_trip_is_exact(tmp_path, family, overrides):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_exports_round_once_and_keep_zeros(tmp_path, dtype):
   tm = tiny_torch("llama")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   kernel = params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
   kernel[::2] = 0.0  # Pruned rows must stay exact zeros.
   out = tmp_path / dtype
@@ -99,7 +102,7 @@ def test_half_exports_round_once_and_keep_zeros(tmp_path, dtype):
 
 def test_export_diffs_names_before_writing(tmp_path):
   tm = tiny_torch("llama")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   flat = rename.flatten(params)
   q = ("model", "layers", "0", "self_attn", "q_proj", "kernel")
   flat[q[:-2] + ("q_prj", "kernel")] = flat.pop(q)
@@ -111,7 +114,7 @@ def test_export_diffs_names_before_writing(tmp_path):
 
 def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
   tm = tiny_torch("gpt2")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   state = torch_export.to_torch_state(fm.config, params, what="x")
   out = tmp_path / "ckpt"
   out.mkdir()
@@ -130,11 +133,11 @@ def test_write_is_atomic_and_refuses_an_existing_folder(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_perplexity_functions_agree(family):
   tm = tiny_torch(family)
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   adapter = models.adapter_for(fm)
   ids = np.random.default_rng(1).integers(3, VOCAB, (5, 12))
-  p_jax = parity_check.jax_perplexity(adapter, params, ids, batch_size=2)
-  p_torch = parity_check.torch_perplexity(tm, ids, batch_size=3)
+  p_jax = perplexity.jax_perplexity(adapter, params, ids, batch_size=2)
+  p_torch = perplexity.torch_perplexity(tm, ids, batch_size=3)
   with torch.no_grad():  # Independent reference: HF's own shifted loss.
     loss = tm(torch.tensor(ids), labels=torch.tensor(ids)).loss
   np.testing.assert_allclose(p_torch, float(torch.exp(loss)), rtol=1e-5)
@@ -223,6 +226,16 @@ def test_runner_export_pref_records_parity(tiny_run):
   assert [r["run"] for r in exp["ppl"]] == [
       res["models"][6]["ppl"][t] for t in res["tasks"]]
   assert res["test"]["segments"] == 2  # What the parity check relied on.
+  # The record on disk is the typed report's JSON, key for key, in order.
+  assert list(exp) == ["checkpoint", "dtype", "preference", "ok", "ppl",
+                       "max_rel_diff", "sparsity", "problems"]
+  report = export_check.ExportReport.from_json(exp)
+  assert report.ok and report.ppl[0].task == res["tasks"][0]
+  assert report.to_json() == exp
+  # A second call reads the passing record back and redoes nothing.
+  before = (tiny_run / "results.json").read_bytes()
+  runner.export_and_check(tiny_run, "centroid")
+  assert (tiny_run / "results.json").read_bytes() == before
 
 
 def _corrupt(src: pathlib.Path, dst: pathlib.Path, edit) -> None:

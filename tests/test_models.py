@@ -10,8 +10,8 @@ import torch
 from transformers import FlaxLlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from bridge.hf_import import torch_to_flax
 from bridge.rename import flatten
+from bridge.torch_convert import torch_to_flax
 from mosp_jax import models
 from mosp_jax.models import llama
 from mosp_jax.models.base import tree_get

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.hf_import import torch_to_flax
+from bridge.torch_convert import torch_to_flax
 from mosp_jax import models
 from mosp_jax.pipeline import artifact, preferences
 from mosp_jax.pipeline import grams as grams_lib

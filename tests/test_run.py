@@ -149,7 +149,7 @@ def test_pickled_model_needs_trust_pickle_then_runs_and_exports(
     tmp_path, monkeypatch):
   import os
 
-  from bridge import hf_import, torch_export
+  from bridge import hf_import, model_files, torch_convert, torch_export
   from bridge.model_files import ModelLoadError
   from mosp_jax import fetch
 
@@ -166,7 +166,7 @@ def test_pickled_model_needs_trust_pickle_then_runs_and_exports(
       os.symlink(entry, cache / entry.name)
   monkeypatch.setenv("MOSP_JAX_CACHE", str(cache))
   d = tmp_path / "pickled"
-  tokenizer = hf_import.load_tokenizer(hf_import.SMOLLM2)
+  tokenizer = hf_import.load_tokenizer(model_files.SMOLLM2)
   tiny_torch("llama", vocab_size=len(tokenizer)).save_pretrained(
       d, safe_serialization=False)
   tokenizer.save_pretrained(d)
@@ -181,7 +181,7 @@ def test_pickled_model_needs_trust_pickle_then_runs_and_exports(
   def no_torch(*args, **kwargs):
     raise AssertionError("the PyTorch model must not be built")
 
-  monkeypatch.setattr(hf_import, "_load_torch", no_torch)
+  monkeypatch.setattr(torch_convert, "load_torch", no_torch)
   run, solver = parse(*args, f"--out_dir={out}", "--trust_pickle")
   res = runner.run_experiment(run, solver, log=lambda s: None)
   assert all(np.isfinite(list(res.global_ppl.values())))
