@@ -66,7 +66,7 @@ class SolverConfig:
   pcg_iters: int = 10
   pref_refit_iters: int = 0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     checks = [
         ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
         ("p", self.p > 0.0, "> 0"),
@@ -136,7 +136,7 @@ class RunConfig:
   dtype: str = "float32"
   trust_pickle: bool = False
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if len(self.tasks) < 1:
       raise ValueError("tasks: give at least one task")
     if len(set(self.tasks)) != len(self.tasks):

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 
 
 class FetchError(RuntimeError):
@@ -75,7 +76,8 @@ def _run(cmd: list[str], cwd: str) -> None:
         f"{proc.stderr.strip()[-2000:]}")
 
 
-def _fetch(filename: str, cmd: list[str], check) -> pathlib.Path:
+def _fetch(filename: str, cmd: list[str],
+           check: Callable[[pathlib.Path], None]) -> pathlib.Path:
   dest = cache_dir() / filename
   if dest.exists():
     check(dest)

@@ -37,7 +37,9 @@ from mosp_jax.solvers import projection
 from mosp_jax.solvers.scaling import damp
 
 
-def _block(W, keep_all, U, start, *, size, pattern):
+def _block(W: jax.Array, keep_all: jax.Array, U: jax.Array,
+           start: int | jax.Array, *, size: int, pattern: projection.Pattern
+           ) -> tuple[jax.Array, jax.Array]:
   """Prunes inputs `start .. start+size` of `W (n_in, n_out)`, then pushes
   their errors onto the later inputs. `start` may be traced."""
   n_in, n_out = W.shape
@@ -46,7 +48,8 @@ def _block(W, keep_all, U, start, *, size, pattern):
   U1 = jax.lax.dynamic_slice(rows, (0, start), (size, size))  # U[blk, blk]
   d = jnp.diagonal(U1)
 
-  def prune_row(j, carry):
+  def prune_row(j: int | jax.Array, carry: tuple[jax.Array, ...]
+                ) -> tuple[jax.Array, ...]:
     W1, keep, E = carry
     w = W1[j]
     q = jnp.where(keep[j], w, 0.0)
@@ -58,7 +61,8 @@ def _block(W, keep_all, U, start, *, size, pattern):
   if isinstance(pattern, projection.NM):
     m = pattern.m
 
-    def group(g, carry):
+    def group(g: int | jax.Array, carry: tuple[jax.Array, ...]
+              ) -> tuple[jax.Array, ...]:
       W1, keep, E = carry
       j0 = g * m
       wg = jax.lax.dynamic_slice(W1, (j0, 0), (m, n_out))
@@ -82,7 +86,9 @@ def _block(W, keep_all, U, start, *, size, pattern):
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "blocksize"))
-def _sparsegpt(G, W0, damping, *, pattern, blocksize):
+def _sparsegpt(G: jax.Array, W0: jax.Array, damping: float | jax.Array, *,
+               pattern: projection.Pattern, blocksize: int
+               ) -> tuple[jax.Array, jax.Array]:
   n_in, n_out = W0.shape
   G = G.astype(jnp.float32)
   dead = jnp.diagonal(G) == 0

@@ -34,7 +34,7 @@ import tarfile
 import types
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mosp_jax import fetch
 
@@ -175,7 +175,7 @@ def pycode_documents() -> list[Document]:
   return _dedupe(humaneval_documents() + stdlib_documents())
 
 
-def _load_hub(source: str, path: str, /, **kwargs):
+def _load_hub(source: str, path: str, /, **kwargs: Any) -> Any:
   import datasets  # heavy, and only the hub sources need it
 
   try:

@@ -141,8 +141,10 @@ def check_task(name: str | os.PathLike, *,
          split_seed=0)
 
 
-def _build(calib_docs, test_docs, tokenizer, *, separator_ids,
-           calib_budget, test_budget) -> dict[str, Any]:
+def _build(calib_docs: Sequence[corpora.Document],
+           test_docs: Sequence[corpora.Document], tokenizer: Any, *,
+           separator_ids: Sequence[int], calib_budget: Any,
+           test_budget: Any) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for side, side_docs, budget in (("calib", calib_docs, calib_budget),
                                   ("test", test_docs, test_budget)):

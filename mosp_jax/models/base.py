@@ -34,7 +34,7 @@ Conventions shared by every family:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import flax.linen as nn
@@ -157,7 +157,7 @@ class BaseAdapter:
   # True where the family stores kernels as (n_out, n_in).
   kernel_is_out_in: ClassVar[bool] = False
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     self._check_config()
 
   # Hooks for a family.
@@ -237,7 +237,8 @@ class BaseAdapter:
     captured: dict[str, jax.Array] = {}
     lead = hidden.shape[:-1]
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
+    def interceptor(next_fun: Callable[..., Any], call_args: Sequence[Any],
+                    call_kwargs: Mapping[str, Any], context: Any) -> Any:
       module = context.module
       if (context.method_name == "__call__"
           and isinstance(module, self.linear_types)):

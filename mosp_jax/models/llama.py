@@ -160,7 +160,7 @@ class _RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
   """HF's rotary module with a table that honours `rope_theta` and
   llama3 `rope_scaling`."""
 
-  def setup(self):
+  def setup(self) -> None:
     head_dim = self.config.hidden_size // self.config.num_attention_heads
     scaling = self.config.rope_scaling
     self.sincos = jnp.asarray(_sincos(
@@ -185,7 +185,7 @@ class _Attention(hf.FlaxLlamaAttention):
   """HF's attention; `setup` restated only to use `_RotaryEmbedding` and
   `_CausalMask`."""
 
-  def setup(self):
+  def setup(self) -> None:
     config = self.config
     self.embed_dim = config.hidden_size
     self.num_heads = config.num_attention_heads
@@ -208,7 +208,7 @@ class DecoderLayer(hf.FlaxLlamaDecoderLayer):
   """HF's decoder layer built on `_Attention`; `__call__(hidden, mask,
   position_ids)` is HF's."""
 
-  def setup(self):
+  def setup(self) -> None:
     self.input_layernorm = hf.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
     self.self_attn = _Attention(self.config, dtype=self.dtype)  # Changed.
     self.post_attention_layernorm = hf.FlaxLlamaRMSNorm(
@@ -218,7 +218,7 @@ class DecoderLayer(hf.FlaxLlamaDecoderLayer):
 
 class _LayerCollection(hf.FlaxLlamaLayerCollection):
 
-  def setup(self):
+  def setup(self) -> None:
     self.blocks = [
         DecoderLayer(self.config, dtype=self.dtype, name=str(i))  # Changed.
         for i in range(self.config.num_hidden_layers)
@@ -227,7 +227,7 @@ class _LayerCollection(hf.FlaxLlamaLayerCollection):
 
 class _Model(hf.FlaxLlamaModule):
 
-  def setup(self):
+  def setup(self) -> None:
     self.hidden_size = self.config.hidden_size
     self.embed_tokens = nn.Embed(
         self.config.vocab_size, self.hidden_size,
@@ -241,7 +241,7 @@ class _Model(hf.FlaxLlamaModule):
 class _ForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
   """Causal LM whose head is `embed_tokens` when the config ties them."""
 
-  def setup(self):
+  def setup(self) -> None:
     self.model = _Model(self.config, dtype=self.dtype)
     if not self.config.tie_word_embeddings:
       self.lm_head = nn.Dense(
@@ -256,10 +256,11 @@ class _ForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
     return self.lm_head(hidden)
 
   def __call__(
-      self, input_ids, attention_mask=None, position_ids=None,
+      self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+      position_ids: jax.Array | None = None,
       deterministic: bool = True, init_cache: bool = False,
       output_attentions: bool = False, output_hidden_states: bool = False,
-      return_dict: bool = True):
+      return_dict: bool = True) -> Any:
     outputs = self.model(
         input_ids, position_ids=position_ids, attention_mask=attention_mask,
         deterministic=deterministic, init_cache=init_cache,

@@ -248,7 +248,7 @@ def random_tree(shapes: Any, *, std: float, seed: int = 0,
   """
   import jax
 
-  def draw(path, leaf) -> np.ndarray:
+  def draw(path: tuple[Any, ...], leaf: Any) -> np.ndarray:
     key = prefix + "/".join(str(getattr(k, "key", k)) for k in path)
     last = key.rsplit("/", 1)[-1]
     if last in ("kernel", "embedding"):

@@ -5,8 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from matplotlib.axes import Axes
+  from matplotlib.axis import Axis
+  from matplotlib.transforms import Bbox
 
 
 def front_2d(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -37,7 +43,7 @@ _LABEL_SPOTS = [(dx * r, dy * r, ha, va) for r in (1.0, 2.6)
                     (6, 0, "left", "center"), (-6, 0, "right", "center"))]
 
 
-def _overlap(a, b) -> float:
+def _overlap(a: Bbox, b: Bbox) -> float:
   w = min(a.x1, b.x1) - max(a.x0, b.x0)
   h = min(a.y1, b.y1) - max(a.y0, b.y0)
   return max(w, 0.0) * max(h, 0.0)
@@ -51,7 +57,7 @@ def _staircase(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   return np.asarray(pts, np.float64)
 
 
-def _place_labels(ax, xy: np.ndarray, texts: list[str],
+def _place_labels(ax: Any, xy: np.ndarray, texts: list[str],
                   obstacles: np.ndarray, lines: list[np.ndarray]) -> None:
   """Labels each point `xy (n, 2)` (data coordinates) at the first spot of
   `_LABEL_SPOTS` where it overlaps no placed label, no marker of
@@ -99,7 +105,7 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str],
     taken.append(best[2])
 
 
-def _style_axis(axis) -> None:
+def _style_axis(axis: Axis) -> None:
   """Plain tick labels (no offset or scientific notation), at most 5."""
   from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
@@ -142,7 +148,7 @@ def _log_points(ppl: np.ndarray, extra: dict[str, np.ndarray] | None,
   return methods, colors
 
 
-def _dot_panel(ax, methods: dict[str, np.ndarray], colors: dict[str, str],
+def _dot_panel(ax: Axes, methods: dict[str, np.ndarray], colors: dict[str, str],
                dense: np.ndarray | None, task: str, metric: str) -> None:
   """One task: no trade-off, so no front; each method's values on a row."""
   rows = list(methods.items())
@@ -161,7 +167,7 @@ def _dot_panel(ax, methods: dict[str, np.ndarray], colors: dict[str, str],
   _style_axis(ax.xaxis)
 
 
-def _pair_panel(ax, a: int, b: int, methods: dict[str, np.ndarray],
+def _pair_panel(ax: Axes, a: int, b: int, methods: dict[str, np.ndarray],
                 colors: dict[str, str], dense: np.ndarray | None,
                 tasks: list[str], metric: str) -> list[np.ndarray]:
   """Tasks `a` against `b`: every method's points and front staircase,

@@ -278,7 +278,7 @@ def read_json(path: pathlib.Path) -> dict[str, Any]:
     raise RunRecordError(f"{path}: not valid JSON ({e})") from e
 
 
-def _read(path: pathlib.Path, parse):
+def _read(path: pathlib.Path, parse: Callable[[Any], Any]) -> Any:
   """`parse(read_json(path))`, with the file named in any error."""
   try:
     return parse(read_json(path))

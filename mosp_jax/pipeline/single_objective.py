@@ -20,6 +20,7 @@ a baseline and MOSP see identical inputs and numerics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ import numpy as np
 
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
-from mosp_jax.models.base import Adapter
+from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.pipeline.prune import WalkResult
@@ -109,14 +110,15 @@ def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
   lam_dev = jax.device_put(lam)
   groups = adapter.linear_groups()
 
-  def gram(G_dev, W0):
+  def gram(G_dev: jax.Array | None, W0: jax.Array) -> jax.Array | None:
     if protocol == "data-free":
       return None
     if protocol == "concat":
       return walk.concat_gram_jit(G_dev)
     return walk.mixed_gram_jit(G_dev, W0, lam_dev)
 
-  def solve(layer, dense, grams):
+  def solve(layer: int, dense: Params, grams: dict[int, walk.Grams]
+            ) -> tuple[list[Params], Any]:
     lp, zeros, weights = dense, 0, 0
     for group in groups:
       G_dev = None
@@ -136,7 +138,8 @@ def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
         weights += W0.size
     return [lp] * len(used), (lp, walk.Evaluated([zeros], weights, {}))
 
-  def evaluate(layer, dense, solved, advance):
+  def evaluate(layer: int, dense: Params, solved: Any,
+               advance: walk.Advance) -> walk.Evaluated:
     del layer, dense  # the model's layer is the solve's
     lp, evaluated = solved
     advance(0, lp)

@@ -465,7 +465,8 @@ def _final_ppl(adapter: Adapter, params: Params, state: dict[str, list],
   model's `(tasks,)` and the unit models' `(models, tasks)`, in the order
   of `state["test"]`."""
 
-  def model_ppl(model):  # per task, the model's stream after the last layer
+  def model_ppl(model: Sequence[Stream]) -> list[float]:
+    # per task, the model's stream after the last layer
     return [stream_ppl(adapter, params, s, ids)
             for s, ids in zip(model, test_ids, strict=True)]
 
@@ -483,7 +484,7 @@ def _embedded(adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
   test streams; every copy starts from the same embedded batches.
   `params`: the model's parameters outside its layers (`outer`)."""
 
-  def embedded(ids):
+  def embedded(ids: np.ndarray) -> Stream:
     return [keep(embed(adapter, params, b), offload)
             for b in device_batches(np.asarray(ids), batch_size)]
 

@@ -156,7 +156,7 @@ def eig_solve(Q: jax.Array, L: jax.Array, n_cols: int,
         factor=lambda rho: (Q * (1.0 / (L + rho))[None, :]) @ Q.T,
         apply=_matmul)
 
-  def apply(scale, R):
+  def apply(scale: jax.Array, R: jax.Array) -> jax.Array:
     QtR = jnp.einsum("ji,cjo->cio", Q, R)
     return jnp.einsum("ij,cjo->cio", Q, QtR * scale[None, :, None])
   return LinearSolve(factor=lambda rho: 1.0 / (L + rho), apply=apply)
@@ -212,7 +212,7 @@ def run_admm(solve: LinearSolve, GB0: jax.Array, init: tuple[
   rho0 = jnp.asarray(rho0, jnp.float32)
   op0 = solve.factor(rho0)
 
-  def cond(st: _State):
+  def cond(st: _State) -> jax.Array:
     return ~st.done & (st.it < max_iter)
 
   def body(st: _State) -> _State:

@@ -69,7 +69,7 @@ def admm_support(sc: Scaled, Q: jax.Array, L: jax.Array, *,
   unit = pattern.unit_keep(n_in, n_out)
   with_core = 0 < core_count < unit
 
-  def project(Z):
+  def project(Z: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     glob = projection.prune_mask(jnp.abs(Z[0]), pattern)
     if not with_core:
       return glob[None], ()
@@ -118,8 +118,11 @@ def pinned(sc: Scaled, layout: sharding_lib.Layout | None) -> Scaled:
 @functools.partial(
     jax.jit, static_argnames=("pattern", "update_every", "max_iter",
                               "pcg_iters", "layout"))
-def _alps(G, W0, rho0, damping, *, pattern, update_every, max_iter,
-          pcg_iters, layout=None):
+def _alps(G: jax.Array, W0: jax.Array, rho0: float | jax.Array,
+          damping: float | jax.Array, *, pattern: projection.Pattern,
+          update_every: int, max_iter: int, pcg_iters: int,
+          layout: sharding_lib.Layout | None = None
+          ) -> tuple[jax.Array, jax.Array, AlpsInfo]:
   sc = pinned(scale_problem(G, W0, damping=damping), layout)
   Q, L = scaled_eig(sc, layout)
   sup, info = admm_support(sc, Q, L, pattern=pattern, rho0=rho0,

@@ -124,13 +124,14 @@ def stage2(G: jax.Array, B0: jax.Array, core: jax.Array, X: jax.Array, *,
   count = pattern.unit_keep(n_in, n_out) - projection.core_count(
       pattern, n_in, n_out, alpha)
 
-  def project(Z):
+  def project(Z: jax.Array) -> tuple[jax.Array, tuple[()]]:
     return projection.task_masks(Z, core, pattern, count) | core[None], ()
 
   # One factorisation per task, one after another (`cholesky_inverse`).
   inverses = jax.lax.map(lambda g: admm_lib.cholesky_inverse(g, rho), G)
 
-  def one(Gi, inverse):
+  def one(Gi: jax.Array, inverse: jax.Array
+          ) -> tuple[admm_lib.Iterates, admm_lib.AdmmInfo]:
     B = X[None]
     mask, _ = project(B)
     it, _, info = admm_lib.run_admm(
@@ -201,7 +202,7 @@ def refit(grams: jax.Array, W0: jax.Array, weights: jax.Array,
   Args: `grams (m, n_in, n_in)`, `W0 (n_in, n_out)`, `weights, masks
   (P, n_in, n_out)`, `prefs (P, m)`. Returns `(P, n_in, n_out)`.
   """
-  def one(W, mask, lam):
+  def one(W: jax.Array, mask: jax.Array, lam: jax.Array) -> jax.Array:
     sc = scale_problem(mixed_gram(grams, W0, lam), W0, damping=damping)
     X, _ = pcg_lib.masked_pcg(sc.G, sc.B0, mask, W * sc.d[:, None],
                               iters=iters)
@@ -216,9 +217,13 @@ def refit(grams: jax.Array, W0: jax.Array, weights: jax.Array,
     jax.jit, static_argnames=("pattern", "alpha", "update_every",
                               "max_iter", "stage2_max_iter", "pcg_iters",
                               "core_rule", "layout"))
-def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha,
-            update_every, max_iter, stage2_max_iter, pcg_iters,
-            core_rule="dual", layout=None):
+def _pareto(grams: jax.Array, W0: jax.Array, rho0: float | jax.Array,
+            stage2_rho: jax.Array, damping: float | jax.Array, *,
+            pattern: projection.Pattern, alpha: float, update_every: int,
+            max_iter: int, stage2_max_iter: int, pcg_iters: int,
+            core_rule: str = "dual",
+            layout: sharding_lib.Layout | None = None
+            ) -> tuple[ParetoLayer, MospInfo]:
   n_in, n_out = W0.shape
   sc = alps_lib.pinned(scale_problem(concat_gram(grams), W0,
                                      damping=damping), layout)
@@ -258,8 +263,12 @@ def _pareto(grams, W0, rho0, stage2_rho, damping, *, pattern, alpha,
 @functools.partial(jax.jit,
                    static_argnames=("pattern", "alpha", "p", "kind",
                                     "refit_iters", "layout"))
-def _materialize(pareto, prefs, grams, W0, damping, *, pattern, alpha, p,
-                 kind, refit_iters, layout=None):
+def _materialize(pareto: ParetoLayer, prefs: jax.Array, grams: jax.Array,
+                 W0: jax.Array, damping: jax.Array, *,
+                 pattern: projection.Pattern, alpha: float, p: float,
+                 kind: str, refit_iters: int,
+                 layout: sharding_lib.Layout | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
   W, masks = materialize(pareto, prefs, pattern=pattern, alpha=alpha, p=p,
                          kind=kind)
   if refit_iters > 0:

@@ -68,7 +68,8 @@ def masked_pcg(H: jax.Array, W0: jax.Array, mask: jax.Array, X0: jax.Array, *,
   Z = minv[:, None] * R
   rz = column_sums(R * Z)
 
-  def body(_, carry):
+  def body(_: jax.Array, carry: tuple[jax.Array, ...]
+           ) -> tuple[jax.Array, ...]:
     X, R, P, rz = carry
     AP = m * (H @ P)
     pap = column_sums(P * AP)

@@ -26,7 +26,7 @@ class Unstructured:
   """Keep `round((1 - sparsity) * n_in * n_out)` weights per matrix."""
   sparsity: float
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if not 0.0 <= self.sparsity < 1.0:
       raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
@@ -48,7 +48,7 @@ class NM:
   n: int
   m: int
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if not 0 < self.n < self.m:
       raise ValueError(f"N:M needs 0 < N < M, got {self.n}:{self.m}")
 
@@ -122,7 +122,8 @@ def topk_mask(scores: jax.Array, k: int,
         jnp.ones(shape, bool)
 
   # Largest t with count(bits >= t) >= k is the k-th largest bit pattern.
-  def body(_, lo_hi):
+  def body(_: jax.Array, lo_hi: tuple[jax.Array, jax.Array]
+           ) -> tuple[jax.Array, jax.Array]:
     lo, hi = lo_hi
     mid = lo + (hi - lo + 1) // 2
     ok = jnp.sum(bits >= mid) >= k

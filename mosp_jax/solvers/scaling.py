@@ -83,7 +83,7 @@ def scale_tasks(grams: jax.Array, d: jax.Array, *,
   inv = 1.0 / d
   scale = inv[:, None] * inv[None, :]
 
-  def one(g):
+  def one(g: jax.Array) -> jax.Array:
     g = damp(g.astype(jnp.float32), damping) * scale
     return g * (1.0 / jnp.mean(jnp.diagonal(g)))
   return jax.vmap(one)(grams)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ class Layout:
   mesh: Mesh
   model_axis: str | None = None
 
-  def _named(self, *spec) -> NamedSharding:
+  def _named(self, *spec: str | tuple[str, ...] | None) -> NamedSharding:
     return NamedSharding(self.mesh, P(*spec))
 
   @property
@@ -130,7 +130,8 @@ class Layout:
   def replicated(self) -> NamedSharding:
     return self._named()
 
-  def constrain(self, x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  def constrain(self, x: jax.Array | np.ndarray, sharding: NamedSharding
+                ) -> jax.Array:
     """`with_sharding_constraint`, for use inside the jitted solvers."""
     return jax.lax.with_sharding_constraint(x, sharding)
 
@@ -151,7 +152,7 @@ class Layout:
         [G, jnp.broadcast_to(jnp.eye(n, dtype=G.dtype), (pad, n, n))])
     Gp = self.constrain(Gp, self._named(axes, None, None))
 
-    def local(g):
+    def local(g: jax.Array) -> tuple[jax.Array, jax.Array]:
       L, Q = jax.lax.map(jnp.linalg.eigh, g)
       return Q, L
 
@@ -235,7 +236,7 @@ def to_local(tree: T, like: jax.Array) -> T:
   """Every array of `tree` moved (explicitly) onto `like`'s placement,
   e.g. a solver's mesh-split results back to the model's device. Arrays
   spread over other processes are gathered first."""
-  def move(x):
+  def move(x: Any) -> jax.Array:  # an Array, or gathered to numpy
     if not getattr(x, "is_fully_addressable", True):
       x = gather(x)
     return jax.device_put(x, like.sharding)
