@@ -145,8 +145,7 @@ def check_parity(
       the inputs cannot be read at all.
   """
   folder = pathlib.Path(checkpoint)
-  run, pref = export_files.run_and_preference(folder, run_dir,
-                                              preference)
+  run, pref = export_files.run_and_preference(folder, run_dir, preference)
   batch_size = batch_size or run.config.run.batch_size
   model = _model_for(run, pref, model, log=log)
   state, dtype = export_files.read_state(folder)
