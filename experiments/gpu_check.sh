@@ -65,12 +65,12 @@ def read(path):
 import flax
 import transformers
 
-from mosp_jax.pipeline import plan
+from mosp_jax.pipeline.plan import probes
 
 gflops = {}
 for precision in ("float32", "tensorfloat32"):
   with jax.default_matmul_precision(precision):
-    gflops[precision] = plan.measure_matmul_flops(4096) / 1e9
+    gflops[precision] = probes.measure_matmul_flops(4096) / 1e9
 
 dev = jax.devices()[0]
 report = {
