@@ -15,23 +15,25 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from experiments.bench_problems import random_grams
 from mosp_jax import timing
 from mosp_jax.config import SolverConfig
-from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers import (
+  Pattern,
   concat_gram,
   mosp_prune,
   projection,
   relative_error,
   sharding,
 )
+from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers.admm import eig
 from mosp_jax.solvers.scaling import Scaled, scale_problem
 
 
-def _memory(compiled) -> dict:
+def _memory(compiled: Any) -> dict[str, int]:
   """Per-device bytes of a compiled executable (XLA memory analysis)."""
   ma = compiled.memory_analysis()
   return {"argument": int(ma.argument_size_in_bytes),
@@ -47,8 +49,9 @@ class _Pair(NamedTuple):
   mesh: Any
 
 
-def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
-               iters: int, repeats: int, pattern) -> tuple[dict, dict]:
+def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int,
+               rng: np.random.Generator, iters: int, repeats: int,
+               pattern: Pattern) -> tuple[dict[str, Any], dict[str, Any]]:
   """MOSP on a device mesh vs one device: `("mesh" fields, details)`."""
   mesh = sharding.make_mesh(spec)
   if mesh is None:  # make_mesh('') is one device: nothing to compare.
@@ -93,8 +96,9 @@ def bench_mesh(spec: str, n_in: int, n_out: int, m: int, K: int, rng,
   return fields, details
 
 
-def _mesh_admm_loop(mesh, grams: np.ndarray, W0: np.ndarray, *, iters: int,
-                    repeats: int, pattern) -> tuple[_Pair, _Pair]:
+def _mesh_admm_loop(mesh: Mesh, grams: np.ndarray, W0: np.ndarray, *,
+                    iters: int, repeats: int, pattern: Pattern
+                    ) -> tuple[_Pair, _Pair]:
   """`iters` stage-1 ADMM iterations compiled for one device and for the
   mesh (iterates split by output column).
 
@@ -142,8 +146,8 @@ def _mesh_admm_loop(mesh, grams: np.ndarray, W0: np.ndarray, *, iters: int,
   return _Pair(mem_one, mem_shd), _Pair(t_one, t_shd)
 
 
-def _mesh_mosp(mesh, grams_np: np.ndarray, W0_np: np.ndarray,
-               prefs_np: np.ndarray, *, pattern
+def _mesh_mosp(mesh: Mesh, grams_np: np.ndarray, W0_np: np.ndarray,
+               prefs_np: np.ndarray, *, pattern: Pattern
                ) -> tuple[_Pair, _Pair, _Pair]:
   """Full MOSP (pareto + materialize) on one device and on the mesh.
 
@@ -168,6 +172,6 @@ def _mesh_mosp(mesh, grams_np: np.ndarray, W0_np: np.ndarray,
   return _Pair(r_one, r_shd), _Pair(s_one, s_shd), _Pair(e_one, e_shd)
 
 
-def _np(x) -> np.ndarray:
+def _np(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 

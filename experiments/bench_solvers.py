@@ -47,6 +47,8 @@ from mosp_jax import cli, timing
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import (
+  ParetoLayer,
+  Pattern,
   Unstructured,
   alps_prune,
   concat_gram,
@@ -95,8 +97,8 @@ LARGE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
 
-def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
-                pattern) -> dict:
+def bench_shape(n_in: int, n_out: int, rng: np.random.Generator, iters: int,
+                repeats: int, pattern: Pattern) -> dict[str, Any]:
   """ADMM iterations/s and FLOP rate vs a plain matmul, same shapes."""
   grams = jax.device_put(random_grams(rng, 1, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
@@ -136,9 +138,10 @@ def bench_shape(n_in: int, n_out: int, rng, iters: int, repeats: int,
           "ratio_to_matmul": admm_gflops / mm_gflops}
 
 
-def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
-                       repeats: int, pattern, *, global_core: bool = True,
-                       breakdown: bool = True) -> dict:
+def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int,
+                       rng: np.random.Generator, repeats: int,
+                       pattern: Pattern, *, global_core: bool = True,
+                       breakdown: bool = True) -> dict[str, Any]:
   """MOSP (m tasks, K preferences) against one ALPS solve on the
   concatenated Gram, interleaved; with `global_core` also MOSP with
   `core_rule='global'`, with `breakdown` each MOSP stage alone."""
@@ -174,8 +177,9 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int, rng,
   return out
 
 
-def _mosp_breakdown(grams, W0, prefs, pareto, pattern, repeats: int
-                    ) -> dict:
+def _mosp_breakdown(grams: jax.Array, W0: jax.Array, prefs: jax.Array,
+                    pareto: ParetoLayer, pattern: Pattern, repeats: int
+                    ) -> dict[str, float]:
   """Seconds spent in each MOSP stage, each compiled alone and fed the
   previous stage's output (one MOSP's work per repeat); `pareto` is the
   layer's Pareto set from the whole solve, for `materialize`."""
