@@ -85,7 +85,7 @@ def load_layers(spec: str, tokenizer: Any = None, *,
                 dtype: Any = jnp.float32, trust_pickle: bool = False
                 ) -> tuple[Adapter, layer_source.DenseLayers, Any]:
   """(adapter, dense model read layer by layer, tokenizer) of a run's model
-  spec: what the layer walk prunes (issue 15 item 1).
+  spec: what the layer walk prunes, one layer in memory at a time.
 
   A converted model (GGUF, PyTorch, Hub) is read tensor by tensor from its
   Flax checkpoint in the model cache (converted once, whole, when not

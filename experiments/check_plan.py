@@ -10,10 +10,10 @@ decoder layer beside the measured ones (`pipeline.plan.check_phases`),
 with the plan taken at the stage-1 ADMM iteration count the run measured
 (random weights and short calibration converge differently from a real
 model), and the plan's memory floor beside the measured peak
-(`pipeline.plan.peak_memory`). Writes <out_dir>/plan_check.json. Project
-issue 15, item 4: the target is every phase over --min_seconds within
---tolerance. With --plan_only it prints the plan and exits, as
-experiments.run does (nothing is run or written).
+(`pipeline.plan.peak_memory`). Writes <out_dir>/plan_check.json. A plan
+is trusted when every phase over --min_seconds is within --tolerance.
+With --plan_only it prints the plan and exits, as experiments.run does
+(nothing is run or written).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mosp_jax.pipeline import artifact, run_record
 from mosp_jax.pipeline import plan as plan_lib
 
 flags.DEFINE_float("tolerance", 0.3, "Relative difference of measured and "
-                   "predicted seconds a phase may have (issue 15: 30%).")
+                   "predicted seconds a phase may have.")
 flags.DEFINE_float("min_seconds", 5.0, "Phases whose measured total is "
                    "under this many seconds are shown but not judged.")
 

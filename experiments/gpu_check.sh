@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of project issue 15, item 5: one script, one JSON.
+# The GPU check of the paper-scale plan and solvers: one script, one JSON.
 #   bash experiments/gpu_prepare.sh          # here, once (PyPI needed)
 #   bash experiments/gpu_check.sh [OUT_DIR]  # on the GPU machine
 # (with the `device` tool: run(command="bash experiments/gpu_check.sh",

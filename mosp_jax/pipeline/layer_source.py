@@ -1,4 +1,4 @@
-"""The dense model, read one decoder layer at a time (issue 15 item 1).
+"""The dense model, read one decoder layer at a time (bounded memory).
 
 The layer walk (`walk.walk_layers`) never needs the whole model: it embeds
 with the embedding table, prunes and advances one decoder layer, and
