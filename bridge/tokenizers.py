@@ -4,7 +4,7 @@ special tokens.
 Tokenizers are returned as loaded; nothing about special tokens is repaired.
 `special_tokens(config, tokenizer)` reports what they do: the GGUF SmolLM2
 tokenizer says EOS is `<|im_start|>` (id 1) and prepends it as BOS, while the
-model config's EOS is id 2 (`<|im_end|>`) (README, "The exports' tokenizer").
+model config's EOS is id 2 (`<|im_end|>`) (docs/export.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ core support, the global and the task models and the column scale, from
 which any preference is materialised later with no Gram and no solve, e.g.
 by `python -m bridge.export`). Before the model is loaded it prints the
 run's memory and time plan and refuses a run that does not fit
-(--plan, --plan_only, --device_memory_gb; mosp_jax/pipeline/plan.py).
+(--plan, --plan_only, --device_memory_gb; mosp_jax/pipeline/plan/).
 """
 
 from __future__ import annotations

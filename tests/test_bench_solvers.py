@@ -1,7 +1,7 @@
 """The solver benchmark's MOSP-against-ALPS record on a small layer.
 
 The timings themselves are machine-dependent and not asserted; what is
-asserted are the facts the README reads off the record: stage 1 of MOSP
+asserted are the facts docs/benchmarks.md reads off the record: stage 1 of MOSP
 runs exactly ALPS's iterations on the concatenated Gram (its global model
 is ALPS's solution), every stage of the breakdown was timed, and the
 ratio is the quotient of the two times. The benchmark runs in its own

@@ -88,7 +88,7 @@ def test_smollm2_from_gguf():
   cfg = model.config
   assert (cfg.rope_theta, cfg.tie_word_embeddings) == (100000.0, True)
   assert cfg.num_hidden_layers == 30 and "lm_head" not in params
-  # Exposed, not repaired (README, "The exports' tokenizer").
+  # Exposed, not repaired (docs/export.md).
   info = tokenizers.special_tokens(cfg, tok)
   assert info == tokenizers.SpecialTokens(
       bos_id=1, adds_bos=True, tokenizer_eos_id=1, config_eos_id=2,

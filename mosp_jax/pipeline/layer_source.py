@@ -14,7 +14,7 @@ array` per parameter:
   from_tree          a whole parameter tree already in host memory (the
                      tiny smoke model, a user's Flax folder);
   from_safetensors   a Flax checkpoint file ('.'-joined paths, our model
-                     cache, `bridge.hf_import.save_flax_dir`), read tensor
+                     cache, `bridge.flax_checkpoint.save_flax_dir`), read tensor
                      by tensor with `safetensors.safe_open`: host memory
                      holds one layer too;
   from_random        a paper model's config with seeded random weights

@@ -43,7 +43,7 @@ ADMM_UPDATE_PASSES = 8
 PCG_PASSES = 10
 # Stage-1 ADMM iterations expected [ours, measured]: the rule stops at
 # the first check after 30 iterations once the support is nearly
-# stable, 33 with checks every 3 (README, "Benchmark"; 31-36 on real
+# stable, 33 with checks every 3 (docs/benchmarks.md; 31-36 on real
 # SmolLM2 layers). `max_iter` is the upper bound.
 EXPECTED_STAGE1_ITERS = 33
 # Host passes over a Gram after its last batch (`grams.finish`: the
