@@ -51,7 +51,8 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, rope_theta=1e6,
-              tie_word_embeddings=False, **extra)
+              tie_word_embeddings=False)
+    kw.update(extra)
   else:
     raise ValueError(family)
   kw.update({"vocab_size": VOCAB, **overrides})
