@@ -17,7 +17,7 @@ from mosp_jax.models import llama
 from mosp_jax.models.base import tree_get
 from tests.tiny_models import VOCAB, tiny_config, tiny_torch
 
-FAMILIES = ["llama", "opt", "opt-proj", "gpt2"]
+FAMILIES = ["llama", "opt", "opt-proj", "gpt2", "qwen2", "qwen3", "mistral"]
 ATOL = 1e-4
 
 
@@ -133,9 +133,10 @@ def test_captured_inputs_match_pytorch_hooks(converted):
   adapter = models.adapter_for(fm)
   ids = _ids()
   seen: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-  blocks = {"llama": lambda: tm.model.layers,
+  blocks = {"opt": lambda: tm.model.decoder.layers,
+            "opt-proj": lambda: tm.model.decoder.layers,
             "gpt2": lambda: tm.transformer.h}.get(
-                family, lambda: tm.model.decoder.layers)()
+                family, lambda: tm.model.layers)()
   hooks = []
   for i, block in enumerate(blocks):
     for name in adapter.linear_names():

@@ -221,7 +221,7 @@ class Attention(hf.FlaxLlamaAttention):
     """The sliding-window width in keys; None for full causal attention."""
     return None
 
-  def make_rotary(self) -> nn.Module:
+  def make_rotary(self) -> hf.FlaxLlamaRotaryEmbedding:
     """The module called as `rotary_emb(key, query, position_ids)`."""
     return RotaryEmbedding(self.config, dtype=self.dtype)
 

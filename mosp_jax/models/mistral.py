@@ -27,8 +27,6 @@ with `MistralAttention` (the same names; checkpoints of either load).
 
 from __future__ import annotations
 
-from transformers import MistralConfig
-
 from mosp_jax.models import llama
 
 
@@ -43,7 +41,6 @@ class FlaxMistralForCausalLMFixed(llama.FlaxLlamaForCausalLMFixed):
   """Mistral causal LM (parameter tree of PyTorch's
   `MistralForCausalLM`)."""
 
-  config_class = MistralConfig
   attention_cls = MistralAttention
 
 

@@ -2,10 +2,11 @@
 
 MOSP's experiments prune Llama-2-7B/13B, Llama-3-8B and OPT-1.3B/2.7B/30B
 [paper]; Llama-3.1-8B and Llama-3.2-1B (RoPE scaling `rope_type: llama3`),
-Qwen2.5-7B, Qwen3-8B and Mistral-7B-v0.1 are added beyond the paper. Nothing can be downloaded here, so each entry
-restates the architecture fields of the model's published Hugging Face
-`config.json` (the source is named beside it); training-only fields
-(dropout, `torch_dtype`, ...) are left at transformers' defaults.
+Qwen2.5-7B, Qwen3-8B and Mistral-7B-v0.1 are added beyond the paper.
+Nothing can be downloaded here, so each entry restates the architecture
+fields of the model's published Hugging Face `config.json` (the source is
+named beside it); training-only fields (dropout, `torch_dtype`, ...) are
+left at transformers' defaults.
 `param_count` counts the parameters of the Flax model of a config by
 `jax.eval_shape` (no memory), which the tests compare with the published
 sizes: the independent check that these numbers are right.

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen2Config
-
 from mosp_jax.models import llama
 
 
@@ -52,7 +50,6 @@ class Qwen2Attention(llama.Attention):
 class FlaxQwen2ForCausalLM(llama.FlaxLlamaForCausalLMFixed):
   """Qwen2 causal LM (parameter tree of PyTorch's `Qwen2ForCausalLM`)."""
 
-  config_class = Qwen2Config
   attention_cls = Qwen2Attention
 
 

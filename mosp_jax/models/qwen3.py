@@ -27,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from transformers import Qwen3Config
 from transformers.models.llama import modeling_flax_llama as hf
 
 from mosp_jax.models import llama
@@ -71,7 +70,7 @@ class Qwen3Attention(llama.Attention):
     self.k_norm = HeadRMSNorm(self.config, dtype=self.dtype)
     super().setup()
 
-  def make_rotary(self) -> nn.Module:
+  def make_rotary(self) -> hf.FlaxLlamaRotaryEmbedding:
     return _NormedRotary(self.config, dtype=self.dtype,
                          q_norm=self.q_norm, k_norm=self.k_norm)
 
@@ -79,7 +78,6 @@ class Qwen3Attention(llama.Attention):
 class FlaxQwen3ForCausalLM(llama.FlaxLlamaForCausalLMFixed):
   """Qwen3 causal LM (parameter tree of PyTorch's `Qwen3ForCausalLM`)."""
 
-  config_class = Qwen3Config
   attention_cls = Qwen3Attention
 
 
