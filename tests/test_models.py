@@ -249,9 +249,11 @@ def test_apply_block_jit_equals_eager(converted):
     lp = adapter.layer_params(params, i)
     out_e, cap_e = adapter.apply_block(lp, h, capture=True)
     out_j, cap_j = block(lp, h, capture=True)
-    np.testing.assert_allclose(out_j, out_e, atol=1e-5, rtol=0)
-    for name in cap_e:
-      np.testing.assert_allclose(cap_j[name], cap_e[name], atol=1e-5, rtol=0)
+    # Fusion reorders float32 sums: a few ulps of the largest value (64 in
+    # the hidden-64 families).
+    for got, want in [(out_j, out_e)] + [(cap_j[n], cap_e[n]) for n in cap_e]:
+      np.testing.assert_allclose(
+          got, want, atol=1e-6 * max(1.0, float(np.abs(want).max())), rtol=0)
     h = out_e
 
 

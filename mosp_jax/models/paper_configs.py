@@ -63,6 +63,10 @@ _LLAMA3 = dict(model_type="llama", vocab_size=128256, hidden_size=4096,
                rope_theta=500000.0, tie_word_embeddings=False,
                initializer_range=0.02, bos_token_id=128000,
                eos_token_id=128001)
+# Shared by Qwen2.5-7B and Qwen3-8B's config.json.
+_QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0,
+             tie_word_embeddings=False, use_sliding_window=False,
+             initializer_range=0.02, bos_token_id=151643)
 _OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
             do_layer_norm_before=True, activation_function="relu",
             enable_bias=True, tie_word_embeddings=True, init_std=0.02,
@@ -106,29 +110,21 @@ PAPER_CONFIGS: dict[str, dict[str, Any]] = {
                     num_hidden_layers=48, num_attention_heads=56,
                     word_embed_proj_dim=7168),
     # Qwen/Qwen2.5-7B, config.json: q/k/v biases, GQA (28 heads, 4
-    # key-value heads), rope_theta 1e6, rms_norm_eps 1e-6, untied,
-    # use_sliding_window false [beyond the paper].
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064,
+    # key-value heads), untied [beyond the paper].
+    "qwen2.5-7b": dict(_QWEN, model_type="qwen2", vocab_size=152064,
                        hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, max_position_embeddings=131072,
-                       rms_norm_eps=1e-6, rope_theta=1000000.0,
-                       tie_word_embeddings=False, use_sliding_window=False,
                        sliding_window=131072, max_window_layers=28,
-                       initializer_range=0.02, bos_token_id=151643,
                        eos_token_id=151643),
     # Qwen/Qwen3-8B, config.json: head_dim 128, q/k norms, GQA (32 heads,
-    # 8 key-value heads), rope_theta 1e6, rms_norm_eps 1e-6, untied
-    # [beyond the paper].
-    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096,
-                     intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, max_position_embeddings=40960,
-                     rms_norm_eps=1e-6, rope_theta=1000000.0,
-                     tie_word_embeddings=False, attention_bias=False,
-                     use_sliding_window=False, max_window_layers=36,
-                     initializer_range=0.02, bos_token_id=151643,
-                     eos_token_id=151645),
+    # 8 key-value heads), untied [beyond the paper].
+    "qwen3-8b": dict(_QWEN, model_type="qwen3", vocab_size=151936,
+                     hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=40960, attention_bias=False,
+                     max_window_layers=36, eos_token_id=151645),
     # mistralai/Mistral-7B-v0.1, config.json: GQA (32 heads, 8 key-value
     # heads), sliding_window 4096, rope_theta 1e4, rms_norm_eps 1e-5,
     # untied [beyond the paper].
