@@ -23,6 +23,11 @@ and, when tied, the head (`embed_tokens.attend`, no `lm_head`
 parameter). Flax cannot swap a submodule created in a parent's `setup`, so
 each parent's `setup` is restated below with the one changed line; their
 `__call__` methods are HF's.
+
+The Llama-like families (`qwen2`, `qwen3`, `mistral`) reuse these modules:
+each subclasses `Attention` with its quirks (biases, per-head q/k norms,
+a sliding window) and passes it down as `attention_cls`; an explicit
+`head_dim` (Qwen3) is honoured for every family.
 """
 
 from __future__ import annotations
