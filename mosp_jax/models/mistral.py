@@ -9,8 +9,8 @@ beyond W tokens (4096 for Mistral-7B-v0.1, above the calibration length
 2048 used here).
 
 transformers 4.57 ships `FlaxMistralForCausalLM`; it is not used, as it
-is wrong in ways that do not fail (checked against PyTorch in
-tests/test_families.py):
+is wrong in ways that do not fail (1-3 checked against PyTorch in
+tests/test_families.py, 4 read from its code):
 
 1. RoPE ignores `rope_theta` (base 10000 hard-coded; right for v0.1,
    wrong for v0.2 / v0.3's 1e6) and an explicit `head_dim`.
