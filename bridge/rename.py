@@ -59,6 +59,9 @@ TIED_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "opt": ("lm_head.weight", ("model", "decoder", "embed_tokens",
                                "embedding")),
     "gpt2": ("lm_head.weight", ("transformer", "wte", "embedding")),
+    "qwen2": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
+    "qwen3": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
+    "mistral": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
 }
 
 

@@ -41,7 +41,10 @@ EXPORT_META = "mosp_export.json"
 DTYPES = ("float32", "float16", "bfloat16")
 # model_type -> the stock PyTorch class `from_pretrained` should build.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "gpt2": "GPT2LMHeadModel",
+                 "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM"}
 
 
 class ExportError(ValueError):

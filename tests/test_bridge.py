@@ -35,7 +35,8 @@ from mosp_jax.pipeline import artifact
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": False}),
-            ("opt", {}), ("opt-proj", {}), ("gpt2", {})]
+            ("opt", {}), ("opt-proj", {}), ("gpt2", {}),
+            ("qwen2", {}), ("qwen3", {}), ("mistral", {})]
 IDS = np.random.default_rng(0).integers(3, VOCAB, (3, 9)).astype(np.int32)
 
 

@@ -24,6 +24,11 @@ KNOWN_PARAMS = {
     "opt-1.3b": 1_315_758_080,
     "opt-2.7b": 2_651_596_800,
     "opt-30b": 29_974_540_288,
+    # Model cards: 7.61B (6.53B non-embedding), 8.2B (6.95B
+    # non-embedding), 7.24B.
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+    "mistral-7b": 7_241_732_096,
 }
 
 
@@ -43,10 +48,18 @@ def test_paper_configs_have_the_papers_architectures():
   assert pc.paper_config("llama-3.1-8b").rope_scaling["rope_type"] == "llama3"
   opt = pc.paper_config("opt-30b")
   assert opt.do_layer_norm_before and opt.word_embed_proj_dim == 7168
+  q2, q3 = pc.paper_config("qwen2.5-7b"), pc.paper_config("qwen3-8b")
+  assert (q2.num_key_value_heads, q2.rope_theta, q2.use_sliding_window) == (
+      4, 1e6, False)
+  assert (q3.head_dim, q3.hidden_size // q3.num_attention_heads) == (128, 128)
+  mistral = pc.paper_config("mistral-7b")
+  assert (mistral.sliding_window, mistral.rope_theta) == (4096, 10000.0)
   for name in pc.PAPER_MODELS:
     model = models.model_class(pc.paper_config(name))
     assert model.__name__ in ("FlaxLlamaForCausalLMFixed",
-                              "FlaxOPTForCausalLM")
+                              "FlaxOPTForCausalLM", "FlaxQwen2ForCausalLM",
+                              "FlaxQwen3ForCausalLM",
+                              "FlaxMistralForCausalLMFixed")
 
 
 def test_parse_random_spec():
@@ -65,6 +78,7 @@ def test_parse_random_spec():
     ("random:llama-2-7b:2:3", "expected random:<name>"),
     ("random:llama-2-7b", r"27\.0 GB .* random:llama-2-7b:6"),
     ("random:llama-3-8b:3", r"6\.8 GB .* random:llama-3-8b:2"),
+    ("random:qwen3-8b:2", r"6\.5 GB .* random:qwen3-8b:1"),
 ])
 def test_bad_random_specs_are_usage_errors_naming_model(spec, match):
   # Through the runner's check, which precedes any loading.
@@ -119,7 +133,8 @@ def test_random_model_walks_one_full_width_layer():
 
 
 @pytest.mark.parametrize("name", [
-    "llama-2-13b", "llama-3-8b", "llama-3.2-1b", "opt-1.3b", "opt-30b"])
+    "llama-2-13b", "llama-3-8b", "llama-3.2-1b", "opt-1.3b", "opt-30b",
+    "qwen2.5-7b", "qwen3-8b", "mistral-7b"])
 def test_every_paper_family_walks_one_layer(name):
   # One decoder layer at full width, drawn alone (the embeddings of
   # Llama-3's 128k vocabulary alone take 2 GB): the block runs, captures

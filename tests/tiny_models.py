@@ -4,14 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GPT2Config, LlamaConfig, OPTConfig
+from transformers import (
+  GPT2Config,
+  LlamaConfig,
+  MistralConfig,
+  OPTConfig,
+  Qwen2Config,
+  Qwen3Config,
+)
 
 VOCAB = 97
 
 
+# Llama-like families at hidden 64, GQA (4 heads, 2 key-value heads),
+# untied as their 7B/8B models: Qwen3 with head_dim 24 != 64 / 4, Mistral
+# with a window of 5 keys, shorter than most test sequences.
+LLAMA_LIKE = {
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 24}),
+    "mistral": (MistralConfig, {"sliding_window": 5, "rope_theta": 1e4}),
+}
+
+
 def tiny_config(family: str, **overrides: Any) -> Any:
   """A 2-layer, hidden-32 config of `family` ('llama', 'opt', 'gpt2', or
-  'opt-proj': OPT-350m-like, post-LayerNorm with project_in/out)."""
+  'opt-proj': OPT-350m-like, post-LayerNorm with project_in/out), or a
+  hidden-64 one of a family of `LLAMA_LIKE`."""
   if family == "llama":
     kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2,
@@ -28,6 +46,13 @@ def tiny_config(family: str, **overrides: Any) -> Any:
   elif family == "gpt2":
     kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
     cls = GPT2Config
+  elif family in LLAMA_LIKE:
+    cls, extra = LLAMA_LIKE[family]
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rope_theta=1e6,
+              tie_word_embeddings=False)
+    kw.update(extra)
   else:
     raise ValueError(family)
   kw.update({"vocab_size": VOCAB, **overrides})

@@ -1,7 +1,8 @@
 """Model families: one adapter per HF Flax family (see `base` for the API).
 
   model_class(config)  the Flax causal-LM class to build for a HF config
-                       (Llama: our `FlaxLlamaForCausalLMFixed`).
+                       (Llama: our `FlaxLlamaForCausalLMFixed`; Qwen2,
+                       Qwen3 and Mistral: subclasses of it).
   adapter_for(model)   the layer-walk adapter of a Flax model.
 """
 
@@ -26,12 +27,18 @@ from mosp_jax.models.llama import (
   tiny_llama,
   tiny_llama_config,
 )
+from mosp_jax.models.mistral import FlaxMistralForCausalLMFixed, MistralAdapter
 from mosp_jax.models.opt import OptAdapter
+from mosp_jax.models.qwen2 import FlaxQwen2ForCausalLM, Qwen2Adapter
+from mosp_jax.models.qwen3 import FlaxQwen3ForCausalLM, Qwen3Adapter
 
 _FAMILIES: dict[str, tuple[type[FlaxPreTrainedModel], type[BaseAdapter]]] = {
     "llama": (FlaxLlamaForCausalLMFixed, LlamaAdapter),
     "opt": (FlaxOPTForCausalLM, OptAdapter),
     "gpt2": (FlaxGPT2LMHeadModel, Gpt2Adapter),
+    "qwen2": (FlaxQwen2ForCausalLM, Qwen2Adapter),
+    "qwen3": (FlaxQwen3ForCausalLM, Qwen3Adapter),
+    "mistral": (FlaxMistralForCausalLMFixed, MistralAdapter),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
@@ -82,11 +89,17 @@ __all__ = [
     "Adapter",
     "BaseAdapter",
     "FlaxLlamaForCausalLMFixed",
+    "FlaxMistralForCausalLMFixed",
+    "FlaxQwen2ForCausalLM",
+    "FlaxQwen3ForCausalLM",
     "tiny_llama",
     "tiny_llama_config",
     "Gpt2Adapter",
     "LlamaAdapter",
+    "MistralAdapter",
     "OptAdapter",
+    "Qwen2Adapter",
+    "Qwen3Adapter",
     "Params",
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",

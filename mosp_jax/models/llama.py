@@ -23,6 +23,11 @@ and, when tied, the head (`embed_tokens.attend`, no `lm_head`
 parameter). Flax cannot swap a submodule created in a parent's `setup`, so
 each parent's `setup` is restated below with the one changed line; their
 `__call__` methods are HF's.
+
+The Llama-like families (`qwen2`, `qwen3`, `mistral`) reuse these modules:
+each subclasses `Attention` with its quirks (biases, per-head q/k norms,
+a sliding window) and passes it down as `attention_cls`; an explicit
+`head_dim` (Qwen3) is honoured for every family.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -68,14 +73,16 @@ def check_config(config: LlamaConfig) -> None:
       raise NotImplementedError(
           f"Llama rope_scaling {config.rope_scaling} (llama3) lacks "
           f"{', '.join(missing)}")
-  head_dim = getattr(config, "head_dim", None)
-  derived = config.hidden_size // config.num_attention_heads
-  if head_dim not in (None, derived):
-    raise NotImplementedError(
-        f"Llama head_dim={head_dim} != hidden_size / num_attention_heads = "
-        f"{derived} is not supported by the HF Flax modules")
   if getattr(config, "mlp_bias", False):
     raise NotImplementedError("Llama mlp_bias=True is not supported")
+
+
+def head_dim(config: Any) -> int:
+  """Width of one attention head: `config.head_dim` where the config sets
+  it (Qwen3, Llama-3.2), else `hidden_size / num_attention_heads`, as
+  PyTorch's attention reads it."""
+  return (getattr(config, "head_dim", None)
+          or config.hidden_size // config.num_attention_heads)
 
 
 def rope_inv_freq(head_dim: int, theta: float,
@@ -156,15 +163,18 @@ def _sincos(num_pos: int, head_dim: int, theta: float,
   return table
 
 
-class _RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
-  """HF's rotary module with a table that honours `rope_theta` and
-  llama3 `rope_scaling`."""
+class RotaryEmbedding(hf.FlaxLlamaRotaryEmbedding):
+  """HF's rotary module with a table that honours `rope_theta`, llama3
+  `rope_scaling` and an explicit `head_dim`.
+
+  `__call__(key, query, position_ids)` is HF's: key (B, T, kv_heads,
+  head_dim), query (B, T, heads, head_dim) -> the rotated (key, query).
+  """
 
   def setup(self) -> None:
-    head_dim = self.config.hidden_size // self.config.num_attention_heads
-    scaling = self.config.rope_scaling
+    scaling = getattr(self.config, "rope_scaling", None)
     self.sincos = jnp.asarray(_sincos(
-        self.config.max_position_embeddings, head_dim,
+        self.config.max_position_embeddings, head_dim(self.config),
         self.config.rope_theta,
         tuple(sorted(scaling.items())) if scaling else None))
 
@@ -174,43 +184,89 @@ class _CausalMask:
   which HF builds whole (17 GB at Llama-3.1's P = 131072); its `__call__`
   (without a cache) only slices `[:, :, :q, :k]`, so only that (1, 1, q, k)
   corner is built. Decoding with a cache (`init_cache`) is not supported.
+
+  With a `window` (sliding-window attention, Mistral), query i sees keys
+  j with i - window < j <= i: `window` keys, as PyTorch's
+  `masking_utils.sliding_window_overlay`.
   """
+
+  def __init__(self, window: int | None = None):
+    self.window = window
 
   def __getitem__(self, index: tuple) -> jax.Array:
     _, _, rows, cols = index
-    return jnp.tril(jnp.ones((rows.stop, cols.stop), bool))[None, None]
+    i = jnp.arange(rows.stop)[:, None]
+    j = jnp.arange(cols.stop)[None, :]
+    keep = j <= i
+    if self.window is not None:
+      keep &= j > i - self.window
+    return keep[None, None]
 
 
-class _Attention(hf.FlaxLlamaAttention):
-  """HF's attention; `setup` restated only to use `_RotaryEmbedding` and
-  `_CausalMask`."""
+class Attention(hf.FlaxLlamaAttention):
+  """HF's attention; `setup` restated to use `RotaryEmbedding`,
+  `_CausalMask` and `head_dim(config)`.
+
+  The one place of a Llama-like family's quirks: a family subclasses it
+  and overrides the hooks below (`check_config`, `use_bias`, `window`,
+  `make_rotary`); the layers, model and adapter take the class as their
+  `attention_cls` and are otherwise Llama's.
+  """
+
+  @classmethod
+  def check_config(cls, config: Any) -> None:
+    """Raises NotImplementedError for a config these modules do not run."""
+    check_config(config)
+
+  def use_bias(self, name: str) -> bool:
+    """Whether projection `name` ('q_proj', ..., 'o_proj') has a bias."""
+    return bool(getattr(self.config, "attention_bias", False))
+
+  def window(self) -> int | None:
+    """The sliding-window width in keys; None for full causal attention."""
+    return None
+
+  def make_rotary(self) -> hf.FlaxLlamaRotaryEmbedding:
+    """The module called as `rotary_emb(key, query, position_ids)`."""
+    return RotaryEmbedding(self.config, dtype=self.dtype)
 
   def setup(self) -> None:
     config = self.config
     self.embed_dim = config.hidden_size
     self.num_heads = config.num_attention_heads
-    self.head_dim = self.embed_dim // self.num_heads
+    self.head_dim = head_dim(config)  # Changed.
     self.num_key_value_heads = config.num_key_value_heads
     self.num_key_value_groups = self.num_heads // self.num_key_value_heads
     self.attention_softmax_in_fp32 = self.dtype is not jnp.float32
     dense = partial(
-        nn.Dense, use_bias=config.attention_bias, dtype=self.dtype,
+        nn.Dense, dtype=self.dtype,
         kernel_init=jax.nn.initializers.normal(config.initializer_range))
-    self.q_proj = dense(self.num_heads * self.head_dim)
-    self.k_proj = dense(self.num_key_value_heads * self.head_dim)
-    self.v_proj = dense(self.num_key_value_heads * self.head_dim)
-    self.o_proj = dense(self.embed_dim)
-    self.causal_mask = _CausalMask()  # Changed.
-    self.rotary_emb = _RotaryEmbedding(config, dtype=self.dtype)  # Changed.
+    q, kv = self.num_heads * self.head_dim, (
+        self.num_key_value_heads * self.head_dim)
+    self.q_proj = dense(q, use_bias=self.use_bias("q_proj"))
+    self.k_proj = dense(kv, use_bias=self.use_bias("k_proj"))
+    self.v_proj = dense(kv, use_bias=self.use_bias("v_proj"))
+    self.o_proj = dense(self.embed_dim, use_bias=self.use_bias("o_proj"))
+    self.causal_mask = _CausalMask(self.window())  # Changed.
+    self.rotary_emb = self.make_rotary()  # Changed.
+
+  def _merge_heads(self, hidden_states: jax.Array) -> jax.Array:
+    # (B, T, heads, head_dim) -> (B, T, heads * head_dim), which differs
+    # from hidden_size when the config sets head_dim.
+    return hidden_states.reshape(
+        hidden_states.shape[:2] + (self.num_heads * self.head_dim,))
 
 
 class DecoderLayer(hf.FlaxLlamaDecoderLayer):
-  """HF's decoder layer built on `_Attention`; `__call__(hidden, mask,
+  """HF's decoder layer built on `attention_cls`; `__call__(hidden, mask,
   position_ids)` is HF's."""
+
+  attention_cls: type[Attention] = Attention
 
   def setup(self) -> None:
     self.input_layernorm = hf.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
-    self.self_attn = _Attention(self.config, dtype=self.dtype)  # Changed.
+    self.self_attn = self.attention_cls(  # Changed.
+        self.config, dtype=self.dtype)
     self.post_attention_layernorm = hf.FlaxLlamaRMSNorm(
         self.config, dtype=self.dtype)
     self.mlp = hf.FlaxLlamaMLP(self.config, dtype=self.dtype)
@@ -218,14 +274,19 @@ class DecoderLayer(hf.FlaxLlamaDecoderLayer):
 
 class _LayerCollection(hf.FlaxLlamaLayerCollection):
 
+  attention_cls: type[Attention] = Attention
+
   def setup(self) -> None:
     self.blocks = [
-        DecoderLayer(self.config, dtype=self.dtype, name=str(i))  # Changed.
+        DecoderLayer(self.config, dtype=self.dtype,  # Changed.
+                     attention_cls=self.attention_cls, name=str(i))
         for i in range(self.config.num_hidden_layers)
     ]
 
 
 class _Model(hf.FlaxLlamaModule):
+
+  attention_cls: type[Attention] = Attention
 
   def setup(self) -> None:
     self.hidden_size = self.config.hidden_size
@@ -234,15 +295,19 @@ class _Model(hf.FlaxLlamaModule):
         embedding_init=jax.nn.initializers.normal(
             stddev=self.config.initializer_range),
         dtype=self.dtype)
-    self.layers = _LayerCollection(self.config, dtype=self.dtype)  # Changed.
+    self.layers = _LayerCollection(  # Changed.
+        self.config, dtype=self.dtype, attention_cls=self.attention_cls)
     self.norm = hf.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
 
 
-class _ForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
+class ForCausalLMModule(hf.FlaxLlamaForCausalLMModule):
   """Causal LM whose head is `embed_tokens` when the config ties them."""
 
+  attention_cls: type[Attention] = Attention
+
   def setup(self) -> None:
-    self.model = _Model(self.config, dtype=self.dtype)
+    self.model = _Model(self.config, dtype=self.dtype,
+                        attention_cls=self.attention_cls)
     if not self.config.tie_word_embeddings:
       self.lm_head = nn.Dense(
           self.config.vocab_size, use_bias=False, dtype=self.dtype,
@@ -278,19 +343,23 @@ class FlaxLlamaForCausalLMFixed(hf.FlaxLlamaForCausalLM):
   """`FlaxLlamaForCausalLM` with `rope_theta` and tied embeddings honoured.
 
   Same parameter tree as HF's, except that a tied model has no `lm_head`.
+  A Llama-like family subclasses it with its own `attention_cls`.
   """
 
-  module_class = _ForCausalLMModule
+  module_class = ForCausalLMModule
+  attention_cls: type[Attention] = Attention
 
   def __init__(self, config: LlamaConfig, *args: Any, **kwargs: Any):
-    check_config(config)
-    super().__init__(config, *args, **kwargs)
+    self.attention_cls.check_config(config)
+    super().__init__(config, *args, attention_cls=self.attention_cls,
+                     **kwargs)
 
 
 class LlamaAdapter(BaseAdapter):
   """Llama decoder layers: pre-norm attention (GQA, RoPE) and a SwiGLU MLP."""
 
   family = "llama"
+  attention_cls: ClassVar[type[Attention]] = Attention
   layers_path = ("model", "layers")
   groups = (
       ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -300,13 +369,15 @@ class LlamaAdapter(BaseAdapter):
   )
 
   def _check_config(self) -> None:
-    check_config(self.config)
+    self.attention_cls.check_config(self.config)
 
   def _model_module(self) -> nn.Module:
-    return _ForCausalLMModule(self.config, dtype=self.dtype)
+    return ForCausalLMModule(self.config, dtype=self.dtype,
+                             attention_cls=self.attention_cls)
 
   def _block_module(self) -> nn.Module:
-    return DecoderLayer(self.config, dtype=self.dtype)
+    return DecoderLayer(self.config, dtype=self.dtype,
+                        attention_cls=self.attention_cls)
 
   def _block_args(self, hidden: jax.Array) -> tuple:
     return (self.full_mask(hidden), self.positions(hidden))

@@ -1,11 +1,12 @@
 """The paper's models as configs without weights, and random models of them.
 
 MOSP's experiments prune Llama-2-7B/13B, Llama-3-8B and OPT-1.3B/2.7B/30B
-[paper]; Llama-3.1-8B and Llama-3.2-1B (RoPE scaling `rope_type: llama3`)
-are added beyond the paper. Nothing can be downloaded here, so each entry
-restates the architecture fields of the model's published Hugging Face
-`config.json` (the source is named beside it); training-only fields
-(dropout, `torch_dtype`, ...) are left at transformers' defaults.
+[paper]; Llama-3.1-8B and Llama-3.2-1B (RoPE scaling `rope_type: llama3`),
+Qwen2.5-7B, Qwen3-8B and Mistral-7B-v0.1 are added beyond the paper.
+Nothing can be downloaded here, so each entry restates the architecture
+fields of the model's published Hugging Face `config.json` (the source is
+named beside it); training-only fields (dropout, `torch_dtype`, ...) are
+left at transformers' defaults.
 `param_count` counts the parameters of the Flax model of a config by
 `jax.eval_shape` (no memory), which the tests compare with the published
 sizes: the independent check that these numbers are right.
@@ -38,8 +39,11 @@ import numpy as np
 from transformers import (
   FlaxPreTrainedModel,
   LlamaConfig,
+  MistralConfig,
   OPTConfig,
   PretrainedConfig,
+  Qwen2Config,
+  Qwen3Config,
 )
 
 RANDOM_PREFIX = "random:"
@@ -59,6 +63,10 @@ _LLAMA3 = dict(model_type="llama", vocab_size=128256, hidden_size=4096,
                rope_theta=500000.0, tie_word_embeddings=False,
                initializer_range=0.02, bos_token_id=128000,
                eos_token_id=128001)
+# Shared by Qwen2.5-7B and Qwen3-8B's config.json.
+_QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0,
+             tie_word_embeddings=False, use_sliding_window=False,
+             initializer_range=0.02, bos_token_id=151643)
 _OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
             do_layer_norm_before=True, activation_function="relu",
             enable_bias=True, tie_word_embeddings=True, init_std=0.02,
@@ -101,6 +109,33 @@ PAPER_CONFIGS: dict[str, dict[str, Any]] = {
     "opt-30b": dict(_OPT, hidden_size=7168, ffn_dim=28672,
                     num_hidden_layers=48, num_attention_heads=56,
                     word_embed_proj_dim=7168),
+    # Qwen/Qwen2.5-7B, config.json: q/k/v biases, GQA (28 heads, 4
+    # key-value heads), untied [beyond the paper].
+    "qwen2.5-7b": dict(_QWEN, model_type="qwen2", vocab_size=152064,
+                       hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=131072,
+                       sliding_window=131072, max_window_layers=28,
+                       eos_token_id=151643),
+    # Qwen/Qwen3-8B, config.json: head_dim 128, q/k norms, GQA (32 heads,
+    # 8 key-value heads), untied [beyond the paper].
+    "qwen3-8b": dict(_QWEN, model_type="qwen3", vocab_size=151936,
+                     hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=40960, attention_bias=False,
+                     max_window_layers=36, eos_token_id=151645),
+    # mistralai/Mistral-7B-v0.1, config.json: GQA (32 heads, 8 key-value
+    # heads), sliding_window 4096, rope_theta 1e4, rms_norm_eps 1e-5,
+    # untied [beyond the paper].
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000,
+                       hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768,
+                       rms_norm_eps=1e-5, rope_theta=10000.0,
+                       sliding_window=4096, tie_word_embeddings=False,
+                       initializer_range=0.02, bos_token_id=1,
+                       eos_token_id=2),
 }
 PAPER_MODELS: tuple[str, ...] = tuple(PAPER_CONFIGS)
 
@@ -108,10 +143,13 @@ PAPER_MODELS: tuple[str, ...] = tuple(PAPER_CONFIGS)
 # parameters on the host and a device copy (on the CPU backend, a second
 # host copy), next to the streams and Grams; 6 GB keeps a random run well
 # inside a 24 GB machine. It admits random:llama-2-7b:6, llama-2-13b:3,
-# llama-3-8b:2, opt-30b:1, and the whole opt-1.3b and llama-3.2-1b.
+# llama-3-8b:2, opt-30b:1, qwen2.5-7b:1, qwen3-8b:1, mistral-7b:5, and the
+# whole opt-1.3b and llama-3.2-1b.
 MAX_RANDOM_GB = 6.0
 
-_CONFIG_CLASSES = {"llama": LlamaConfig, "opt": OPTConfig}
+_CONFIG_CLASSES = {"llama": LlamaConfig, "opt": OPTConfig,
+                   "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                   "mistral": MistralConfig}
 
 
 class RandomSpecError(ValueError):
