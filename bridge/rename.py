@@ -59,6 +59,7 @@ TIED_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "opt": ("lm_head.weight", ("model", "decoder", "embed_tokens",
                                "embedding")),
     "gpt2": ("lm_head.weight", ("transformer", "wte", "embedding")),
+    "gemma3_text": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
 }
 
 

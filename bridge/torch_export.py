@@ -40,7 +40,8 @@ EXPORT_META = "mosp_export.json"
 DTYPES = ("float32", "float16", "bfloat16")
 # model_type -> the stock PyTorch class `from_pretrained` should build.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "gpt2": "GPT2LMHeadModel",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 
 
 class ExportError(ValueError):

@@ -1,7 +1,8 @@
 """Model families: one adapter per HF Flax family (see `base` for the API).
 
   model_class(config)  the Flax causal-LM class to build for a HF config
-                       (Llama: our `FlaxLlamaForCausalLMFixed`).
+                       (Llama: our `FlaxLlamaForCausalLMFixed`; Gemma 3:
+                       our `FlaxGemma3ForCausalLM`).
   adapter_for(model)   the layer-walk adapter of a Flax model.
 """
 
@@ -19,6 +20,7 @@ from transformers import (
 from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
 
 from mosp_jax.models.base import Adapter, BaseAdapter, Params
+from mosp_jax.models.gemma3 import FlaxGemma3ForCausalLM, GemmaAdapter
 from mosp_jax.models.gpt2 import Gpt2Adapter
 from mosp_jax.models.llama import (
   FlaxLlamaForCausalLMFixed,
@@ -32,6 +34,7 @@ _FAMILIES: dict[str, tuple[type[FlaxPreTrainedModel], type[BaseAdapter]]] = {
     "llama": (FlaxLlamaForCausalLMFixed, LlamaAdapter),
     "opt": (FlaxOPTForCausalLM, OptAdapter),
     "gpt2": (FlaxGPT2LMHeadModel, Gpt2Adapter),
+    "gemma3_text": (FlaxGemma3ForCausalLM, GemmaAdapter),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
@@ -81,9 +84,11 @@ def adapter_for(model: FlaxPreTrainedModel) -> Adapter:
 __all__ = [
     "Adapter",
     "BaseAdapter",
+    "FlaxGemma3ForCausalLM",
     "FlaxLlamaForCausalLMFixed",
     "tiny_llama",
     "tiny_llama_config",
+    "GemmaAdapter",
     "Gpt2Adapter",
     "LlamaAdapter",
     "OptAdapter",
