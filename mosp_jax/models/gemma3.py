@@ -35,7 +35,7 @@ KV cache.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -290,7 +290,6 @@ class FlaxGemma3ForCausalLM(FlaxPreTrainedModel):
   """A Flax `Gemma3ForCausalLM`: PyTorch's parameter names (a tied model
   has no `lm_head`), `model(input_ids, params=...).logits`."""
 
-  config_class = Gemma3TextConfig
   base_model_prefix = "model"
   module_class = ForCausalLMModule
 
@@ -311,9 +310,9 @@ class FlaxGemma3ForCausalLM(FlaxPreTrainedModel):
   def __call__(self, input_ids: Any, params: Params | None = None,
                **kwargs: Any) -> FlaxCausalLMOutput:
     del kwargs
-    return self.module.apply(
+    return cast(FlaxCausalLMOutput, self.module.apply(
         {"params": self.params if params is None else params},
-        jnp.asarray(input_ids, jnp.int32))
+        jnp.asarray(input_ids, jnp.int32)))
 
 
 class GemmaAdapter(BaseAdapter):
