@@ -45,7 +45,7 @@ from transformers import FlaxPreTrainedModel, Gemma3TextConfig
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 
 from mosp_jax.models.base import BaseAdapter, Params
-from mosp_jax.models.llama import rope_inv_freq, rope_type
+from mosp_jax.models.llama import LlamaAdapter, rope_inv_freq, rope_type
 
 # The layer subtree's key of its attention kind: 1 sliding, 0 full.
 IS_SLIDING = "is_sliding"
@@ -320,13 +320,9 @@ class GemmaAdapter(BaseAdapter):
   global) and a gelu-tanh GLU MLP."""
 
   family = "gemma3_text"
-  layers_path = ("model", "layers")
-  groups = (
-      ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-      ("self_attn.o_proj",),
-      ("mlp.gate_proj", "mlp.up_proj"),
-      ("mlp.down_proj",),
-  )
+  # Llama's linears, at Llama's paths.
+  layers_path = LlamaAdapter.layers_path
+  groups = LlamaAdapter.groups
 
   def _check_config(self) -> None:
     check_config(self.config)
