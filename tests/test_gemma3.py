@@ -154,3 +154,33 @@ def test_perplexity_matches_pytorch_and_chunked_nll_agrees():
     np.testing.assert_allclose(
         walk.nll_chunked(adapter, params, h, ids, chunk=chunk), whole,
         rtol=2e-6)
+
+
+def test_pruned_run_exports_to_stock_transformers(tmp_path):
+  """A whole run on a tiny Gemma 3 folder (word-level tokenizer: its BOS
+  separates documents and leads segments), its centroid exported and
+  checked by the parity check (stock `AutoModelForCausalLM`)."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from experiments import runner, shared_flags
+
+  d = tmp_path / "tiny-gemma3"
+  tiny_torch("gemma3").save_pretrained(d)
+  tiny_tokenizer().save_pretrained(d)
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
+                 f"--model={d}", f"--out_dir={tmp_path / 'run'}",
+                 "--nsamples=2", "--seqlen=16", "--test_tokens=64",
+                 "--max_iter=30", "--stage2_max_iter=30"])
+    run, solver = shared_flags.configs_from_flags()
+  runner.run_experiment(run, solver, log=lambda s: None)
+  out = tmp_path / "exported"
+  torch_export.export_preference(tmp_path / "run", "centroid", out)
+  report = parity_check.check_parity(out)
+  assert report.ok, report.problems
+  assert len(report.linears) == 4 * 7
+  assert all(c.mask_equal and c.off_mask == 0 for c in report.linears)
+  for r in report.ppl:  # PyTorch's, and the run's own evaluation.
+    assert r.rel_diff < 1e-5 and r.run_rel_diff < 1e-5
