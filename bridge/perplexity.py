@@ -29,13 +29,17 @@ def jax_perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
 def torch_perplexity(model: Any, segments: np.ndarray, *,
                      batch_size: int) -> float:
   """exp(mean next-token NLL) of `(N, T)` segments with a PyTorch causal LM
-  (positions 0..T-1, no padding); log-softmax in float32."""
+  (positions 0..T-1, no padding); log-softmax in float32. Batches whose
+  logits would exceed `walk.NLL_CHUNK_ABOVE` elements run a few sequences
+  at a time (Gemma 3's 262k vocabulary) [ours]."""
   import torch
   total, count = 0.0, 0
+  n, t = segments.shape
+  vocab = model.get_output_embeddings().weight.shape[0]
+  rows = max(1, min(batch_size, walk.NLL_CHUNK_ABOVE // (t * vocab)))
   with torch.no_grad():
-    for lo in range(0, segments.shape[0], batch_size):
-      ids = torch.from_numpy(np.asarray(segments[lo:lo + batch_size],
-                                        np.int64))
+    for lo in range(0, n, rows):
+      ids = torch.from_numpy(np.asarray(segments[lo:lo + rows], np.int64))
       logits = model(input_ids=ids).logits[:, :-1].float()
       logp = torch.log_softmax(logits, dim=-1)
       nll = -torch.gather(logp, -1, ids[:, 1:, None])

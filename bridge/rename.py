@@ -62,6 +62,7 @@ TIED_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "qwen2": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
     "qwen3": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
     "mistral": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
+    "gemma3_text": ("lm_head.weight", ("model", "embed_tokens", "embedding")),
 }
 
 

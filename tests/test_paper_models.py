@@ -29,6 +29,9 @@ KNOWN_PARAMS = {
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-8b": 8_190_735_360,
     "mistral-7b": 7_241_732_096,
+    # The language model of gemma-3-4b-pt: the Gemma 3 report gives 675M
+    # embedding and 3,209M non-embedding parameters (checked below).
+    "gemma-3-4b": 3_880_263_168,
 }
 
 
@@ -59,7 +62,13 @@ def test_paper_configs_have_the_papers_architectures():
     assert model.__name__ in ("FlaxLlamaForCausalLMFixed",
                               "FlaxOPTForCausalLM", "FlaxQwen2ForCausalLM",
                               "FlaxQwen3ForCausalLM",
-                              "FlaxMistralForCausalLMFixed")
+                              "FlaxMistralForCausalLMFixed",
+                              "FlaxGemma3ForCausalLM")
+  g = pc.paper_config("gemma-3-4b")
+  assert g.layer_types.count("full_attention") == 5  # Layers 5, 11, ... 29.
+  assert g.layer_types[5] == "full_attention" and g.sliding_window == 1024
+  outside, per_layer = pc.layer_param_counts("gemma-3-4b")
+  assert round(34 * per_layer / 1e6) == 3209  # The report's non-embedding.
 
 
 def test_parse_random_spec():
@@ -134,7 +143,7 @@ def test_random_model_walks_one_full_width_layer():
 
 @pytest.mark.parametrize("name", [
     "llama-2-13b", "llama-3-8b", "llama-3.2-1b", "opt-1.3b", "opt-30b",
-    "qwen2.5-7b", "qwen3-8b", "mistral-7b"])
+    "qwen2.5-7b", "qwen3-8b", "mistral-7b", "gemma-3-4b"])
 def test_every_paper_family_walks_one_layer(name):
   # One decoder layer at full width, drawn alone (the embeddings of
   # Llama-3's 128k vocabulary alone take 2 GB): the block runs, captures
@@ -146,6 +155,7 @@ def test_every_paper_family_walks_one_layer(name):
   layer = pc.random_tree(tree_get(pc.param_shapes(config), path),
                          std=pc.init_std(config),
                          prefix="/".join(path) + "/")
+  layer |= adapter.layer_constants(0)  # Gemma 3's attention kind.
   d = config.hidden_size
   h = np.random.default_rng(0).standard_normal((1, 5, d), np.float32)
   out, caps = adapter.apply_block(layer, h, capture=True)

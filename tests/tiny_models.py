@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import (
+  Gemma3TextConfig,
   GPT2Config,
   LlamaConfig,
   MistralConfig,
@@ -27,9 +28,11 @@ LLAMA_LIKE = {
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
-  """A 2-layer, hidden-32 config of `family` ('llama', 'opt', 'gpt2', or
-  'opt-proj': OPT-350m-like, post-LayerNorm with project_in/out), or a
-  hidden-64 one of a family of `LLAMA_LIKE`."""
+  """A 2-layer, hidden-32 config of `family` ('llama', 'opt', 'gpt2',
+  'opt-proj': OPT-350m-like, post-LayerNorm with project_in/out), a
+  hidden-64 one of a family of `LLAMA_LIKE`, or 'gemma3': 4 layers of
+  hidden 64, local and global alternating, sliding window 4, linear RoPE
+  scaling on the global layers."""
   if family == "llama":
     kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2,
@@ -43,6 +46,15 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     if family == "opt-proj":
       kw.update(word_embed_proj_dim=16, do_layer_norm_before=False)
     cls = OPTConfig
+  elif family == "gemma3":
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=128, sliding_window=4,
+              sliding_window_pattern=2, query_pre_attn_scalar=16,
+              rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+              rope_scaling={"rope_type": "linear", "factor": 8.0},
+              tie_word_embeddings=True, attn_implementation="eager")
+    cls = Gemma3TextConfig
   elif family == "gpt2":
     kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
     cls = GPT2Config

@@ -247,13 +247,17 @@ def load_task(
                    test_budget=params["test_budget"])
     if path is not None:
       _save(path, built)
+  prefix = segments.bos_prefix(tokenizer, separator_ids)
+  cut = seqlen - len(prefix)
   try:
     calib = segments.calibration_segments(
-        built["calib"].tokens, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    test = segments.test_segments(built["test"].tokens, seqlen=seqlen,
+        built["calib"].tokens, nsamples=nsamples, seqlen=cut, seed=seed)
+    test = segments.test_segments(built["test"].tokens, seqlen=cut,
                                   max_tokens=test_tokens)
   except ValueError as e:
     raise ValueError(f"task {name!r}: {e}") from e
+  calib = segments.with_prefix(calib, prefix)
+  test = segments.with_prefix(test, prefix)
   return TaskData(name, calib, test, built["calib"], built["test"],
                   built["calib_groups"], built["test_groups"],
                   separator_ids, path)

@@ -2,7 +2,8 @@
 
   model_class(config)  the Flax causal-LM class to build for a HF config
                        (Llama: our `FlaxLlamaForCausalLMFixed`; Qwen2,
-                       Qwen3 and Mistral: subclasses of it).
+                       Qwen3 and Mistral: subclasses of it; Gemma 3:
+                       our `FlaxGemma3ForCausalLM`).
   adapter_for(model)   the layer-walk adapter of a Flax model.
 """
 
@@ -20,6 +21,7 @@ from transformers import (
 from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
 
 from mosp_jax.models.base import Adapter, BaseAdapter, Params
+from mosp_jax.models.gemma3 import FlaxGemma3ForCausalLM, GemmaAdapter
 from mosp_jax.models.gpt2 import Gpt2Adapter
 from mosp_jax.models.llama import (
   FlaxLlamaForCausalLMFixed,
@@ -39,6 +41,7 @@ _FAMILIES: dict[str, tuple[type[FlaxPreTrainedModel], type[BaseAdapter]]] = {
     "qwen2": (FlaxQwen2ForCausalLM, Qwen2Adapter),
     "qwen3": (FlaxQwen3ForCausalLM, Qwen3Adapter),
     "mistral": (FlaxMistralForCausalLMFixed, MistralAdapter),
+    "gemma3_text": (FlaxGemma3ForCausalLM, GemmaAdapter),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
@@ -88,12 +91,14 @@ def adapter_for(model: FlaxPreTrainedModel) -> Adapter:
 __all__ = [
     "Adapter",
     "BaseAdapter",
+    "FlaxGemma3ForCausalLM",
     "FlaxLlamaForCausalLMFixed",
     "FlaxMistralForCausalLMFixed",
     "FlaxQwen2ForCausalLM",
     "FlaxQwen3ForCausalLM",
     "tiny_llama",
     "tiny_llama_config",
+    "GemmaAdapter",
     "Gpt2Adapter",
     "LlamaAdapter",
     "MistralAdapter",

@@ -25,6 +25,11 @@ Conventions shared by every family:
 - Layers run through the HF Flax modules themselves (no re-implemented layer
   math). Inputs of linears are captured with `flax.linen.intercept_methods`
   on the linear modules' `__call__`.
+- A family whose layers differ in kind but not in parameters (Gemma 3's
+  local and global attention) declares the kind as data:
+  `layer_constants(i)`, small arrays that `layer_params` and
+  `layer_source.DenseLayers.layer` add to layer i's subtree and that
+  `apply_block` passes to the layer module after the hidden states [ours].
 - Everything is a pure function of `params`; nothing is jitted here. Jit
   `apply_block` once (`jax.jit(adapter.apply_block,
   static_argnames='capture')`): all layers share its shapes, so it compiles
@@ -77,7 +82,12 @@ class Adapter(Protocol):
     """input_ids: (B, T) int -> hidden (B, T, d) entering layer 0."""
 
   def layer_params(self, params: Params, i: int) -> Params:
-    """The parameter subtree of decoder layer i."""
+    """The parameter subtree of decoder layer i (with its
+    `layer_constants`)."""
+
+  def layer_constants(self, i: int) -> dict[str, Any]:
+    """Per-layer inputs of `apply_block` that are not weights (Gemma 3's
+    attention kind), keyed beside the layer's modules; {} for most."""
 
   def apply_block(
       self, layer_params: Params, hidden: jax.Array, *, capture: bool = False
@@ -212,7 +222,14 @@ class BaseAdapter:
         {"params": params}, ids, method=type(self)._embed))
 
   def layer_params(self, params: Params, i: int) -> Params:
-    return tree_get(params, self.layers_path + (str(i),))
+    layer = tree_get(params, self.layers_path + (str(i),))
+    constants = self.layer_constants(i)
+    if not constants:
+      return layer
+    return {**layer, **{k: jax.device_put(v) for k, v in constants.items()}}
+
+  def layer_constants(self, i: int) -> dict[str, Any]:
+    return {}
 
   def apply_block(
       self, layer_params: Params, hidden: jax.Array, *, capture: bool = False
@@ -230,8 +247,16 @@ class BaseAdapter:
       empty when `capture` is False.
     """
     block = self._block_module()
-    variables = {"params": layer_params}
-    args = (hidden,) + self._block_args(hidden)
+    names = self.layer_constants(0)
+    missing = [k for k in names if k not in layer_params]
+    if missing:
+      raise KeyError(
+          f"{self.family}: the layer subtree lacks {missing}; take it from "
+          "adapter.layer_params(params, i)")
+    variables = {"params": {k: v for k, v in layer_params.items()
+                            if k not in names}}
+    args = ((hidden,) + self._block_args(hidden)
+            + tuple(layer_params[k] for k in names))
     if not capture:
       return block.apply(variables, *args)[0], {}
     captured: dict[str, jax.Array] = {}

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from transformers import (
   FlaxPreTrainedModel,
+  Gemma3TextConfig,
   LlamaConfig,
   MistralConfig,
   OPTConfig,
@@ -136,6 +137,19 @@ PAPER_CONFIGS: dict[str, dict[str, Any]] = {
                        sliding_window=4096, tie_word_embeddings=False,
                        initializer_range=0.02, bos_token_id=1,
                        eos_token_id=2),
+    # google/gemma-3-4b-pt, config.json `text_config` (the language model
+    # of the multimodal checkpoint; its other fields are transformers'
+    # Gemma3TextConfig defaults: vocab 262208, rope_theta 1e6, local base
+    # 1e4, a full-attention layer every 6th) [beyond the paper].
+    "gemma-3-4b": dict(model_type="gemma3_text", hidden_size=2560,
+                       intermediate_size=10240, num_hidden_layers=34,
+                       num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, query_pre_attn_scalar=256,
+                       sliding_window=1024,
+                       rope_scaling={"rope_type": "linear", "factor": 8.0},
+                       vocab_size=262208, rope_theta=1_000_000.0,
+                       rope_local_base_freq=10_000.0,
+                       sliding_window_pattern=6),
 }
 PAPER_MODELS: tuple[str, ...] = tuple(PAPER_CONFIGS)
 
@@ -149,7 +163,8 @@ MAX_RANDOM_GB = 6.0
 
 _CONFIG_CLASSES = {"llama": LlamaConfig, "opt": OPTConfig,
                    "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-                   "mistral": MistralConfig}
+                   "mistral": MistralConfig,
+                   "gemma3_text": Gemma3TextConfig}
 
 
 class RandomSpecError(ValueError):

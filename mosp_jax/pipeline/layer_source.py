@@ -67,6 +67,7 @@ class DenseLayers:
       dtype: device dtype of the weights.
     """
     self._prefix = tuple(adapter.layers_path)
+    self._constants = adapter.layer_constants
     self._shapes = dict(shapes)
     self._read = read
     self.what = what
@@ -89,13 +90,16 @@ class DenseLayers:
     return jnp.asarray(jax.device_put(x), self.dtype)
 
   def layer(self, i: int) -> Params:
-    """Decoder layer i's parameter subtree, device arrays of `dtype`."""
+    """Decoder layer i's parameter subtree, device arrays of `dtype`, with
+    the adapter's `layer_constants(i)` (device arrays as they are)."""
     if not 0 <= i < self.num_layers:
       raise IndexError(f"{self.what}: no layer {i} of {self.num_layers}")
     prefix = self._prefix + (str(i),)
     n = len(prefix)
-    return unflatten_dict({p[n:]: self._put(p) for p in self._shapes
-                           if p[:n] == prefix})
+    layer = unflatten_dict({p[n:]: self._put(p) for p in self._shapes
+                            if p[:n] == prefix})
+    return layer | {k: jax.device_put(v)
+                    for k, v in self._constants(i).items()}
 
   def layer_bytes(self) -> int:
     """Device bytes of one decoder layer's weights."""

@@ -58,15 +58,66 @@ def advance(adapter: Adapter, layer_params: Params,
   return adapter.apply_block(layer_params, hidden)[0]
 
 
+# `nll` builds a batch's logits whole up to this many elements (1 GiB of
+# float32: SmolLM2 at 8 x 512 and Llama-2 at 4 x 2048 stay below it, so
+# their numbers are bitwise those of the unchunked code); above it (Gemma
+# 3's 262k vocabulary: 4.3 GB at 8 x 512) it scores chunks of tokens of
+# `NLL_CHUNK_ELEMENTS` logits each, so peak memory no longer grows with the
+# batch [ours].
+NLL_CHUNK_ABOVE = 1 << 28
+NLL_CHUNK_ELEMENTS = 1 << 26
+
+
+def vocab_size(adapter: Adapter, params: Params, d: int) -> int:
+  """The head's output width, from its shapes alone."""
+  probe = jax.ShapeDtypeStruct((1, 1, d), jnp.float32)
+  return int(jax.eval_shape(adapter.head, params, probe).shape[-1])
+
+
 @functools.partial(jax.jit, static_argnames=("adapter",))
 def nll(adapter: Adapter, params: Params, hidden: jax.Array,
         ids: jax.Array) -> jax.Array:
   """Summed next-token negative log-likelihood (nats, float32 scalar) of
-  `(B, T)` segments from their last-layer states `(B, T, d)`."""
+  `(B, T)` segments from their last-layer states `(B, T, d)`; in chunks
+  of tokens (`nll_chunked`) when the logits would exceed
+  `NLL_CHUNK_ABOVE` elements."""
+  b, t, d = hidden.shape
+  v = vocab_size(adapter, params, d)
+  if b * (t - 1) * v > NLL_CHUNK_ABOVE:
+    return nll_chunked(adapter, params, hidden, ids,
+                       chunk=max(1, NLL_CHUNK_ELEMENTS // v))
   logits = adapter.head(params, hidden).astype(jnp.float32)[:, :-1]
   logp = jax.nn.log_softmax(logits, axis=-1)
   tgt = ids[:, 1:, None]
   return -jnp.sum(jnp.take_along_axis(logp, tgt, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("adapter", "chunk"))
+def nll_chunked(adapter: Adapter, params: Params, hidden: jax.Array,
+                ids: jax.Array, *, chunk: int) -> jax.Array:
+  """`nll` with the logits of `chunk` tokens at a time: the `B (T - 1)`
+  scored positions are flattened, padded to a multiple of `chunk` and
+  scored one chunk after another (`lax.map`) as `logsumexp - logit of the
+  target`, in float32; the same value as `nll` up to float32 summation
+  order."""
+  b, t, d = hidden.shape
+  n = b * (t - 1)
+  pad = -n % chunk
+  x = jnp.pad(hidden[:, :-1].reshape(n, d), ((0, pad), (0, 0)))
+  tgt = jnp.pad(ids[:, 1:].reshape(n), (0, pad))
+  valid = jnp.arange(n + pad) < n
+
+  def score(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    xc, tc, ok = args
+    logits = adapter.head(params, xc[None]).astype(jnp.float32)[0]
+    picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    nlls = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.sum(jnp.where(ok, nlls, 0.0))
+
+  k = (n + pad) // chunk
+  return jnp.sum(jax.lax.map(score, (x.reshape(k, chunk, d),
+                                     tgt.reshape(k, chunk),
+                                     valid.reshape(k, chunk))))
 
 
 # Gram combinations of the baselines, jitted once for every caller.

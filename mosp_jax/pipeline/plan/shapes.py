@@ -56,8 +56,10 @@ def one_layer_model(config: Any) -> tuple[Any, Any]:
   """`(uninitialised Flax model, adapter)` of a one-layer copy of a HF
   config."""
   from mosp_jax import models
-  one = config.__class__(**config.to_dict())
-  one.num_hidden_layers = 1
+  fields = config.to_dict() | {"num_hidden_layers": 1}
+  if fields.get("layer_types"):  # Per-layer kinds (Gemma 3): the first.
+    fields["layer_types"] = fields["layer_types"][:1]
+  one = config.__class__(**fields)
   model = models.model_class(one)(one, _do_init=False)
   return model, models.adapter_for(model)
 
