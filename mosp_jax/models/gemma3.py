@@ -132,7 +132,7 @@ class Attention(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dense = lambda n: nn.Dense(  # noqa: E731
         n, use_bias=c.attention_bias, dtype=self.dtype,
@@ -179,7 +179,7 @@ class MLP(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dense = lambda n: nn.Dense(  # noqa: E731
         n, use_bias=False, dtype=self.dtype,
@@ -200,7 +200,7 @@ class DecoderLayer(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps)  # noqa: E731
     self.input_layernorm = norm()
@@ -222,7 +222,7 @@ class _Layers(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     self.blocks = [DecoderLayer(self.config, dtype=self.dtype, name=str(i))
                    for i in range(self.config.num_hidden_layers)]
 
@@ -237,7 +237,7 @@ class _Model(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, dtype=self.dtype,
@@ -261,7 +261,7 @@ class ForCausalLMModule(nn.Module):
   config: Any
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     self.model = _Model(self.config, dtype=self.dtype)
     if not self.config.tie_word_embeddings:
       self.lm_head = nn.Dense(
