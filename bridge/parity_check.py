@@ -1,7 +1,7 @@
 """Parity of an exported PyTorch checkpoint with the model the run pruned.
 
 The library behind `python -m bridge.parity`. `check_parity` rebuilds the
-preference's model on the JAX side (`bridge.pruned.materialize`, the
+preference's model on the JAX side (`bridge.pruned.preference_model`, the
 run's own computation) and checks the export against it:
 
   names     the checkpoint's tensors, read back through the import rename
@@ -306,7 +306,7 @@ def _model_for(run: pruned.RunInfo, pref: np.ndarray,
   """`model` when it is the preference's, else the preference's model
   materialised from the run; raises ValueError for another preference's."""
   if model is None:
-    return pruned.materialize(run, pref, log=log)
+    return pruned.preference_model(run, pref, log=log)
   if not np.array_equal(model.preference, pref):
     raise ValueError(f"--preference {pref.tolist()}: the model given is "
                      f"that of {model.preference.tolist()}")
@@ -511,7 +511,7 @@ def export_and_check(run_dir: str | pathlib.Path, preference: str, *,
   out = (pathlib.Path(run_dir)
          / f"export_{pruned.preference_tag(preference)}")
   run = pruned.read_run(run_dir)
-  model = pruned.materialize(
+  model = pruned.preference_model(
       run, pruned.parse_preference(preference, run.tasks), log=log)
   torch_export.export_model(run, model, out, dtype=dtype, overwrite=True,
                         log=log)

@@ -200,11 +200,10 @@ def test_refit_run_exports_the_runs_models(tmp_path):
 
 
 def test_materialized_model_owns_its_arrays(tiny_run):
-  # A run preference is materialised with every run preference in one
-  # batch (bitwise the run's model); the model must keep its own row, not
-  # a view that holds the whole (P, out, in) batch alive.
+  # A run preference is materialised alone, as the run evaluated it; the
+  # model keeps its own arrays, not views of the solver's output.
   run = pruned.read_run(tiny_run)
-  model = pruned.materialize(run, run.prefs[6])
+  model = pruned.preference_model(run, run.prefs[6])
   assert model.run_index == 6 and len(model.masks) == 14
   for (layer, name), mask in model.masks.items():
     assert mask.base is None, (layer, name)
@@ -214,7 +213,7 @@ def test_materialized_model_owns_its_arrays(tiny_run):
 
 
 def test_runner_export_pref_records_parity(tiny_run):
-  runner.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
+  runner.export_and_record(tiny_run, "centroid")  # --export_pref=centroid
   res = json.loads((tiny_run / "results.json").read_text())
   exp = res["export"]
   assert exp["ok"] and exp["problems"] == [] and exp["max_rel_diff"] < 1e-5

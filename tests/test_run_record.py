@@ -80,7 +80,7 @@ def test_records_of_a_run_read_back_exactly(tiny_run):
   assert meta.prefs.dtype == np.float32 and meta.prefs.shape == (7, 3)
   assert [m.preference for m in results.models] == [
       tuple(p) for p in meta.prefs.tolist()]
-  assert meta.dense_sha256 == pruned.materialize(
+  assert meta.dense_sha256 == pruned.preference_model(
       pruned.read_run(tiny_run), meta.prefs[0]).dense_sha256
 
 
