@@ -200,7 +200,7 @@ def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array,
   """`{linear: (kernel, mask)}` of one layer for the preference
   `pref_dev (1, m)`; RunDirError for a missing linear or Gram."""
   root = run.run_dir / run_record.ARTIFACT_DIR
-  refit = run.solver.pref_refit_iters > 0
+  refit = linear_problem.needs_grams(run.solver)
   linears = artifact.load_layer(root, layer)
   grams = artifact.load_grams(root, layer) if refit else {}
   for group in run.groups:
@@ -212,7 +212,6 @@ def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array,
         raise RunDirError(f"{root}: layer {layer} has no {name!r}")
 
   def stored_gram(key: str) -> jax.Array | None:
-    # The Grams are read exactly when the preference refit needs them.
     return jax.device_put(grams[key]) if refit else None
 
   out = {}

@@ -50,6 +50,14 @@ mixed_gram_jit = jax.jit(mixed_gram)
 concat_gram_jit = jax.jit(concat_gram)
 
 
+def needs_grams(cfg: SolverConfig) -> bool:
+  """Whether materialising a preference needs the task Grams (and so a
+  run keeps them with its Pareto set): exactly under the preference
+  refit (`cfg.pref_refit_iters > 0`) [ours]; the paper's weighted sum and
+  projection reads none."""
+  return cfg.pref_refit_iters > 0
+
+
 @jax.jit
 def model_stats(grams: jax.Array, W0: jax.Array,
                 W: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -101,9 +109,8 @@ class LinearProblem:
                         cfg: SolverConfig) -> tuple[jax.Array, jax.Array]:
     """The models of preferences `prefs (P, m)` from the linear's Pareto
     set (`mosp_materialize`): `(weights, masks)`, each `(P, n_in,
-    n_out)`. The one rule for the Grams: they are used exactly when the
-    preference refit is on (`cfg.pref_refit_iters > 0`) [ours]."""
-    refit = cfg.pref_refit_iters > 0
+    n_out)`; the Grams are read exactly when `needs_grams(cfg)`."""
+    refit = needs_grams(cfg)
     return mosp_materialize(
         pareto, prefs, pattern=self.pattern, cfg=cfg,
         grams=self._task_grams() if refit else None,

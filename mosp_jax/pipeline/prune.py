@@ -206,10 +206,9 @@ def _evaluate_layer(layer: int, dense: Params, s: _Solved,
 
 def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
                 groups: list[list[str]], cfg: SolverConfig) -> None:
-  """Saves the layer's Pareto sets to the artifact."""
-  # [ours] A refit needs the Grams again when a preference is
-  # materialised later (export); the paper's Pareto set does not.
+  """Saves the layer's Pareto sets to the artifact, with the Grams when
+  a preference materialised later (the export) needs them."""
   grams = ({g[0]: np.asarray(jax.device_get(s.grams_dev[g[0]]))
-            for g in groups} if cfg.pref_refit_iters > 0 else None)
+            for g in groups} if linear_problem.needs_grams(cfg) else None)
   artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
                       grams=grams)
