@@ -4,9 +4,10 @@
 dense model up to decoder layer `L` and accumulates the input Grams of
 layer `L`'s linears (one per task and group of linears sharing an input),
 plus the dense kernels; the result is cached on disk, keyed by everything
-that determines it. `solve_layer` prunes each linear with every method and
-measures the relative reconstruction error of each model on each task's
-calibration Gram (the objective) and held-out test Gram.
+that determines it. `solve_layer` prunes each linear (its
+`linear_problem.LinearProblem`) with every method and measures the
+relative reconstruction error of each model on each task's calibration
+Gram (the objective) and held-out test Gram.
 """
 
 from __future__ import annotations
@@ -200,18 +201,18 @@ def _timed_solve(*args) -> dict[str, jax.Array]:
   return jax.block_until_ready(_solve(*args))
 
 
-def solve_layer(prob: CapturedLayer, prefs: np.ndarray,
+def solve_layer(captured: CapturedLayer, prefs: np.ndarray,
                 entries: Sequence[Entry], *, pattern: Pattern,
                 linears: Sequence[str] = (),
                 log: Callable[[str], None] = print) -> LayerResult:
-  """Prunes the linears of `prob` with every entry.
+  """Prunes the linears of `captured` with every entry.
 
   Before the first linear of each shape, each entry is compiled on an
   easy problem of that shape (identity Grams), so the times exclude
   compilation (in a whole-model walk it is amortised over the layers).
   """
-  names = list(linears) or [n for g in prob.groups for n in g]
-  check_linears(names, list(prob.kernels))
+  names = list(linears) or [n for g in captured.groups for n in g]
+  check_linears(names, list(captured.kernels))
   prefs = np.asarray(prefs, np.float32)
   errors: dict[str, dict[str, np.ndarray]] = {}
   heldout: dict[str, dict[str, np.ndarray]] = {}
@@ -222,12 +223,12 @@ def solve_layer(prob: CapturedLayer, prefs: np.ndarray,
     prefs_dev = jax.device_put(prefs)
     lams = [jax.device_put(p) for p in prefs]
     for name in names:
-      key = prob.group_of(name)
-      G, Gt, W0 = jax.device_put((prob.calib[key], prob.test[key],
-                                  prob.kernels[name]))
+      key = captured.group_of(name)
+      G, Gt, W0 = jax.device_put((captured.calib[key], captured.test[key],
+                                  captured.kernels[name]))
       lin = LinearProblem(name, W0, G, pattern)
       held = dataclasses.replace(lin, grams=Gt)
-      m, n_in = prob.calib[key].shape[:2]
+      m, n_in = captured.calib[key].shape[:2]
       # Compile on an easy problem of the same shapes (identity Grams:
       # ADMM settles in a few iterations).
       easy = dataclasses.replace(lin, grams=jax.device_put(np.broadcast_to(
