@@ -1,7 +1,7 @@
 """Model specs -> tokenizer, dense model and shape: the one model loader.
 
 `experiments.run`, `experiments.compare`, the layer-level comparison and
-the bridge (`bridge.pruned.materialize`) load models only through here. A
+the bridge (`bridge.pruned.preference_model`) load models only through here. A
 spec is 'smollm2-135m', a local folder, a .gguf file or a hub id
 (`bridge.hf_import`), 'tiny-llama' (a seeded random 2-layer Llama with
 SmolLM2's tokenizer, for smoke tests) or `random:<name>[:<n_layers>]` (a
@@ -61,7 +61,7 @@ def load_dense(spec: str, tokenizer: Any = None, *,
   tokenizer; `random:<name>[:<n_layers>]` a paper model's config with
   seeded random weights (`mosp_jax.models.paper_configs`; refused over
   its memory limit); anything else goes to `bridge.hf_import`.
-  `tokenizer` defaults to `load_tokenizer(spec)`. `materialize` checks
+  `tokenizer` defaults to `load_tokenizer(spec)`. `preference_model` checks
   the result against the run's fingerprint.
   """
   from bridge import hf_import

@@ -1,7 +1,7 @@
 """Parity of an exported PyTorch checkpoint with the model the run pruned.
 
 The library behind `python -m bridge.parity`. `check_parity` rebuilds the
-preference's model on the JAX side (`bridge.pruned.materialize`, the
+preference's model on the JAX side (`bridge.pruned.preference_model`, the
 run's own computation) and checks the export against it:
 
   names     the checkpoint's tensors, read back through the import rename
@@ -134,7 +134,7 @@ def check_parity(
       raise it to check an export made on another device).
     batch_size: segments per forward pass; default: the run's.
     model: the preference's model when the caller has just materialised it
-      (`export_and_check`); default: materialised here.
+      (`export_check.export_and_check`); default: materialised here.
     log: progress sink.
 
   Returns:
@@ -179,7 +179,7 @@ def _model_for(run: pruned.RunInfo, pref: np.ndarray,
   """`model` when it is the preference's, else the preference's model
   materialised from the run; raises ValueError for another preference's."""
   if model is None:
-    return pruned.materialize(run, pref, log=log)
+    return pruned.preference_model(run, pref, log=log)
   if not np.array_equal(model.preference, pref):
     raise ValueError(f"--preference {pref.tolist()}: the model given is "
                      f"that of {model.preference.tolist()}")

@@ -6,16 +6,19 @@ A run (`experiments.run`) leaves `<run_dir>/config.json` (what was run),
 rebuilds, for any preference, exactly the model the run evaluated:
 
   run = read_run(run_dir)
-  pruned = materialize(run, parse_preference('0.5,0.25,0.25', run.tasks))
+  pruned = preference_model(run, parse_preference('0.5,0.25,0.25',
+                                                  run.tasks))
   segments = run_test_segments(run, pruned.tokenizer)  # the test set
 
-`materialize` loads the dense model the run loaded (checked against the
-run's fingerprint when it recorded one), and for every linear calls
-`mosp_materialize` on the stored Pareto set `(S_c, W, W_i, d)`: a weighted
-sum and a projection, no Gram and no solve. A preference the run
-evaluated is materialised in the run's own batch of preferences, so its
-weights are bitwise those the run evaluated (XLA may round a batch of
-another size differently in the last bit); any other one alone.
+`preference_model` loads the dense model the run loaded (checked against
+the run's fingerprint when it recorded one), and materialises every
+linear's preference model from the stored Pareto set `(S_c, W, W_i, d)`
+(`linear_problem.LinearProblem.preference_models`): a weighted sum and a
+projection, no solve; the stored Grams only under the preference refit.
+The preference is materialised alone, as the run evaluates each of its
+preferences, so a run preference's weights are bitwise those the run
+evaluated (XLA may round a batch of another size differently in the
+last bit).
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ import jax
 import numpy as np
 
 from bridge import load
-from mosp_jax import data as data_lib
 from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter
-from mosp_jax.pipeline import artifact, preferences, run_record
-from mosp_jax.solvers import Pattern, mosp_materialize
+from mosp_jax.pipeline import (
+  artifact,
+  linear_problem,
+  preferences,
+  run_record,
+)
+from mosp_jax.solvers import Pattern
 
 CENTROID = "centroid"
 
@@ -188,44 +195,43 @@ def load_run_dense(run: RunInfo, *,
   return adapter, params, tokenizer, dense_sha
 
 
-def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array, row: int,
+def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array,
                    adapter: Adapter, params: dict
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """`{linear: (kernel, mask)}` of one layer for row `row` of the
-  preference batch `pref_dev`; RunDirError for a missing linear or
-  Gram."""
+  """`{linear: (kernel, mask)}` of one layer for the preference
+  `pref_dev (1, m)`; RunDirError for a missing linear or Gram."""
   root = run.run_dir / run_record.ARTIFACT_DIR
-  refit = run.solver.pref_refit_iters > 0
+  refit = linear_problem.needs_grams(run.solver)
   linears = artifact.load_layer(root, layer)
   grams = artifact.load_grams(root, layer) if refit else {}
   for group in run.groups:
     if refit and group[0] not in grams:
       raise RunDirError(f"{root}: layer {layer} has no Gram for "
                         f"{group[0]!r}")
-  out = {}
-  for group in run.groups:
     for name in group:
       if name not in linears:
         raise RunDirError(f"{root}: layer {layer} has no {name!r}")
-      W, M = mosp_materialize(
-          jax.device_put(linears[name]), pref_dev, pattern=run.pattern,
-          cfg=run.solver,
-          grams=jax.device_put(grams[group[0]]) if refit else None,
-          W0=jax.device_put(adapter.get_kernel(params, layer, name))
-          if refit else None)
-      W, M = jax.device_get((W, M))
-      # Copies: a view of row `row` would keep the whole batch alive.
-      w, mask = np.array(W[row]), np.array(M[row])
-      if np.any(w[~mask] != 0):
-        raise AssertionError(f"layer {layer} {name}: weights off the "
-                             "mask are not zero")
-      out[name] = (w, mask)
+
+  def stored_gram(key: str) -> jax.Array | None:
+    return jax.device_put(grams[key]) if refit else None
+
+  out = {}
+  for prob in linear_problem.layer_problems(
+      adapter, adapter.layer_params(params, layer), stored_gram,
+      pattern=run.pattern):
+    W, M = jax.device_get(prob.preference_models(
+        jax.device_put(linears[prob.name]), pref_dev, run.solver))
+    w, mask = np.array(W[0]), np.array(M[0])  # Own arrays, not views.
+    if np.any(w[~mask] != 0):
+      raise AssertionError(f"layer {layer} {prob.name}: weights off the "
+                           "mask are not zero")
+    out[prob.name] = (w, mask)
   return out
 
 
-def materialize(run: RunInfo, pref: np.ndarray, *,
-                log: Callable[[str], None] = lambda s: None
-                ) -> PrunedModel:
+def preference_model(run: RunInfo, pref: np.ndarray, *,
+                     log: Callable[[str], None] = lambda s: None
+                     ) -> PrunedModel:
   """The model of preference `pref (m,)` from the run's Pareto set.
 
   Raises:
@@ -237,15 +243,12 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
     raise ValueError(f"preference must have {len(run.tasks)} weights "
                      f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
   adapter, params, tokenizer, dense_sha = load_run_dense(run, log=log)
-  index = run_index(run, pref)
-  batch = run.prefs if index is not None else pref[None]
-  row = index if index is not None else 0
   masks, budgets, kernels = {}, {}, {}
   with jax.transfer_guard("disallow"):
-    pref_dev = jax.device_put(batch)
+    pref_dev = jax.device_put(pref[None])
     for layer in range(run.num_layers):
-      for name, (w, mask) in _layer_kernels(run, layer, pref_dev, row,
-                                            adapter, params).items():
+      for name, (w, mask) in _layer_kernels(run, layer, pref_dev, adapter,
+                                            params).items():
         masks[(layer, name)] = mask
         budgets[(layer, name)] = run.pattern.keep(*w.shape)
         kernels[(layer, name)] = w
@@ -254,22 +257,16 @@ def materialize(run: RunInfo, pref: np.ndarray, *,
   for (layer, name), w in kernels.items():  # Not under the guard: set_kernel
     tree = adapter.set_kernel(tree, layer, name, w)  # makes jax arrays.
   params = jax.tree.map(np.asarray, jax.device_get(tree))
-  return PrunedModel(preference=pref, run_index=index, adapter=adapter,
-                     params=params, masks=masks, budgets=budgets,
-                     tokenizer=tokenizer, dense_sha256=dense_sha)
+  return PrunedModel(preference=pref, run_index=run_index(run, pref),
+                     adapter=adapter, params=params, masks=masks,
+                     budgets=budgets, tokenizer=tokenizer,
+                     dense_sha256=dense_sha)
 
 
 def run_test_segments(run: RunInfo, tokenizer: Any
                       ) -> dict[str, np.ndarray]:
   """The run's test segments per task, `(n_test, seqlen)` int32 each,
-  rebuilt from `config.json` as the runner builds them (every task trimmed
-  to the same count)."""
-  cfg = run.config.run
-  test = {}
-  for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=cfg.nsamples,
-                            seqlen=cfg.seqlen, test_tokens=cfg.test_tokens,
-                            seed=cfg.seed)
-    test[task] = td.test
-  n_test = min(t.shape[0] for t in test.values())
-  return {task: t[:n_test] for task, t in test.items()}
+  rebuilt from `config.json` as the runner builds them
+  (`run_record.run_segments`)."""
+  _, test = run_record.run_segments(run.config.run, tokenizer)
+  return dict(zip(run.tasks, test, strict=True))

@@ -8,7 +8,7 @@ format 'pt'), `config.json` (with `architectures` and the dtype, so stock
 custom code), the tokenizer files, and `mosp_export.json` (provenance: run,
 preference, dense fingerprint, and per linear its budget, mask and zeros).
 
-The model is `bridge.pruned.materialize` of the preference, i.e. exactly
+The model is `bridge.pruned.preference_model` of the preference, i.e. exactly
 the model the run evaluated. Names and layouts come from the one rename
 table (`bridge.rename.flax_to_pt`), diffed against the PyTorch model's own
 state dict before anything is written. Pruned weights are exact zeros in
@@ -236,7 +236,7 @@ def export_preference(run_dir: str | os.PathLike, preference: str,
   run = pruned_lib.read_run(pathlib.Path(run_dir))
   with cli.usage_errors("--preference"):
     pref = pruned_lib.parse_preference(preference, run.tasks)
-  model = pruned_lib.materialize(run, pref, log=log)
+  model = pruned_lib.preference_model(run, pref, log=log)
   return export_model(run, model, out, dtype=dtype, overwrite=overwrite,
                       log=log)
 

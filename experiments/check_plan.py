@@ -57,22 +57,23 @@ def main(argv):
   # Before the run, on a quiet device: the rates of the plan.
   planned = runner.plan_run(run, solver, memory_bytes=memory,
                             offload_streams=FLAGS.offload_streams, log=log)
-  out, resuming = run_record.check_run_dir(
+  measured = not run_record.check_run_dir(
       run_record.ConfigRecord(run=run, solver=solver),
-      overwrite=FLAGS.overwrite)
-  measured = not run_record.is_finished(out, resuming)
+      overwrite=FLAGS.overwrite).finished
   res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
                               log=log, mesh=mesh,
                               offload_streams=planned.offload_streams)
   peak, peak_kind = plan_lib.peak_memory()
-  iters = plan_lib.measured_stage1_iters(res.layers) or planned.stage1_iters
+  # The plan reads results.json's layout of the layer records.
+  layers = res.layers
+  iters = plan_lib.measured_stage1_iters(layers) or planned.stage1_iters
   at_iters = runner.make_run_plan(
       run, solver, planned.device,
       plan_lib.shapes_from_config(load.model_config(
           run.model, trust_pickle=run.trust_pickle)),
       stage1_iters=iters,
       offload_streams=planned.offload_streams)
-  checks = plan_lib.check_phases(at_iters, res.layers)
+  checks = plan_lib.check_phases(at_iters, layers)
   log(f"measured against the plan at {iters} stage-1 iterations (the "
       f"run's mean; the plan above assumed {planned.stage1_iters}):")
   log(plan_lib.format_checks(checks, tolerance=FLAGS.tolerance,

@@ -51,7 +51,7 @@ from absl import flags
 
 from bridge import load
 from experiments import comparison, runner, shared_flags
-from experiments.layer_compare import Entry
+from experiments.entries import Entry
 from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import SolverConfig

@@ -1,7 +1,7 @@
 """MOSP against the single-objective baselines: the comparison itself.
 
 `compare_model` runs every entry (MOSP and the baselines under their
-protocols, `layer_compare.Entry`) through the same layer walk of the whole
+protocols, `entries.Entry`) through the same layer walk of the whole
 model and scores log perplexities; `compare_layer` does the same on one
 captured layer with relative reconstruction errors. Both write
 compare.json, compare.md and compare.png. The command and its flags are
@@ -19,7 +19,7 @@ import numpy as np
 
 from bridge import load
 from experiments import layer_compare
-from experiments.layer_compare import Entry
+from experiments.entries import Entry
 from mosp_jax import cli
 from mosp_jax.config import RunConfig
 from mosp_jax.pipeline import (
@@ -179,6 +179,71 @@ def _warm_shared(adapter, model: DenseLayers, segments: list[np.ndarray],
     jax.block_until_ready(walk.nll(adapter, params, h, ids))
 
 
+def _write_comparison(run: RunConfig, entries: tuple[Entry, ...], *,
+                      mode: str, where: dict, values: dict[str, np.ndarray],
+                      fields: dict, title: str, intro: str,
+                      sections: list[str], dense: np.ndarray | None,
+                      plot_title: str, metric: str) -> dict:
+  """The skeleton both comparisons share: compare.json (`mode`, the
+  model, `where` it was compared, the pattern, tasks, preferences and
+  entries, then the comparison's own `fields` and the MOSP entries'
+  solver settings), compare.md (`title`, `intro` with the protocols, the
+  solver settings, then `sections`, then the figure) and compare.png (the
+  fronts of `values`, `(points, m)` per entry, beside `dense`). Returns
+  compare.json's content."""
+  prefs = np.asarray(run.prefs, np.float32)
+  results = {
+      "mode": mode, "model": run.model, **where,
+      "pattern": str(run.pattern), "sparsity": run.pattern.sparsity,
+      "tasks": list(run.tasks), "prefs": prefs.tolist(),
+      **({} if dense is None else {"dense_ppl": dict(zip(
+          run.tasks, dense.tolist(), strict=True))}),
+      "entries": [{"name": e.name, "method": e.method,
+                   "protocol": e.protocol} for e in entries],
+      **fields,
+      "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
+                 if e.method == "mosp"}}
+  out = prepare_out_dir(run, overwrite=True)
+  artifact.write_json(out / "compare.json", results)
+  lines = [f"# {title}", "", intro + " " + _protocol_note(entries), "",
+           _solver_note(entries), "", *sections, "![fronts](compare.png)",
+           ""]
+  artifact.write_text(out / "compare.md", "\n".join(lines))
+  front_plot.plot_fronts(
+      out / "compare.png", list(run.tasks), prefs, values["mosp"], dense,
+      title=plot_title, metric=metric,
+      extra={k: v for k, v in values.items() if k not in ("mosp",
+                                                           "mosp+W")})
+  return results
+
+
+def _walk_entries(run: RunConfig, entries: tuple[Entry, ...], adapter,
+                  model: DenseLayers, calib: list[np.ndarray],
+                  test: list[np.ndarray], *, offload_streams: bool, log
+                  ) -> tuple[dict[str, walk.Front], dict[str, float]]:
+  """Every entry's front through the whole-model walk, and the process
+  CPU seconds of each."""
+  prefs = np.asarray(run.prefs, np.float32)
+  fronts, cpu_s = {}, {}
+  with jax.transfer_guard("disallow"):
+    _warm_shared(adapter, model, calib + test, run.batch_size)
+    for entry in entries:
+      c0 = time.process_time()
+      if entry.method == "mosp":
+        fronts[entry.name] = prune_and_evaluate(
+            adapter, model, calib, test, prefs, pattern=run.pattern,
+            cfg=entry.cfg, batch_size=run.batch_size, artifact_dir=None,
+            log=log, offload_streams=offload_streams)
+      else:
+        fronts[entry.name] = baseline_walk(
+            adapter, model, calib, test, prefs, method=entry.method,
+            protocol=entry.protocol, pattern=run.pattern, cfg=entry.cfg,
+            batch_size=run.batch_size, log=log,
+            offload_streams=offload_streams)
+      cpu_s[entry.name] = time.process_time() - c0
+  return fronts, cpu_s
+
+
 def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
                   offload_streams: bool = False, log=print) -> dict:
   """Runs every entry through the whole-model walk (streams in host
@@ -193,82 +258,47 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
   log(f"compare {run.model}, {run.pattern}: {len(tasks)} tasks, "
       f"{prefs.shape[0]} preferences, entries "
       f"{', '.join(e.name for e in entries)}")
-  walks, cpu_s = {}, {}
-  with jax.transfer_guard("disallow"):
-    _warm_shared(adapter, model, calib + test, run.batch_size)
-    for entry in entries:
-      c0 = time.process_time()
-      if entry.method == "mosp":
-        walks[entry.name] = prune_and_evaluate(
-            adapter, model, calib, test, prefs, pattern=run.pattern,
-            cfg=entry.cfg, batch_size=run.batch_size, artifact_dir=None,
-            log=log, offload_streams=offload_streams)
-      else:
-        walks[entry.name] = baseline_walk(
-            adapter, model, calib, test, prefs, method=entry.method,
-            protocol=entry.protocol, pattern=run.pattern, cfg=entry.cfg,
-            batch_size=run.batch_size, log=log,
-            offload_streams=offload_streams)
-      cpu_s[entry.name] = time.process_time() - c0
-  dense = walks["mosp"].dense_ppl
-  for name, w in walks.items():  # identical inputs -> identical dense
-    if not np.allclose(w.dense_ppl, dense, rtol=1e-4):
-      raise RuntimeError(f"{name}: dense PPL {w.dense_ppl} differs from "
-                         f"MOSP's {dense}; inputs are not identical")
-  ppl = {k: w.ppl for k, w in walks.items()}
+  fronts, cpu_s = _walk_entries(run, entries, adapter, model, calib, test,
+                                offload_streams=offload_streams, log=log)
+  dense = fronts["mosp"].walk.dense_ppl
+  for name, f in fronts.items():  # identical inputs -> identical dense
+    if not np.allclose(f.walk.dense_ppl, dense, rtol=1e-4):
+      raise RuntimeError(f"{name}: dense PPL {f.walk.dense_ppl} differs "
+                         f"from MOSP's {dense}; inputs are not identical")
+  ppl = {k: f.ppl for k, f in fronts.items()}
   for e in entries:
-    if e.method == "mosp":
-      global_ppl = walks[e.name].global_ppl
-      assert global_ppl is not None  # MOSP walks evaluate W.
+    global_ppl = fronts[e.name].global_ppl
+    if global_ppl is not None:  # MOSP walks evaluate W.
       ppl[f"{e.name}:W"] = global_ppl[None]
   ppl = with_global(ppl)
   summary = summarize(ppl)
-  time_s = {k: w.seconds["total"] for k, w in walks.items()}
-  walk_s = {k: w.seconds["walk"] for k, w in walks.items()}
-  results = {
-      "mode": "model", "model": run.model, "pattern": str(run.pattern),
-      "sparsity": run.pattern.sparsity, "tasks": tasks,
-      "prefs": prefs.tolist(), "dense_ppl": dict(zip(tasks, dense.tolist(),
-                                                     strict=True)),
-      "entries": [{"name": e.name, "method": e.method,
-                   "protocol": e.protocol} for e in entries],
+  time_s = {k: f.walk.seconds["total"] for k, f in fronts.items()}
+  fields = {
       "ppl": {k: v.tolist() for k, v in ppl.items()},
-      "model_sparsity": {k: w.sparsity.tolist() for k, w in walks.items()},
-      **summary, "time_s": time_s, "walk_s": walk_s, "cpu_s": cpu_s,
-      "seconds": {k: w.seconds for k, w in walks.items()},
+      "model_sparsity": {k: f.sparsity.tolist() for k, f in fronts.items()},
+      **summary, "time_s": time_s,
+      "walk_s": {k: f.walk.seconds["walk"] for k, f in fronts.items()},
+      "cpu_s": cpu_s,
+      "seconds": {k: f.walk.seconds for k, f in fronts.items()},
       "load_s": {"model": t_model, "data": t_data},
       "calibration": {"nsamples": run.nsamples, "seqlen": run.seqlen,
                       "test_segments": int(test[0].shape[0]),
-                      "seed": run.seed},
-      "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
-                 if e.method == "mosp"}}
-  out = prepare_out_dir(run, overwrite=True)
-  artifact.write_json(out / "compare.json", results)
-  lines = [f"# MOSP vs baselines: {run.model}, {run.pattern}", "",
-           f"Tasks {', '.join(tasks)}; calibration {run.nsamples} x "
-           f"{run.seqlen} tokens per task, test {test[0].shape[0]} x "
-           f"{run.seqlen} per task, seed {run.seed}. "
-           + _protocol_note(entries), "", _solver_note(entries), "",
-           "## Summary", "", _reference_note(summary) + " Time: wall and "
-           "process CPU seconds of the whole walk (capture, solve, "
-           "propagate, evaluate), including the compilation of the "
-           "entry's own solver; the walk alone (capture, solve, "
-           "calibration propagation) in compare.json `walk_s`.", "",
-           *_summary_table(summary, time_s, cpu_s), "",
-           "## Perplexity (lower is better; bold = best per task)", "",
-           *_value_table(tasks, prefs, ppl, ".2f", dense), "",
-           "![fronts](compare.png)", ""]
-  artifact.write_text(out / "compare.md", "\n".join(lines))
-  _plot(out / "compare.png", tasks, prefs, ppl, dense,
-        title=f"{run.model}, {run.pattern}", metric="PPL")
-  return results
-
-
-def _plot(path, tasks, prefs, values, dense, *, title, metric):
-  front_plot.plot_fronts(path, tasks, prefs, values["mosp"], dense, title=title,
-                     extra={k: v for k, v in values.items()
-                            if k not in ("mosp", "mosp+W")},
-                     metric=metric)
+                      "seed": run.seed}}
+  return _write_comparison(
+      run, entries, mode="model", where={}, values=ppl, fields=fields,
+      title=f"MOSP vs baselines: {run.model}, {run.pattern}",
+      intro=f"Tasks {', '.join(tasks)}; calibration {run.nsamples} x "
+      f"{run.seqlen} tokens per task, test {test[0].shape[0]} x "
+      f"{run.seqlen} per task, seed {run.seed}.",
+      sections=["## Summary", "", _reference_note(summary) + " Time: wall "
+                "and process CPU seconds of the whole walk (capture, "
+                "solve, propagate, evaluate), including the compilation of "
+                "the entry's own solver; the walk alone (capture, solve, "
+                "calibration propagation) in compare.json `walk_s`.", "",
+                *_summary_table(summary, time_s, cpu_s), "",
+                "## Perplexity (lower is better; bold = best per task)", "",
+                *_value_table(tasks, prefs, ppl, ".2f", dense), ""],
+      dense=dense, plot_title=f"{run.model}, {run.pattern}", metric="PPL")
 
 
 def _protocol_note(entries: tuple[Entry, ...]) -> str:
@@ -322,13 +352,7 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
                          for k, v in res.heldout.items()})
   summary = summarize(mean)
   summary_ho = summarize(mean_ho)
-  results = {
-      "mode": "layer", "model": run.model, "layer": prob.layer,
-      "num_layers": prob.num_layers, "linears": names,
-      "pattern": str(run.pattern), "sparsity": run.pattern.sparsity,
-      "tasks": tasks, "prefs": prefs.tolist(),
-      "entries": [{"name": e.name, "method": e.method,
-                   "protocol": e.protocol} for e in entries],
+  fields = {
       "rel_error": {k: v.tolist() for k, v in mean.items()},
       "rel_error_heldout": {k: v.tolist() for k, v in mean_ho.items()},
       "rel_error_per_linear": {k: {n: e.tolist() for n, e in v.items()}
@@ -337,38 +361,35 @@ def compare_layer(run: RunConfig, entries: tuple[Entry, ...], *,
       "heldout": {k: summary_ho[k] for k in summary_ho
                   if k not in ("space", "points")},
       "calibration": {"nsamples": run.nsamples, "seqlen": run.seqlen,
-                      "test_tokens": run.test_tokens, "seed": run.seed},
-      "solver": {e.name: dataclasses.asdict(e.cfg) for e in entries
-                 if e.method == "mosp"}}
-  out = prepare_out_dir(run, overwrite=True)
-  artifact.write_json(out / "compare.json", results)
+                      "test_tokens": run.test_tokens, "seed": run.seed}}
   shapes = ", ".join(f"{n} {prob.kernels[n].shape[0]}x"
                      f"{prob.kernels[n].shape[1]}" for n in names)
-  lines = [f"# MOSP vs baselines on one layer: {run.model} layer "
-           f"{prob.layer}/{prob.num_layers}, {run.pattern}", "",
-           f"Linears: {shapes}. Grams of {run.nsamples} x {run.seqlen} "
-           f"calibration tokens per task ({', '.join(tasks)}), seed "
-           f"{run.seed}; held-out Grams from up to {run.test_tokens} test "
-           "tokens per task. A point is the relative reconstruction error "
-           "per task, averaged over the linears. "
-           + _protocol_note(entries), "", _solver_note(entries), "",
-           "## Summary (calibration Grams, the objective)", "",
-           _reference_note(summary) + " Time: wall and process CPU "
-           "seconds of the solves over the linears, compilation excluded "
-           "(a MOSP entry's time includes materialising its "
-           f"{prefs.shape[0]} preference models). On a shared machine "
-           "both vary with the load: compare entries within one run.", "",
-           *_summary_table(summary, res.seconds, res.cpu_seconds), "",
-           "## Summary (held-out Grams)", "", _reference_note(summary_ho),
-           "", *_summary_table(summary_ho, res.seconds, res.cpu_seconds),
-           "", "## Relative error on the calibration Grams "
-           "(bold = best per task)", "",
-           *_value_table(tasks, prefs, mean, ".4f"), "",
-           "## Relative error on the held-out Grams", "",
-           *_value_table(tasks, prefs, mean_ho, ".4f"), "",
-           "![fronts](compare.png)", ""]
-  artifact.write_text(out / "compare.md", "\n".join(lines))
-  _plot(out / "compare.png", tasks, prefs, mean, None,
-        title=f"{run.model} layer {prob.layer}, {run.pattern}",
-        metric="rel. error")
-  return results
+  return _write_comparison(
+      run, entries, mode="layer",
+      where={"layer": prob.layer, "num_layers": prob.num_layers,
+             "linears": names},
+      values=mean, fields=fields,
+      title=f"MOSP vs baselines on one layer: {run.model} layer "
+      f"{prob.layer}/{prob.num_layers}, {run.pattern}",
+      intro=f"Linears: {shapes}. Grams of {run.nsamples} x {run.seqlen} "
+      f"calibration tokens per task ({', '.join(tasks)}), seed "
+      f"{run.seed}; held-out Grams from up to {run.test_tokens} test "
+      "tokens per task. A point is the relative reconstruction error "
+      "per task, averaged over the linears.",
+      sections=["## Summary (calibration Grams, the objective)", "",
+                _reference_note(summary) + " Time: wall and process CPU "
+                "seconds of the solves over the linears, compilation "
+                "excluded (a MOSP entry's time includes materialising its "
+                f"{prefs.shape[0]} preference models). On a shared machine "
+                "both vary with the load: compare entries within one run.",
+                "", *_summary_table(summary, res.seconds, res.cpu_seconds),
+                "", "## Summary (held-out Grams)", "",
+                _reference_note(summary_ho), "",
+                *_summary_table(summary_ho, res.seconds, res.cpu_seconds),
+                "", "## Relative error on the calibration Grams "
+                "(bold = best per task)", "",
+                *_value_table(tasks, prefs, mean, ".4f"), "",
+                "## Relative error on the held-out Grams", "",
+                *_value_table(tasks, prefs, mean_ho, ".4f"), ""],
+      dense=None, plot_title=f"{run.model} layer {prob.layer}, "
+      f"{run.pattern}", metric="rel. error")

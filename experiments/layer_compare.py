@@ -4,13 +4,15 @@
 dense model up to decoder layer `L` and accumulates the input Grams of
 layer `L`'s linears (one per task and group of linears sharing an input),
 plus the dense kernels; the result is cached on disk, keyed by everything
-that determines it. `solve_layer` prunes each linear with every method and
-measures the relative reconstruction error of each model on each task's
-calibration Gram (the objective) and held-out test Gram.
+that determines it. `solve_layer` prunes each linear (its
+`linear_problem.LinearProblem`) with every method and measures the
+relative reconstruction error of each model on each task's calibration
+Gram (the objective) and held-out test Gram.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -23,17 +25,18 @@ import jax
 import numpy as np
 
 from bridge import load
-from experiments import runner
-from mosp_jax import baselines, cli, fetch
-from mosp_jax.config import RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact, walk
+from experiments.entries import Entry
+from mosp_jax import cli, fetch
+from mosp_jax.config import RunConfig
+from mosp_jax.pipeline import artifact, run_record, walk
 from mosp_jax.pipeline.grams import layer_grams
-from mosp_jax.solvers import Pattern, mosp_materialize, mosp_pareto
+from mosp_jax.pipeline.linear_problem import LinearProblem
+from mosp_jax.solvers import Pattern
 
 _CACHE_VERSION = 1
 
 
-class LayerProblem(NamedTuple):
+class CapturedLayer(NamedTuple):
   """The captured inputs of one decoder layer.
 
   layer: its index; num_layers: of the model.
@@ -66,7 +69,7 @@ def load_inputs(run: RunConfig, *, log: Callable[[str], None] = print):
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
   tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
-  calib, test = runner.load_data(run, tokenizer)
+  calib, test = run_record.run_segments(run, tokenizer)
   t_data = time.perf_counter() - t0
   log(f"loading the model {run.model} ...")
   adapter, params, _ = load.load_dense(run.model, tokenizer,
@@ -85,7 +88,7 @@ def _cache_path(run: RunConfig, layer: int) -> pathlib.Path:
   return fetch.cache_dir() / "grams" / f"{slug}-{key.hexdigest()[:24]}.npz"
 
 
-def _save(path: pathlib.Path, prob: LayerProblem) -> None:
+def _save(path: pathlib.Path, prob: CapturedLayer) -> None:
   arrays = {f"calib/{k}": v for k, v in prob.calib.items()}
   arrays |= {f"test/{k}": v for k, v in prob.test.items()}
   arrays |= {f"kernel/{k}": v for k, v in prob.kernels.items()}
@@ -98,13 +101,13 @@ def _save(path: pathlib.Path, prob: LayerProblem) -> None:
       path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
-def _load(path: pathlib.Path) -> LayerProblem:
+def _load(path: pathlib.Path) -> CapturedLayer:
   with np.load(path) as z:
     meta = json.loads(z["meta"].tobytes().decode())
     part = {s: {k.split("/", 1)[1]: z[k] for k in z.files
                 if k.startswith(f"{s}/")} for s in ("calib", "test",
                                                      "kernel")}
-  return LayerProblem(meta["layer"], meta["num_layers"], meta["groups"],
+  return CapturedLayer(meta["layer"], meta["num_layers"], meta["groups"],
                       part["calib"], part["test"], part["kernel"])
 
 
@@ -118,7 +121,7 @@ def check_linears(names: Sequence[str], known: Sequence[str]) -> None:
 
 def capture_layer(run: RunConfig, layer: int = -1, *,
                   linears: Sequence[str] = (), use_cache: bool = True,
-                  log: Callable[[str], None] = print) -> LayerProblem:
+                  log: Callable[[str], None] = print) -> CapturedLayer:
   """Grams of layer `layer` (-1: the middle one) on dense activations;
   `linears` (the ones to solve) are checked as soon as the model is
   known."""
@@ -151,35 +154,13 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
                for g in groups for name in g}
   stacked = {side: {g[0]: np.stack([gr[g[0]] for gr in grams[side]])
                     for g in groups} for side in grams}
-  prob = LayerProblem(target, n_layers, groups, stacked["calib"],
+  prob = CapturedLayer(target, n_layers, groups, stacked["calib"],
                       stacked["test"], kernels)
   log(f"captured layer {target}/{n_layers} in "
       f"{time.perf_counter() - t0:.0f}s")
   if use_cache:
     _save(path, prob)
   return prob
-
-
-class Entry(NamedTuple):
-  """One set of points in a comparison.
-
-  name: its label ('mosp', 'mosp[alpha=0]', 'mosp:W', 'alps-concat',
-    'sparsegpt-mixed', 'magnitude').
-  method: 'mosp' or one of `baselines.METHODS`.
-  protocol: 'pareto' (MOSP's preference models), 'global' (MOSP's stage-1
-    model W), 'concat' (one model on the concatenated calibration
-    [paper-summary]), 'mixed' (one model per preference on `H_lam`
-    [ours]) or 'data-free' (one model, no calibration).
-  cfg: the solver hyperparameters of this entry.
-  """
-  name: str
-  method: str
-  protocol: str
-  cfg: SolverConfig
-
-  def points(self, n_prefs: int) -> int:
-    """How many models (points) the entry has for `n_prefs` preferences."""
-    return n_prefs if self.protocol in ("pareto", "mixed") else 1
 
 
 class LayerResult(NamedTuple):
@@ -196,27 +177,19 @@ class LayerResult(NamedTuple):
   cpu_seconds: dict[str, float]
 
 
-def _solve(entry: Entry, G, W0, prefs_dev, lams, *, pattern: Pattern
-           ) -> dict[str, jax.Array]:
+def _solve(entry: Entry, prob: LinearProblem, prefs_dev: jax.Array,
+           lams: Sequence[jax.Array]) -> dict[str, jax.Array]:
   """`{name: (points, n_in, n_out)}` pruned weights of one entry (a MOSP
   entry also returns its global model under `name + ':W'`)."""
   cfg = entry.cfg
   if entry.method == "mosp":
-    par, _ = mosp_pareto(G, W0, pattern=pattern, cfg=cfg)
-    W = mosp_materialize(par, prefs_dev, pattern=pattern, cfg=cfg,
-                         grams=G, W0=W0)[0]
+    par, _ = prob.pareto(cfg)
+    W = prob.preference_models(par, prefs_dev, cfg)[0]
     return {entry.name: W, f"{entry.name}:W": _stack([par.W])}
-  if entry.protocol == "data-free":
-    Ws = [baselines.prune_single(entry.method, None, W0, pattern=pattern,
-                                 cfg=cfg)]
-  elif entry.protocol == "concat":
-    Ws = [baselines.prune_single(entry.method, walk.concat_gram_jit(G), W0,
-                                 pattern=pattern, cfg=cfg)]
-  else:
-    Ws = [baselines.prune_single(entry.method,
-                                 walk.mixed_gram_jit(G, W0, lam), W0,
-                                 pattern=pattern, cfg=cfg) for lam in lams]
-  return {entry.name: _stack(Ws)}
+  per_model = lams if entry.protocol == "mixed" else [None]
+  return {entry.name: _stack([prob.baseline(entry.method, entry.protocol,
+                                            cfg, lam=lam)
+                              for lam in per_model])}
 
 
 @jax.jit
@@ -224,22 +197,22 @@ def _stack(ws):
   return jax.numpy.stack(ws)
 
 
-def _timed_solve(*args, pattern: Pattern) -> dict[str, jax.Array]:
-  return jax.block_until_ready(_solve(*args, pattern=pattern))
+def _timed_solve(*args) -> dict[str, jax.Array]:
+  return jax.block_until_ready(_solve(*args))
 
 
-def solve_layer(prob: LayerProblem, prefs: np.ndarray,
+def solve_layer(captured: CapturedLayer, prefs: np.ndarray,
                 entries: Sequence[Entry], *, pattern: Pattern,
                 linears: Sequence[str] = (),
                 log: Callable[[str], None] = print) -> LayerResult:
-  """Prunes the linears of `prob` with every entry.
+  """Prunes the linears of `captured` with every entry.
 
   Before the first linear of each shape, each entry is compiled on an
   easy problem of that shape (identity Grams), so the times exclude
   compilation (in a whole-model walk it is amortised over the layers).
   """
-  names = list(linears) or [n for g in prob.groups for n in g]
-  check_linears(names, list(prob.kernels))
+  names = list(linears) or [n for g in captured.groups for n in g]
+  check_linears(names, list(captured.kernels))
   prefs = np.asarray(prefs, np.float32)
   errors: dict[str, dict[str, np.ndarray]] = {}
   heldout: dict[str, dict[str, np.ndarray]] = {}
@@ -250,26 +223,27 @@ def solve_layer(prob: LayerProblem, prefs: np.ndarray,
     prefs_dev = jax.device_put(prefs)
     lams = [jax.device_put(p) for p in prefs]
     for name in names:
-      key = prob.group_of(name)
-      G, Gt, W0 = jax.device_put((prob.calib[key], prob.test[key],
-                                  prob.kernels[name]))
-      m, n_in = prob.calib[key].shape[:2]
-      eye = jax.device_put(np.broadcast_to(np.eye(n_in, dtype=np.float32),
-                                           (m, n_in, n_in)))
+      key = captured.group_of(name)
+      G, Gt, W0 = jax.device_put((captured.calib[key], captured.test[key],
+                                  captured.kernels[name]))
+      lin = LinearProblem(name, W0, G, pattern)
+      held = dataclasses.replace(lin, grams=Gt)
+      m, n_in = captured.calib[key].shape[:2]
+      # Compile on an easy problem of the same shapes (identity Grams:
+      # ADMM settles in a few iterations).
+      easy = dataclasses.replace(lin, grams=jax.device_put(np.broadcast_to(
+          np.eye(n_in, dtype=np.float32), (m, n_in, n_in))))
       for entry in entries:
         if (entry.name, W0.shape) not in compiled:
-          # Compile on an easy problem of the same shapes (identity
-          # Grams: ADMM settles in a few iterations).
-          _timed_solve(entry, eye, W0, prefs_dev, lams, pattern=pattern)
+          _timed_solve(entry, easy, prefs_dev, lams)
           compiled.add((entry.name, W0.shape))
         t0, c0 = time.perf_counter(), time.process_time()
-        out = _timed_solve(entry, G, W0, prefs_dev, lams, pattern=pattern)
+        out = _timed_solve(entry, lin, prefs_dev, lams)
         dt = time.perf_counter() - t0
         seconds[entry.name] += dt
         cpu[entry.name] += time.process_time() - c0
         for label, W in out.items():
-          (e, _), (h, _) = jax.device_get((walk.model_stats(G, W0, W),
-                                           walk.model_stats(Gt, W0, W)))
+          (e, _), (h, _) = jax.device_get((lin.errors(W), held.errors(W)))
           errors.setdefault(label, {})[name] = np.asarray(e, np.float64)
           heldout.setdefault(label, {})[name] = np.asarray(h, np.float64)
         log(f"{name} {tuple(W0.shape)} {entry.name}: {dt:.2f}s, mean rel. "

@@ -60,25 +60,24 @@ def main(argv):
     if layer == FLAGS.pause_after_layer:
       time.sleep(FLAGS.pause_seconds)
 
-  record = run_record.ConfigRecord(run=run, solver=solver)
-  out, resuming = run_record.check_run_dir(record, overwrite=FLAGS.overwrite)
-  if run_record.is_finished(out, resuming):
-    log(runner.NOTHING_REDONE.format(out=out))
-  else:
-    # Bad input and non-finite numbers end the run with one `error:` line
-    # (cli.run); what was already written (artifact layers, checkpoint)
-    # stays valid, and the same command resumes.
-    res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
-                                log=log, on_layer_done=pause, mesh=mesh,
-                                plan=FLAGS.plan,
-                                device_memory_bytes=memory,
-                                offload_streams=FLAGS.offload_streams)
+  out, _, finished = run_record.check_run_dir(
+      run_record.ConfigRecord(run=run, solver=solver),
+      overwrite=FLAGS.overwrite)
+  # A finished run is read back (runner.NOTHING_REDONE). Bad input and
+  # non-finite numbers end the run with one `error:` line (cli.run); what
+  # was already written (artifact layers, checkpoint) stays valid, and the
+  # same command resumes.
+  res = runner.run_experiment(run, solver, overwrite=FLAGS.overwrite,
+                              log=log, on_layer_done=pause, mesh=mesh,
+                              plan=FLAGS.plan, device_memory_bytes=memory,
+                              offload_streams=FLAGS.offload_streams)
+  if not finished:
     artifact.write_text(out / run_record.FLAGS_FILE,
                         FLAGS.flags_into_string())
     log("\n".join(runner.summary_lines(res)))
     log(f"wrote {out}/results.json, report.md, pareto.png, pareto/")
   if FLAGS.export_pref != "none":
-    runner.export_and_check(out, FLAGS.export_pref)
+    runner.export_and_record(out, FLAGS.export_pref)
 
 
 if __name__ == "__main__":

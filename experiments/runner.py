@@ -25,7 +25,13 @@ from bridge import load
 from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import RunConfig, SolverConfig
-from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
+from mosp_jax.pipeline import (
+  artifact,
+  front_plot,
+  preferences,
+  run_record,
+  walk,
+)
 from mosp_jax.pipeline import plan as plan_lib
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.prune import prune_and_evaluate
@@ -108,22 +114,6 @@ def make_run_plan(run: RunConfig, solver: SolverConfig,
       stage1_iters=stage1_iters, offload_streams=offload_streams)
 
 
-def load_data(run: RunConfig, tokenizer
-              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Per task, `(nsamples, seqlen)` calibration and `(n_test, seqlen)`
-  test segments, int32, every task cut to the same number of test
-  segments; a ValueError names the task that is too small."""
-  calib, test = [], []
-  for task in run.tasks:
-    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
-                            seqlen=run.seqlen, test_tokens=run.test_tokens,
-                            seed=run.seed)
-    calib.append(td.calib)
-    test.append(td.test)
-  n_test = min(t.shape[0] for t in test)
-  return calib, [t[:n_test] for t in test]
-
-
 def report_markdown(run: RunConfig, results: run_record.Results) -> str:
   """report.md: the PPL table of every model and the phase timings."""
   tasks = list(run.tasks)
@@ -192,10 +182,12 @@ def _load_model_claiming(run: RunConfig, tokenizer, out: pathlib.Path, *,
     raise
 
 
-def _results(run: RunConfig, solver: SolverConfig, res, test, seconds
+def _results(run: RunConfig, solver: SolverConfig, res: walk.Front,
+             test: list[np.ndarray], seconds: dict[str, float]
              ) -> run_record.Results:
-  """The `Results` record of a finished walk `res` (`WalkResult`)."""
+  """The `Results` record of MOSP's finished walk `res`."""
   tasks = list(run.tasks)
+  assert res.global_ppl is not None  # MOSP's walk evaluates W.
 
   def per_task(values) -> dict[str, float]:
     return dict(zip(tasks, np.asarray(values).tolist(), strict=True))
@@ -203,7 +195,7 @@ def _results(run: RunConfig, solver: SolverConfig, res, test, seconds
   return run_record.Results(
       model=run.model, sparsity=run.pattern.sparsity,
       pattern=str(run.pattern), tasks=tuple(tasks),
-      dense_ppl=per_task(res.dense_ppl),
+      dense_ppl=per_task(res.walk.dense_ppl),
       models=tuple(run_record.ModelResult(
           preference=tuple(pref.tolist()), ppl=per_task(row),
           sparsity=float(s))
@@ -211,7 +203,7 @@ def _results(run: RunConfig, solver: SolverConfig, res, test, seconds
                                            res.sparsity.tolist(),
                                            strict=True)),
       global_ppl=per_task(res.global_ppl), timings=seconds,
-      layers=tuple(res.layers), solver=solver,
+      layers=tuple(res.walk.layers), solver=solver,
       test=run_record.TestSet(
           segments=test[0].shape[0], seqlen=run.seqlen,
           sha256={task: run_record.segments_sha256(t)
@@ -220,15 +212,16 @@ def _results(run: RunConfig, solver: SolverConfig, res, test, seconds
 
 def _write_outputs(out: pathlib.Path, run: RunConfig,
                    meta: run_record.ArtifactMeta,
-                   results: run_record.Results, res) -> None:
-  """meta.json, results.json, report.md and pareto.png of a finished
+                   results: run_record.Results, res: walk.Front) -> None:
+  """meta.json, results.json, report.md and pareto.png of MOSP's finished
   walk `res`."""
+  assert res.global_ppl is not None  # MOSP's walk evaluates W.
   run_record.write_meta(out, meta)
   run_record.write_results(out, results)
   artifact.write_text(out / run_record.REPORT_FILE,
                       report_markdown(run, results))
   front_plot.plot_fronts(out / run_record.PLOT_FILE, list(run.tasks),
-                         res.prefs, res.ppl, res.dense_ppl,
+                         res.prefs, res.ppl, res.walk.dense_ppl,
                          title=f"{run.model}, {run.pattern}",
                          extra={"global model W": res.global_ppl[None]})
 
@@ -259,8 +252,9 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
     ValueError, OSError, ...: a task file or the model cannot be used.
   """
   record = run_record.ConfigRecord(run=run, solver=solver)
-  out, resuming = run_record.check_run_dir(record, overwrite=overwrite)
-  if run_record.is_finished(out, resuming):
+  out, resuming, finished = run_record.check_run_dir(record,
+                                                     overwrite=overwrite)
+  if finished:
     log(NOTHING_REDONE.format(out=out))
     return run_record.read_results(out)
   # The walk reads a random model's layers when it reaches them, so the
@@ -273,7 +267,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
   tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
-  calib, test = load_data(run, tokenizer)
+  calib, test = run_record.run_segments(run, tokenizer)
   t_data = time.perf_counter() - t0
   existed = out.exists()
   run_record.start_run_dir(record, overwrite=overwrite, resuming=resuming)
@@ -298,11 +292,12 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
         artifact_dir=str(out / run_record.ARTIFACT_DIR),
         checkpoint=checkpoint, log=log, on_layer_done=on_layer_done,
         mesh=mesh, offload_streams=offload_streams)
-  seconds = {"load_model": t_model, "load_data": t_data, **res.seconds,
+  seconds = {"load_model": t_model, "load_data": t_data,
+             **res.walk.seconds,
              "wall": time.perf_counter() - t0}
   meta = run_record.ArtifactMeta(
       model=run.model, tasks=tuple(run.tasks), pattern=run.pattern,
-      solver=solver, prefs=prefs, num_layers=len(res.layers),
+      solver=solver, prefs=prefs, num_layers=len(res.walk.layers),
       groups=tuple(tuple(g) for g in adapter.linear_groups()),
       dense_sha256=dense_sha256)
   results = _results(run, solver, res, test, seconds)
@@ -311,16 +306,18 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
   return results
 
 
-def export_and_check(out: pathlib.Path, pref: str) -> None:
-  """--export_pref: export + parity into results.json; exits 1 on failure.
-  Skipped when results.json already records a passing export of `pref`."""
+def export_and_record(out: pathlib.Path, pref: str) -> None:
+  """--export_pref: exports preference `pref` of the run in `out`, checks
+  its parity (`bridge.export_check.export_and_check`) and records the
+  report in results.json; exits 1 on failure. Skipped when results.json
+  already records a passing export of `pref`."""
   from bridge import export_check, pruned
   results = run_record.read_results(out)
   folder = out / f"{run_record.EXPORT_PREFIX}{pruned.preference_tag(pref)}"
-  done = (export_check.ExportReport.from_json(results.export)
-          if results.export else None)
-  if (done is not None and done.ok and pathlib.Path(done.checkpoint).name
-      == folder.name and folder.is_dir()):
+  done = results.export
+  if (done is not None and done.ok
+      and pathlib.Path(done.checkpoint).name == folder.name
+      and folder.is_dir()):
     print(f"{folder} already passed its parity check; nothing was redone",
           flush=True)
     return
@@ -328,7 +325,6 @@ def export_and_check(out: pathlib.Path, pref: str) -> None:
         flush=True)
   report = export_check.export_and_check(
       out, pref, log=functools.partial(print, flush=True))
-  run_record.write_results(out, dataclasses.replace(
-      results, export=report.to_json()))
+  run_record.write_results(out, dataclasses.replace(results, export=report))
   if not report.ok:
     sys.exit(cli.EXIT_FAILURE)

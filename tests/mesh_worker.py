@@ -121,8 +121,9 @@ def pipeline_case() -> dict:
   one, shd = runs["one"], runs["4"]
   return {"ppl": [one.ppl.tolist(), shd.ppl.tolist()],
           "sparsity": [one.sparsity.tolist(), shd.sparsity.tolist()],
-          "rel_error": [[lin["rel_error"] for lin in r.layers[0]["linears"]
-                         .values()] for r in (one, shd)],
+          "rel_error": [[list(map(list, lin.rel_error))
+                         for lin in r.walk.layers[0].linears.values()]
+                        for r in (one, shd)],
       "global_ppl": [one.global_ppl.tolist(), shd.global_ppl.tolist()]}
 
 

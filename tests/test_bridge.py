@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bridge import (
-  export_check,
   hf_import,
   model_files,
   parity_check,
@@ -30,7 +29,7 @@ from bridge import (
 )
 from experiments import runner, shared_flags
 from mosp_jax import cli, models
-from mosp_jax.pipeline import artifact
+from mosp_jax.pipeline import artifact, run_record
 
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
 
@@ -204,11 +203,10 @@ def test_refit_run_exports_the_runs_models(tmp_path):
 
 
 def test_materialized_model_owns_its_arrays(tiny_run):
-  # A run preference is materialised with every run preference in one
-  # batch (bitwise the run's model); the model must keep its own row, not
-  # a view that holds the whole (P, out, in) batch alive.
+  # A run preference is materialised alone, as the run evaluated it; the
+  # model keeps its own arrays, not views of the solver's output.
   run = pruned.read_run(tiny_run)
-  model = pruned.materialize(run, run.prefs[6])
+  model = pruned.preference_model(run, run.prefs[6])
   assert model.run_index == 6 and len(model.masks) == 14
   for (layer, name), mask in model.masks.items():
     assert mask.base is None, (layer, name)
@@ -218,7 +216,7 @@ def test_materialized_model_owns_its_arrays(tiny_run):
 
 
 def test_runner_export_pref_records_parity(tiny_run):
-  runner.export_and_check(tiny_run, "centroid")  # --export_pref=centroid
+  runner.export_and_record(tiny_run, "centroid")  # --export_pref=centroid
   res = json.loads((tiny_run / "results.json").read_text())
   exp = res["export"]
   assert exp["ok"] and exp["problems"] == [] and exp["max_rel_diff"] < 1e-5
@@ -230,12 +228,12 @@ def test_runner_export_pref_records_parity(tiny_run):
   # The record on disk is the typed report's JSON, key for key, in order.
   assert list(exp) == ["checkpoint", "dtype", "preference", "ok", "ppl",
                        "max_rel_diff", "sparsity", "problems"]
-  report = export_check.ExportReport.from_json(exp)
-  assert report.ok and report.ppl[0].task == res["tasks"][0]
-  assert report.to_json() == exp
+  report = run_record.ExportRecord.from_dict(exp)
+  assert report.ok and report.ppl[0]["task"] == res["tasks"][0]
+  assert report.to_dict() == exp
   # A second call reads the passing record back and redoes nothing.
   before = (tiny_run / "results.json").read_bytes()
-  runner.export_and_check(tiny_run, "centroid")
+  runner.export_and_record(tiny_run, "centroid")
   assert (tiny_run / "results.json").read_bytes() == before
 
 

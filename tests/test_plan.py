@@ -13,7 +13,7 @@ import pytest
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.models import paper_configs as pc
 from mosp_jax.pipeline import plan as plan_lib
-from mosp_jax.pipeline import preferences
+from mosp_jax.pipeline import preferences, run_record
 from mosp_jax.pipeline.plan import cost, probes
 from mosp_jax.solvers import Unstructured
 from tests import cli_worker
@@ -281,18 +281,20 @@ def test_check_phases_by_hand():
                                          test_tokens=64, batch_size=2),
                             SolverConfig(), DEVICE)
   phases = [p.name for p in plan.phases]
-  layers = [{**{f"{name}_s": 100.0 for name in phases},
-             "linears": {"q": {"stage1_iters": 30}}},
-            {**{f"{name}_s": 2.0 * (i + 1) for i, name in
-                enumerate(phases)},
-             "linears": {"q": {"stage1_iters": 33},
-                         "o": {"stage1_iters": 36}}},
-            {**{f"{name}_s": 4.0 * (i + 1) for i, name in
-                enumerate(phases)},
-             "linears": {"q": {"stage1_iters": 33}}}]
+  assert phases == ["capture", "solve", "propagate", "evaluate"]
+
+  def record(i: int, seconds: list[float], iters: dict[str, int]
+             ) -> run_record.LayerRecord:
+    return run_record.LayerRecord(
+        i, *seconds, linears={n: run_record.LinearStats(it, (), ())
+                              for n, it in iters.items()})
+
+  layers = [record(0, [100.0] * 4, {"q": 30}),
+            record(1, [2.0, 4.0, 6.0, 8.0], {"q": 33, "o": 36}),
+            record(2, [4.0, 8.0, 12.0, 16.0], {"q": 33})]
   # (30 + 33 + 36 + 33) / 4 = 33.
   assert plan_lib.measured_stage1_iters(layers) == 33
-  assert plan_lib.measured_stage1_iters([{"capture_s": 1.0}]) == 0
+  assert plan_lib.measured_stage1_iters([record(0, [1.0] * 4, {})]) == 0
   checks = plan_lib.check_phases(plan, layers)
   for i, (c, p) in enumerate(zip(checks, plan.phases, strict=True)):
     assert c.name == p.name and c.predicted_s == p.layer_seconds
@@ -337,7 +339,7 @@ def test_check_plan_command(tmp_path):
     assert c["measured_s"] == results["layers"][1][f"{c['name']}_s"]
     assert c["predicted_s"] > 0
   assert report["stage1_iters"]["measured"] == plan_lib.measured_stage1_iters(
-      results["layers"])
+      [run_record.LayerRecord.from_dict(r) for r in results["layers"]])
   assert "process peak resident set" in fresh["stdout"]
   peak = fresh["stdout"].split("measured ")[-1].split(" GiB")[0]
   assert float(peak) * plan_lib.GIB >= report["plan_total_bytes"]

@@ -73,10 +73,10 @@ def test_out_dir_rules(tmp_path):
   with pytest.raises(ValueError, match="not empty and holds no run"):
     run_record.prepare_run_dir(rec, overwrite=False)
   # --overwrite deletes only a run's own outputs.
-  _, resuming = run_record.prepare_run_dir(rec, overwrite=True)
-  assert not resuming and (tmp_path / "keep.txt").read_text() == "x"
+  run_dir = run_record.prepare_run_dir(rec, overwrite=True)
+  assert not run_dir.resuming and (tmp_path / "keep.txt").read_text() == "x"
   # The same configuration resumes; another is refused, naming the field.
-  assert run_record.prepare_run_dir(rec, overwrite=False)[1]
+  assert run_record.prepare_run_dir(rec, overwrite=False).resuming
   rec2 = run_record.ConfigRecord(*parse(f"--out_dir={tmp_path}",
                                          "--sparsity=0.6", "--alpha=0.4"))
   with pytest.raises(ValueError, match="differs in: pattern, solver"):

@@ -14,7 +14,13 @@ from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
 from mosp_jax.pipeline.single_objective import baseline_walk
-from mosp_jax.solvers import Unstructured, mosp_materialize, mosp_pareto
+from mosp_jax.solvers import (
+  Unstructured,
+  concat_gram,
+  mixed_gram,
+  mosp_materialize,
+  mosp_pareto,
+)
 
 PATTERN = Unstructured(0.5)
 CFG = SolverConfig(max_iter=20, stage2_max_iter=20)
@@ -109,9 +115,9 @@ def reference_baseline(adapter, params, calib, method, protocol, lam):
       for name in group:
         W0 = adapter.get_kernel(params, layer, name)
         if protocol == "concat":
-          H = walk.concat_gram_jit(jax.device_put(G))
+          H = jax.jit(concat_gram)(jax.device_put(G))
         elif protocol == "mixed":
-          H = walk.mixed_gram_jit(jax.device_put(G), W0,
+          H = jax.jit(mixed_gram)(jax.device_put(G), W0,
                                   jax.device_put(lam))
         mp = adapter.set_kernel(mp, layer, name, baselines.prune_single(
             method, H, W0, pattern=PATTERN, cfg=CFG))
@@ -131,13 +137,13 @@ def test_mosp_walk_equals_whole_models(problem, walks, streams):
   ppl = np.stack([whole_model_ppl(adapter, mp, test) for mp in models])
   np.testing.assert_array_equal(res.ppl, ppl[:-1])
   np.testing.assert_array_equal(res.global_ppl, ppl[-1])
-  np.testing.assert_array_equal(res.dense_ppl,
+  np.testing.assert_array_equal(res.walk.dense_ppl,
                                 whole_model_ppl(adapter, params, test))
   np.testing.assert_array_equal(res.sparsity, [0.5] * len(PREFS))
-  assert [list(r) for r in res.layers] == [
+  assert [list(r.to_dict()) for r in res.walk.layers] == [
       ["layer", "capture_s", "solve_s", "propagate_s", "evaluate_s",
        "linears"]] * 2
-  assert list(res.seconds) == ["capture", "solve", "propagate", "evaluate",
+  assert list(res.walk.seconds) == ["capture", "solve", "propagate", "evaluate",
                                "walk", "total"]
 
 
@@ -150,7 +156,8 @@ def test_baseline_walk_equals_whole_models(problem, walks, method, protocol):
       adapter, params, calib, method, protocol, lam), test)
                   for lam in res.prefs])
   np.testing.assert_array_equal(res.ppl, ppl)
-  np.testing.assert_array_equal(res.dense_ppl, walks["mosp-global"].dense_ppl)
+  np.testing.assert_array_equal(res.walk.dense_ppl,
+                                walks["mosp-global"].walk.dense_ppl)
 
 
 # Perplexities of the walks above computed by the code before the walk was
@@ -187,7 +194,7 @@ BEFORE = {
 def test_walks_equal_the_code_before_them(walks):
   got = {k: w.ppl.tolist() for k, w in walks.items()}
   got["mosp-global:W"] = walks["mosp-global"].global_ppl.tolist()
-  got["dense"] = walks["mosp-global"].dense_ppl.tolist()
+  got["dense"] = walks["mosp-global"].walk.dense_ppl.tolist()
   assert got.keys() == BEFORE.keys()
   if got == BEFORE:
     return
@@ -224,10 +231,11 @@ def test_resume_from_a_checkpoint_ends_bit_equal(problem, walks, tmp_path):
   res, full = run(log=lines.append), walks["mosp-global"]
   assert lines[0].startswith("resuming after layer 1/2")
   assert lines[1].startswith("layer 2/2: capture ")
-  for key in ("ppl", "global_ppl", "dense_ppl", "sparsity"):
+  for key in ("ppl", "global_ppl", "sparsity"):
     np.testing.assert_array_equal(getattr(res, key), getattr(full, key))
-  assert ([lay["linears"] for lay in res.layers]
-          == [lay["linears"] for lay in full.layers])
+  np.testing.assert_array_equal(res.walk.dense_ppl, full.walk.dense_ppl)
+  assert ([lay.linears for lay in res.walk.layers]
+          == [lay.linears for lay in full.walk.layers])
 
 
 def _layer0_solved(problem, prefs):
@@ -264,7 +272,7 @@ def test_mosp_evaluation_holds_one_preference_layer_at_a_time(problem):
     ev = unit.evaluate(0, lp, carry, advance)
     assert order == list(range(P + 1))
     assert len(ev.zeros) == P + 1
-    assert [len(r["rel_error"]) for r in ev.record["linears"].values()] == [
+    assert [len(r.rel_error) for r in ev.linears.values()] == [
         P + 1] * len(adapter.linear_names())
     counts[P] = seen
     del carry
@@ -282,7 +290,7 @@ def test_walk_refuses_a_unit_that_skips_or_repeats_a_model(problem, calls,
   def evaluate(layer, dense, carry, advance):
     for j in calls:
       advance(j, dense)
-    return walk.Evaluated([0, 0], 1, {})
+    return walk.Evaluated([0, 0], 1)
 
   unit = walk.Unit(tasks=(0,), models=2,
                    solve=lambda layer, dense, grams: ([dense], None),

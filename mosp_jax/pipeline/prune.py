@@ -19,7 +19,6 @@ Embeddings, norms and the LM head stay dense.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -30,16 +29,13 @@ import numpy as np
 
 from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter, Params
-from mosp_jax.pipeline import artifact, walk
+from mosp_jax.pipeline import artifact, linear_problem, run_record, walk
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.solvers import (
   MospInfo,
   ParetoLayer,
   Pattern,
-  mosp_materialize,
-  mosp_pareto,
-  sharding,
 )
 
 
@@ -51,32 +47,6 @@ def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
 STREAMS = ("global", "task")
 
 
-@dataclasses.dataclass(frozen=True)
-class WalkResult:
-  """What a walk measured.
-
-  prefs: `(P, m)` the models' preferences.
-  ppl: `(P, m)` perplexity of model p on task t's test segments.
-  dense_ppl: `(m,)` perplexity of the dense model.
-  sparsity: `(P,)` fraction of exact zeros over all pruned linears.
-  layers: per layer, a dict of timings, solver iterations and per-linear
-    relative errors `(P, m)` on the calibration Grams.
-  seconds: wall time per phase: 'capture', 'solve', 'propagate'
-    (calibration streams), 'evaluate' (materialising the models, test
-    streams, perplexity), 'walk' (= capture + solve + propagate: what
-    pruning costs) and 'total'.
-  global_ppl: `(m,)` perplexity of MOSP's global model `W` (None for the
-    baselines).
-  """
-  prefs: np.ndarray
-  ppl: np.ndarray
-  dense_ppl: np.ndarray
-  sparsity: np.ndarray
-  layers: list[dict]
-  seconds: dict[str, float]
-  global_ppl: np.ndarray | None = None
-
-
 def prune_and_evaluate(
     adapter: Adapter, model: DenseLayers, calib: Sequence[np.ndarray],
     test: Sequence[np.ndarray], prefs: np.ndarray, *, pattern: Pattern,
@@ -86,7 +56,7 @@ def prune_and_evaluate(
     log: Callable[[str], None] = print,
     on_layer_done: Callable[[int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    offload_streams: bool = False) -> WalkResult:
+    offload_streams: bool = False) -> walk.Front:
   """Prunes `model` layer by layer with MOSP and evaluates every model.
 
   Args:
@@ -114,7 +84,7 @@ def prune_and_evaluate(
       layers (`walk.walk_layers`).
 
   Returns:
-    `WalkResult` of the `P` preference models, with `global_ppl` for `W`.
+    `walk.Front` of the `P` preference models, with `global_ppl` for `W`.
   """
   if streams not in STREAMS:
     raise ValueError(f"streams must be one of {STREAMS}, got {streams!r}")
@@ -130,9 +100,8 @@ def prune_and_evaluate(
                          batch_size=batch_size, checkpoint=checkpoint,
                          log=log, on_layer_done=on_layer_done,
                          offload_streams=offload_streams)
-  return WalkResult(prefs=prefs, ppl=res.ppl[:P], dense_ppl=res.dense_ppl,
-                    sparsity=res.sparsity[:P], layers=res.layers,
-                    seconds=res.seconds, global_ppl=res.ppl[P])
+  return walk.Front(prefs=prefs, ppl=res.ppl[:P], sparsity=res.sparsity[:P],
+                    global_ppl=res.ppl[P], walk=res)
 
 
 class _Solved(NamedTuple):
@@ -178,24 +147,24 @@ def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
   m = len(task_grams)
   sets, infos, grams_dev = {}, {}, {}
   global_layer, task_layers = dense, [dense] * m
-  for group in adapter.linear_groups():
-    G_dev = jax.device_put(np.stack([task_grams[i].pop(group[0])
-                                     for i in range(m)]))
-    grams_dev[group[0]] = G_dev
-    for name in group:
-      W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
-      par, info = mosp_pareto(G_dev, W0, pattern=pattern, cfg=cfg,
-                              mesh=mesh)
-      if mesh is not None:
-        par, info = sharding.to_local((par, info), W0)
-      where = f"layer {layer} {name}: pruned weights"
-      walk.check_finite(par.W, where)
-      walk.check_finite(par.W_tasks, where)
-      global_layer = adapter.set_layer_kernel(global_layer, name, par.W)
-      if streams == "task":
-        for i, w in enumerate(_unstack(par.W_tasks)):
-          task_layers[i] = adapter.set_layer_kernel(task_layers[i], name, w)
-      sets[name], infos[name] = par, info
+
+  def to_device(key: str) -> jax.Array:
+    grams_dev[key] = jax.device_put(np.stack([task_grams[i].pop(key)
+                                              for i in range(m)]))
+    return grams_dev[key]
+
+  for prob in linear_problem.layer_problems(adapter, dense, to_device,
+                                            pattern=pattern):
+    par, info = prob.pareto(cfg, mesh=mesh)
+    where = f"layer {layer} {prob.name}: pruned weights"
+    walk.check_finite(par.W, where)
+    walk.check_finite(par.W_tasks, where)
+    global_layer = adapter.set_layer_kernel(global_layer, prob.name, par.W)
+    if streams == "task":
+      for i, w in enumerate(_unstack(par.W_tasks)):
+        task_layers[i] = adapter.set_layer_kernel(task_layers[i], prob.name,
+                                                  w)
+    sets[prob.name], infos[prob.name] = par, info
   through = task_layers if streams == "task" else [global_layer] * m
   return through, _Solved(sets, infos, grams_dev, global_layer)
 
@@ -214,37 +183,32 @@ def _evaluate_layer(layer: int, dense: Params, s: _Solved,
   errors: dict[str, list] = {}
   for p in range(P + 1):
     model_layer = dense if p < P else s.global_layer
-    for group in adapter.linear_groups():
-      G_dev = s.grams_dev[group[0]]
-      for name in group:
-        W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
-        if p < P:
-          W = mosp_materialize(s.sets[name], prefs[p],
-                               pattern=pattern, cfg=cfg, grams=G_dev,
-                               W0=W0)[0]
-          model_layer = adapter.set_layer_kernel(model_layer, name, W[0])
-        else:
-          W = jnp.asarray(s.sets[name].W)[None]
-        errs, nz = jax.device_get(walk.model_stats(G_dev, W0, W))
-        zeros[p] += nz[0]
-        errors.setdefault(name, []).append(errs[0].tolist())
+    for prob in linear_problem.layer_problems(
+        adapter, dense, s.grams_dev.__getitem__, pattern=pattern):
+      if p < P:
+        W = prob.preference_models(s.sets[prob.name], prefs[p], cfg)[0]
+        model_layer = adapter.set_layer_kernel(model_layer, prob.name, W[0])
+      else:
+        W = jnp.asarray(s.sets[prob.name].W)[None]
+      errs, nz = jax.device_get(prob.errors(W))
+      zeros[p] += nz[0]
+      errors.setdefault(prob.name, []).append(errs[0].tolist())
     advance(p, model_layer)
   weights = sum(adapter.get_layer_kernel(dense, name).size
                 for name in adapter.linear_names())
-  stats = {}
-  for name, info in jax.device_get(s.infos).items():
-    stats[name] = {"stage1_iters": int(info.stage1.iters),
-                   "stage2_iters": np.asarray(info.stage2.iters).tolist(),
-                   "rel_error": errors[name]}
-  return walk.Evaluated(zeros, weights, {"linears": stats})
+  linears = {name: run_record.LinearStats(
+      stage1_iters=int(info.stage1.iters),
+      stage2_iters=tuple(np.asarray(info.stage2.iters).tolist()),
+      rel_error=tuple(map(tuple, errors[name])))
+             for name, info in jax.device_get(s.infos).items()}
+  return walk.Evaluated(zeros, weights, linears)
 
 
 def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
                 groups: list[list[str]], cfg: SolverConfig) -> None:
-  """Saves the layer's Pareto sets to the artifact."""
-  # [ours] A refit needs the Grams again when a preference is
-  # materialised later (export); the paper's Pareto set does not.
+  """Saves the layer's Pareto sets to the artifact, with the Grams when
+  a preference materialised later (the export) needs them."""
   grams = ({g[0]: np.asarray(jax.device_get(s.grams_dev[g[0]]))
-            for g in groups} if cfg.pref_refit_iters > 0 else None)
+            for g in groups} if linear_problem.needs_grams(cfg) else None)
   artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
                       grams=grams)

@@ -25,12 +25,13 @@ import json
 import pathlib
 import shutil
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from mosp_jax import cli
+from mosp_jax import data as data_lib
 from mosp_jax.config import RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import NM, Pattern, Unstructured
@@ -203,6 +204,109 @@ class TestSet:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearStats:
+  """MOSP's diagnostics of one linear in one layer.
+
+  stage1_iters: iterations of the stage-1 dual ADMM.
+  stage2_iters: `(m,)` iterations of each task's stage-2 ADMM.
+  rel_error: `(P + 1, m)` relative reconstruction error on the
+    calibration Grams of each preference model, then of `W`.
+  """
+  stage1_iters: int
+  stage2_iters: tuple[int, ...]
+  rel_error: tuple[tuple[float, ...], ...]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"stage1_iters": self.stage1_iters,
+            "stage2_iters": list(self.stage2_iters),
+            "rel_error": [list(row) for row in self.rel_error]}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> LinearStats:
+    return cls(stage1_iters=int(d["stage1_iters"]),
+               stage2_iters=tuple(int(i) for i in d["stage2_iters"]),
+               rel_error=tuple(tuple(float(e) for e in row)
+                               for row in d["rel_error"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+  """What the walk measured on one decoder layer (`walk.walk_layers`).
+
+  layer: its index.
+  capture_s, solve_s, propagate_s, evaluate_s: wall seconds of each
+    phase (`evaluate_s` None in runs written before it was measured).
+  linears: per linear, MOSP's diagnostics (empty for a baseline's walk,
+    and then left out of the JSON).
+  """
+  layer: int
+  capture_s: float
+  solve_s: float
+  propagate_s: float
+  evaluate_s: float | None
+  linears: Mapping[str, LinearStats] = dataclasses.field(
+      default_factory=dict)
+
+  def to_dict(self) -> dict[str, Any]:
+    d: dict[str, Any] = {"layer": self.layer, "capture_s": self.capture_s,
+                         "solve_s": self.solve_s,
+                         "propagate_s": self.propagate_s}
+    if self.evaluate_s is not None:
+      d["evaluate_s"] = self.evaluate_s
+    if self.linears:
+      d["linears"] = {k: v.to_dict() for k, v in self.linears.items()}
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> LayerRecord:
+    evaluate_s = d.get("evaluate_s")
+    return cls(layer=int(d["layer"]), capture_s=float(d["capture_s"]),
+               solve_s=float(d["solve_s"]),
+               propagate_s=float(d["propagate_s"]),
+               evaluate_s=None if evaluate_s is None else float(evaluate_s),
+               linears={k: LinearStats.from_dict(v)
+                        for k, v in d.get("linears", {}).items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRecord:
+  """The `--export_pref` parity report recorded in results.json
+  (`bridge.export_check.export_and_check`).
+
+  checkpoint: the exported folder; dtype: its weights' dtype.
+  preference: `(m,)` the exported preference.
+  ok: whether the parity check passed.
+  ppl: per task, the check's perplexities (`parity_check.TaskPpl` as a
+    dict: task, torch, jax, rel_diff, run, run_rel_diff).
+  max_rel_diff: the largest relative torch/JAX perplexity difference.
+  sparsity: `(min, max)` sparsity over the pruned linears, or None.
+  problems: what failed, one line each.
+  """
+  checkpoint: str
+  dtype: str
+  preference: tuple[float, ...]
+  ok: bool
+  ppl: tuple[Mapping[str, Any], ...]
+  max_rel_diff: float
+  sparsity: tuple[float, float] | None
+  problems: tuple[str, ...]
+
+  def to_dict(self) -> dict[str, Any]:
+    return _json_normal(dataclasses.asdict(self))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ExportRecord:
+    sparsity = d["sparsity"]
+    return cls(checkpoint=str(d["checkpoint"]), dtype=str(d["dtype"]),
+               preference=tuple(float(x) for x in d["preference"]),
+               ok=bool(d["ok"]), ppl=tuple(dict(r) for r in d["ppl"]),
+               max_rel_diff=float(d["max_rel_diff"]),
+               sparsity=None if sparsity is None else (
+                   float(sparsity[0]), float(sparsity[1])),
+               problems=tuple(str(p) for p in d["problems"]))
+
+
+@dataclasses.dataclass(frozen=True)
 class Results:
   """`results.json`: what a finished run measured.
 
@@ -213,7 +317,7 @@ class Results:
     models: the preference models, in the run's order.
     global_ppl: PPL per task of the global model `W`.
     timings: wall seconds per phase.
-    layers: per decoder layer, its phase seconds.
+    layers: per decoder layer, its phase seconds and MOSP's diagnostics.
     test: the test set's fingerprints (None in old runs).
     export: the `--export_pref` parity report, once one ran.
   """
@@ -225,10 +329,10 @@ class Results:
   models: tuple[ModelResult, ...]
   global_ppl: dict[str, float]
   timings: dict[str, float]
-  layers: tuple[dict[str, Any], ...]
+  layers: tuple[LayerRecord, ...]
   solver: SolverConfig
   test: TestSet | None = None
-  export: dict[str, Any] | None = None
+  export: ExportRecord | None = None
 
   def to_dict(self) -> dict[str, Any]:
     d = {"model": self.model, "sparsity": self.sparsity,
@@ -236,12 +340,13 @@ class Results:
          "dense_ppl": self.dense_ppl,
          "models": [dataclasses.asdict(m) for m in self.models],
          "global_model": {"ppl": self.global_ppl},
-         "timings": self.timings, "layers": list(self.layers),
+         "timings": self.timings,
+         "layers": [layer.to_dict() for layer in self.layers],
          "solver": dataclasses.asdict(self.solver),
          "test": None if self.test is None else dataclasses.asdict(
              self.test)}
     if self.export is not None:
-      d["export"] = self.export
+      d["export"] = self.export.to_dict()
     return _json_normal(d)
 
   @classmethod
@@ -257,13 +362,33 @@ class Results:
                                    sparsity=float(m["sparsity"]))
                        for m in d["models"]),
           global_ppl=dict(d["global_model"]["ppl"]),
-          timings=dict(d["timings"]), layers=tuple(d["layers"]),
+          timings=dict(d["timings"]),
+          layers=tuple(LayerRecord.from_dict(r) for r in d["layers"]),
           solver=SolverConfig(**d["solver"]),
           test=None if test is None else TestSet(**test),
-          export=d.get("export"))
+          export=None if d.get("export") is None
+          else ExportRecord.from_dict(d["export"]))
     except (KeyError, TypeError, ValueError) as e:
       raise RunRecordError(f"not a run's {RESULTS_FILE} "
                            f"({type(e).__name__}: {e})") from e
+
+
+def run_segments(run: RunConfig, tokenizer: Any
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Per task, the run's `(nsamples, seqlen)` calibration and `(n_test,
+  seqlen)` test segments, int32, every task cut to the same number of
+  test segments: as the runner builds them and a later reader (the
+  export's parity check) rebuilds them; a ValueError names a task that is
+  too small."""
+  calib, test = [], []
+  for task in run.tasks:
+    td = data_lib.load_task(task, tokenizer, nsamples=run.nsamples,
+                            seqlen=run.seqlen, test_tokens=run.test_tokens,
+                            seed=run.seed)
+    calib.append(td.calib)
+    test.append(td.test)
+  n_test = min(t.shape[0] for t in test)
+  return calib, [t[:n_test] for t in test]
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -309,17 +434,29 @@ def write_meta(out: pathlib.Path, meta: ArtifactMeta) -> None:
   artifact.write_json(out / ARTIFACT_DIR / artifact.META, meta.to_dict())
 
 
-def check_run_dir(record: ConfigRecord, *, overwrite: bool
-                  ) -> tuple[pathlib.Path, bool]:
-  """Checks --out_dir without writing anything; returns `(path,
-  resuming)`.
+class RunDir(NamedTuple):
+  """--out_dir as a run finds it (`check_run_dir`).
 
-  A directory holding a run of the same configuration is resumed; one
+  path: the directory.
+  resuming: it holds a run of the same configuration, to be resumed.
+  finished: that run's results are complete: nothing to redo (the
+    runner reads them back).
+  """
+  path: pathlib.Path
+  resuming: bool
+  finished: bool
+
+
+def check_run_dir(record: ConfigRecord, *, overwrite: bool) -> RunDir:
+  """Checks --out_dir without writing anything: the one resume check.
+
+  A directory holding a run of the same configuration is resumed (and
+  finished when its results are complete and no checkpoint is left); one
   holding anything else is refused (`cli.UsageError`) unless `overwrite`.
   """
   out = cli.check_out_dir(record.run.out_dir, flag="--out_dir")
   if not (out.is_dir() and any(out.iterdir())) or overwrite:
-    return out, False
+    return RunDir(out, False, False)
   cfg = out / CONFIG_FILE
   try:
     prev = json.loads(cfg.read_text()) if cfg.is_file() else None
@@ -334,7 +471,8 @@ def check_run_dir(record: ConfigRecord, *, overwrite: bool
     except RunRecordError:
       pass
   if prev == now:
-    return out, True
+    return RunDir(out, True, (out / RESULTS_FILE).exists()
+                  and not (out / CHECKPOINT_DIR).exists())
   if not isinstance(prev, dict):
     raise cli.UsageError(f"--out_dir {out} is not empty and holds no run; "
                          "choose a new directory or pass --overwrite")
@@ -370,16 +508,8 @@ def start_run_dir(record: ConfigRecord, *, overwrite: bool,
   return out
 
 
-def prepare_run_dir(record: ConfigRecord, *, overwrite: bool
-                    ) -> tuple[pathlib.Path, bool]:
-  """`check_run_dir`, then `start_run_dir`; returns `(path, resuming)`."""
-  out, resuming = check_run_dir(record, overwrite=overwrite)
-  start_run_dir(record, overwrite=overwrite, resuming=resuming)
-  return out, resuming
-
-
-def is_finished(out: pathlib.Path, resuming: bool) -> bool:
-  """Whether --out_dir already holds the complete results of this
-  configuration (nothing to redo)."""
-  return (resuming and (out / RESULTS_FILE).exists()
-          and not (out / CHECKPOINT_DIR).exists())
+def prepare_run_dir(record: ConfigRecord, *, overwrite: bool) -> RunDir:
+  """`check_run_dir`, then `start_run_dir`."""
+  run_dir = check_run_dir(record, overwrite=overwrite)
+  start_run_dir(record, overwrite=overwrite, resuming=run_dir.resuming)
+  return run_dir

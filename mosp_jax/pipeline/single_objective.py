@@ -23,18 +23,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter, Params
-from mosp_jax.pipeline import walk
+from mosp_jax.pipeline import linear_problem, walk
 from mosp_jax.pipeline.layer_source import DenseLayers
-from mosp_jax.pipeline.prune import WalkResult
 from mosp_jax.solvers import Pattern
 
-PROTOCOLS = ("concat", "mixed", "data-free")
+PROTOCOLS = linear_problem.PROTOCOLS
 
 
 @jax.jit
@@ -48,7 +46,7 @@ def baseline_walk(
     pattern: Pattern, cfg: SolverConfig, batch_size: int,
     protocol: str = "mixed",
     log: Callable[[str], None] = print,
-    offload_streams: bool = False) -> WalkResult:
+    offload_streams: bool = False) -> walk.Front:
   """Prunes `model` with `method` under `protocol` and evaluates.
 
   Args:
@@ -66,7 +64,7 @@ def baseline_walk(
     offload_streams: keep the streams in host memory between layers.
 
   Returns:
-    `WalkResult` with `(P, m)` perplexities for 'mixed', `(1, m)` for the
+    `walk.Front` with `(P, m)` perplexities for 'mixed', `(1, m)` for the
     one model of the others (its `prefs` row the uniform mix, which the
     concatenated data weighs equally); `layers` holds per-layer timings.
   """
@@ -92,9 +90,8 @@ def baseline_walk(
   res = walk.walk_layers(adapter, model, calib, test, units,
                          batch_size=batch_size, label=f"{method}-{protocol} ",
                          log=log, offload_streams=offload_streams)
-  return WalkResult(prefs=prefs, ppl=res.ppl, dense_ppl=res.dense_ppl,
-                    sparsity=res.sparsity, layers=res.layers,
-                    seconds=res.seconds)
+  return walk.Front(prefs=prefs, ppl=res.ppl, sparsity=res.sparsity,
+                    global_ppl=None, walk=res)
 
 
 def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
@@ -108,35 +105,28 @@ def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
   used = () if protocol == "data-free" else tuple(
       i for i in range(m) if lam[i] > 0)
   lam_dev = jax.device_put(lam)
-  groups = adapter.linear_groups()
-
-  def gram(G_dev: jax.Array | None, W0: jax.Array) -> jax.Array | None:
-    if protocol == "data-free":
-      return None
-    if protocol == "concat":
-      return walk.concat_gram_jit(G_dev)
-    return walk.mixed_gram_jit(G_dev, W0, lam_dev)
 
   def solve(layer: int, dense: Params, grams: dict[int, walk.Grams]
             ) -> tuple[list[Params], Any]:
+    def to_device(key: str) -> jax.Array | None:
+      if not used:
+        return None
+      # Tasks the model does not weigh enter as zero Grams.
+      G = np.zeros((m, *grams[used[0]][key].shape), np.float32)
+      for i in used:
+        G[i] = grams[i][key]
+      return jax.device_put(G)
+
     lp, zeros, weights = dense, 0, 0
-    for group in groups:
-      G_dev = None
-      if used:
-        # Tasks the model does not weigh enter as zero Grams.
-        G = np.zeros((m, *grams[used[0]][group[0]].shape), np.float32)
-        for i in used:
-          G[i] = grams[i][group[0]]
-        G_dev = jax.device_put(G)
-      for name in group:
-        W0 = adapter.get_layer_kernel(dense, name).astype(jnp.float32)
-        W = baselines.prune_single(method, gram(G_dev, W0), W0,
-                                   pattern=pattern, cfg=cfg)
-        walk.check_finite(W, f"{where}layer {layer} {name}: pruned weights")
-        lp = adapter.set_layer_kernel(lp, name, W)
-        zeros += int(jax.device_get(_zeros(W)))
-        weights += W0.size
-    return [lp] * len(used), (lp, walk.Evaluated([zeros], weights, {}))
+    for prob in linear_problem.layer_problems(adapter, dense, to_device,
+                                              pattern=pattern):
+      W = prob.baseline(method, protocol, cfg, lam=lam_dev)
+      walk.check_finite(W, f"{where}layer {layer} {prob.name}: pruned "
+                        "weights")
+      lp = adapter.set_layer_kernel(lp, prob.name, W)
+      zeros += int(jax.device_get(_zeros(W)))
+      weights += prob.W0.size
+    return [lp] * len(used), (lp, walk.Evaluated([zeros], weights))
 
   def evaluate(layer: int, dense: Params, solved: Any,
                advance: walk.Advance) -> walk.Evaluated:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,11 +34,12 @@ from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.grams import NonFiniteError, layer_grams
 from mosp_jax.pipeline.layer_source import DenseLayers
-from mosp_jax.solvers import concat_gram, mixed_gram
+from mosp_jax.pipeline.run_record import LayerRecord, LinearStats
 
-# Batches (B, T) of ids or (B, T, d) states: on the device, or in host
-# memory when offloaded (`keep`).
-Stream = list[jax.Array | np.ndarray]
+# A stream: the batches (B, T) of ids or (B, T, d) states of some
+# segments, on the device, or in host memory when offloaded (`keep`).
+# (Not `data.Stream`, a tokenised document stream.)
+BatchStream = list[jax.Array | np.ndarray]
 Grams = dict[str, np.ndarray]  # {first linear of a group: (n_in, n_in)}
 
 
@@ -120,28 +121,10 @@ def nll_chunked(adapter: Adapter, params: Params, hidden: jax.Array,
                                      valid.reshape(k, chunk))))
 
 
-# Gram combinations of the baselines, jitted once for every caller.
-mixed_gram_jit = jax.jit(mixed_gram)
-concat_gram_jit = jax.jit(concat_gram)
-
-
-@jax.jit
-def model_stats(grams: jax.Array, W0: jax.Array,
-                W: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(P, m)` relative reconstruction error of each of the models
-  `W (P, n, o)` on each task's Gram `grams (m, n, n)` against the dense
-  `W0 (n, o)`, and `(P,)` exact zeros per model."""
-  E = W - W0[None]                                        # (P, n, o)
-  num = jnp.einsum("pio,mij,pjo->pm", E, grams, E)
-  den = jnp.einsum("io,mij,jo->m", W0, grams, W0)
-  return (num / jnp.where(den > 0, den, 1.0)[None],
-          jnp.sum(W == 0, axis=(1, 2)))
-
-
 # Streams.
 
 
-def device_batches(ids: np.ndarray, batch_size: int) -> Stream:
+def device_batches(ids: np.ndarray, batch_size: int) -> BatchStream:
   """Host `(N, T)` -> device batches; a stream is a list of these (no
   device-side slicing, so nothing moves implicitly)."""
   return [jax.device_put(ids[lo:lo + batch_size])
@@ -149,14 +132,15 @@ def device_batches(ids: np.ndarray, batch_size: int) -> Stream:
 
 
 def embed_stream(adapter: Adapter, params: Params, ids: np.ndarray,
-                 batch_size: int) -> Stream:
+                 batch_size: int) -> BatchStream:
   """Host segments `(N, T)` -> the stream of their embeddings."""
   return [embed(adapter, params, b)
           for b in device_batches(np.asarray(ids), batch_size)]
 
 
 def advance_stream(adapter: Adapter, layer_params: Params,
-                   stream: Stream, *, offload: bool = False) -> Stream:
+                   stream: BatchStream, *,
+                   offload: bool = False) -> BatchStream:
   """Every batch of `stream` through one decoder layer; with `offload` the
   batches live in host memory and visit the device one at a time."""
   return [keep(advance(adapter, layer_params, jax.device_put(h)), offload)
@@ -170,7 +154,7 @@ def keep(batch: jax.Array, offload: bool) -> jax.Array | np.ndarray:
 
 
 def dense_stream(adapter: Adapter, params: Params, ids: np.ndarray, *,
-                 batch_size: int, layers: int | None = None) -> Stream:
+                 batch_size: int, layers: int | None = None) -> BatchStream:
   """The dense model's states entering layer `layers` (default: after the
   last layer) for host segments `(N, T)`."""
   stream = embed_stream(adapter, params, ids, batch_size)
@@ -181,8 +165,8 @@ def dense_stream(adapter: Adapter, params: Params, ids: np.ndarray, *,
   return stream
 
 
-def stream_ppl(adapter: Adapter, params: Params, stream: Stream,
-               ids: Stream) -> float:
+def stream_ppl(adapter: Adapter, params: Params, stream: BatchStream,
+               ids: BatchStream) -> float:
   """Perplexity of hidden states after the last layer `(B, T, d)` batches
   against their token batches `(B, T)`: exp of the mean next-token NLL,
   summed per batch on the host in float64."""
@@ -241,11 +225,12 @@ class Evaluated(NamedTuple):
 
   zeros: per evaluated model, exact zeros in its pruned linears.
   weights: weights in the pruned linears of one model.
-  record: JSON-able entries of the layer's record (e.g. 'linears').
+  linears: per linear, the unit's diagnostics for the layer's record
+    (MOSP's; none for a baseline).
   """
   zeros: Sequence[int] | np.ndarray
   weights: int
-  record: dict
+  linears: Mapping[str, LinearStats] = {}
 
 
 # `advance(j, layer_params)`: model j's test streams through its layer.
@@ -288,8 +273,7 @@ class Walk(NamedTuple):
     order) on each task's test segments.
   dense_ppl: `(m,)` perplexity of the dense model.
   sparsity: `(M,)` fraction of exact zeros over the pruned linears.
-  layers: per layer, `{'layer', 'capture_s', 'solve_s', 'propagate_s',
-    'evaluate_s'}` and the units' records.
+  layers: per layer, its phase seconds and the units' diagnostics.
   seconds: wall time per phase: 'capture', 'solve', 'propagate', 'evaluate'
     (test streams, perplexity), 'walk' (= capture + solve + propagate) and
     'total'.
@@ -297,15 +281,36 @@ class Walk(NamedTuple):
   ppl: np.ndarray
   dense_ppl: np.ndarray
   sparsity: np.ndarray
-  layers: list[dict]
+  layers: list[LayerRecord]
   seconds: dict[str, float]
+
+
+class Front(NamedTuple):
+  """One method's models as its walk measured them (`prune.py`,
+  `single_objective.py`): the walk's models split into the preference
+  models and, for MOSP, the global model `W`.
+
+  prefs: `(P, m)` the models' preferences (a one-model baseline's row is
+    the uniform mix, which the concatenated data weighs equally).
+  ppl: `(P, m)` perplexity of model p on task t's test segments.
+  sparsity: `(P,)` fraction of exact zeros over all pruned linears.
+  global_ppl: `(m,)` perplexity of MOSP's global model `W` (None for the
+    baselines).
+  walk: the walk itself: the dense model's perplexity, the per-layer
+    records and the seconds per phase.
+  """
+  prefs: np.ndarray
+  ppl: np.ndarray
+  sparsity: np.ndarray
+  global_ppl: np.ndarray | None
+  walk: Walk
 
 
 _PHASES = ("capture", "solve", "propagate", "evaluate")
 
 
 def _capture(adapter: Adapter, layer: int, lp: Params, unit: Unit,
-             calib: Sequence[Stream], sums: dict[str, np.ndarray]
+             calib: Sequence[BatchStream], sums: dict[str, np.ndarray]
              ) -> dict[int, Grams]:
   return {i: layer_grams(adapter, lp, s, sums=sums,
                          where=f"{unit.where}layer {layer}, task {i}")
@@ -313,8 +318,8 @@ def _capture(adapter: Adapter, layer: int, lp: Params, unit: Unit,
 
 
 def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
-                   layers: Sequence[Params], calib: Sequence[Stream],
-                   offload: bool) -> list[Stream]:
+                   layers: Sequence[Params], calib: Sequence[BatchStream],
+                   offload: bool) -> list[BatchStream]:
   out = [advance_stream(adapter, lp, s, offload=offload)
          for lp, s in zip(layers, calib, strict=True)]
   for i, stream in zip(unit.tasks, out, strict=True):
@@ -324,13 +329,13 @@ def _advance_calib(adapter: Adapter, layer: int, unit: Unit,
 
 
 def _evaluate(adapter: Adapter, unit: Unit, layer: int, lp: Params,
-              carry: Any, tests: Sequence[list[Stream]], offload: bool
-              ) -> tuple[list[list[Stream]], Evaluated]:
+              carry: Any, tests: Sequence[list[BatchStream]], offload: bool
+              ) -> tuple[list[list[BatchStream]], Evaluated]:
   """`unit.evaluate` with the `advance` it calls: each model's test
   streams `tests[j]` (one per task) through that model's layer, waited
   for before the next model's layer is built. Returns the advanced
   streams and the unit's `Evaluated`."""
-  out: dict[int, list[Stream]] = {}
+  out: dict[int, list[BatchStream]] = {}
 
   def advance(j: int, model_layer: Params) -> None:
     if not 0 <= j < unit.models or j in out:
@@ -353,11 +358,10 @@ def _evaluate(adapter: Adapter, unit: Unit, layer: int, lp: Params,
 def _walk_layer(
     adapter: Adapter, model: DenseLayers, layer: int, units: Sequence[Unit],
     state: dict[str, list], offload: bool, sums: dict[str, np.ndarray]
-) -> tuple[dict[str, list], dict[str, float], dict, np.ndarray, np.ndarray]:
-  """One decoder layer of every unit: `(state, times, record, zeros,
-  weights)`, times per phase in seconds (reading the layer counts as
-  capture); `sums`: the host's Gram accumulators, reused
-  (`grams.accumulate`)."""
+) -> tuple[dict[str, list], LayerRecord, np.ndarray, np.ndarray]:
+  """One decoder layer of every unit: `(state, record, zeros, weights)`,
+  the record's seconds per phase (reading the layer counts as capture);
+  `sums`: the host's Gram accumulators, reused (`grams.accumulate`)."""
   times = dict.fromkeys(_PHASES, 0.0)
   t0 = time.perf_counter()
   lp = model.layer(layer)
@@ -365,7 +369,7 @@ def _walk_layer(
     check_finite(adapter.get_layer_kernel(lp, name),
                  f"layer {layer} {name}: dense weights")
   times["capture"] += time.perf_counter() - t0
-  record: dict = {}
+  linears: dict[str, LinearStats] = {}
   zeros: list[int] = []
   weights: list[int] = []
   calib, tests = list(state["calib"]), list(state["test"])
@@ -388,7 +392,7 @@ def _walk_layer(
       times[key] += dt
     if unit.commit is not None:
       unit.commit(layer, carry)
-    record |= ev.record
+    linears |= ev.linears
     zeros += list(ev.zeros)
     weights += [ev.weights] * unit.models
   t0 = time.perf_counter()
@@ -396,8 +400,39 @@ def _walk_layer(
                                                 offload=offload)
                                  for s in state["dense"]])
   times["evaluate"] += time.perf_counter() - t0
-  return ({"calib": calib, "test": tests, "dense": dense}, times, record,
+  record = LayerRecord(layer, times["capture"], times["solve"],
+                       times["propagate"], times["evaluate"], linears)
+  return ({"calib": calib, "test": tests, "dense": dense}, record,
           np.asarray(zeros, np.float64), np.asarray(weights, np.float64))
+
+
+class _Progress(NamedTuple):
+  """What the walk has done so far (and what a checkpoint holds): the
+  first layer still to walk, its input streams, the `(M,)` float64 counts
+  of exact zeros and of weights, the per-layer records and the seconds
+  per phase."""
+  first: int
+  state: dict[str, list]
+  zeros: np.ndarray
+  weights: np.ndarray
+  layers: list[LayerRecord]
+  seconds: dict[str, float]
+
+  def after(self, record: LayerRecord, state: dict[str, list],
+            zeros: np.ndarray, weights: np.ndarray) -> _Progress:
+    """The progress once `record`'s layer is walked."""
+    seconds = {k: self.seconds[k] + getattr(record, f"{k}_s")
+               for k in _PHASES}
+    return _Progress(record.layer + 1, state, self.zeros + zeros,
+                     self.weights + weights, [*self.layers, record],
+                     seconds)
+
+  def save(self, checkpoint: LayerCheckpoint) -> None:
+    checkpoint.save(self.first - 1, {"streams": self.state,
+                                     "zeros": self.zeros,
+                                     "weights": self.weights},
+                    {"layers": [r.to_dict() for r in self.layers],
+                     "seconds": self.seconds})
 
 
 def walk_layers(
@@ -429,94 +464,86 @@ def walk_layers(
     `Walk` of the units' models and the dense model.
   """
   t_start = time.perf_counter()
-  state = _embedded(adapter, model.outer, calib, test, units, batch_size,
-                    offload_streams)
-  test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
   n_models = sum(u.models for u in units)
   n_layers = model.num_layers
-  first, state, zeros, weights, layers_out, seconds = _start(
-      checkpoint, state, n_models)
-  if checkpoint is not None and first > 0:
-    log(f"resuming after layer {first}/{n_layers} from {checkpoint.directory}")
+  progress = _start(checkpoint, _embedded(
+      adapter, model.outer, calib, test, units, batch_size,
+      offload_streams), n_models)
+  test_ids = [device_batches(np.asarray(t), batch_size) for t in test]
+  if checkpoint is not None and progress.first > 0:
+    log(f"resuming after layer {progress.first}/{n_layers} from "
+        f"{checkpoint.directory}")
   durations = []
   sums: dict[str, np.ndarray] = {}
-  for layer in range(first, n_layers):
-    state, times, record, z, w = _walk_layer(adapter, model, layer, units,
-                                             state, offload_streams, sums)
-    zeros, weights = zeros + z, weights + w
-    for key in _PHASES:
-      seconds[key] += times[key]
-    durations.append(sum(times.values()))
-    layers_out.append({"layer": layer, **{f"{k}_s": times[k]
-                                          for k in _PHASES}, **record})
+  for layer in range(progress.first, n_layers):
+    state, record, zeros, weights = _walk_layer(
+        adapter, model, layer, units, progress.state, offload_streams, sums)
+    progress = progress.after(record, state, zeros, weights)
     if checkpoint is not None:
-      checkpoint.save(layer, {"streams": state, "zeros": zeros,
-                              "weights": weights},
-                      {"layers": layers_out, "seconds": seconds})
-    done = time.perf_counter() - t_start
+      progress.save(checkpoint)
+    durations.append(sum(getattr(record, f"{k}_s") for k in _PHASES))
     log(f"{label}layer {layer + 1}/{n_layers}: "
-        f"{_progress(times, done, durations, n_layers - layer - 1)}")
+        + _progress(record, time.perf_counter() - t_start, durations,
+                    n_layers - layer - 1))
     if on_layer_done is not None:
       on_layer_done(layer)
+  return _finish(adapter, model.outer, progress, test_ids, t_start)
 
-  t5 = time.perf_counter()
-  dense_ppl, ppl = _final_ppl(adapter, model.outer, state, test_ids)
-  seconds["evaluate"] += time.perf_counter() - t5
+
+def _finish(adapter: Adapter, params: Params, progress: _Progress,
+            test_ids: Sequence[BatchStream], t_start: float) -> Walk:
+  """The `Walk` after the last layer: every model's perplexity on the
+  test batches `test_ids` (one stream per task; timed as 'evaluate') and
+  the totals."""
+  t0 = time.perf_counter()
+  dense_ppl, ppl = _final_ppl(adapter, params, progress.state, test_ids)
+  seconds = dict(progress.seconds)
+  seconds["evaluate"] += time.perf_counter() - t0
   seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
       "propagate"]
   seconds["total"] = time.perf_counter() - t_start
-  return Walk(ppl=ppl.reshape(n_models, len(test)), dense_ppl=dense_ppl,
-              sparsity=zeros / np.maximum(weights, 1), layers=layers_out,
-              seconds=seconds)
+  return Walk(ppl=ppl.reshape(-1, len(test_ids)), dense_ppl=dense_ppl,
+              sparsity=progress.zeros / np.maximum(progress.weights, 1),
+              layers=progress.layers, seconds=seconds)
 
 
 def _start(checkpoint: LayerCheckpoint | None, state: dict[str, list],
-           n_models: int
-           ) -> tuple[int, dict[str, list], np.ndarray, np.ndarray,
-                      list[dict], dict[str, float]]:
-  """Where the walk starts: layer 0, or after the checkpoint's latest layer
-  when it holds one.
-
-  Args:
-    checkpoint: the walk's checkpoint, or None.
-    state: the streams before the first layer (also the structure that a
-      checkpoint restores).
-    n_models: models evaluated by the walk.
-
-  Returns:
-    `(first, state, zeros, weights, layers, seconds)`: the first layer to
-    walk, its input streams, the `(n_models,)` float64 counts of exact
-    zeros and of weights so far, the per-layer records and the seconds
-    per phase so far.
-  """
+           n_models: int) -> _Progress:
+  """Where the walk starts: layer 0 with the embedded streams `state`
+  (also the structure that a checkpoint restores), or after the
+  checkpoint's latest layer when it holds one; `n_models`: models
+  evaluated by the walk."""
   zeros, weights = np.zeros(n_models), np.zeros(n_models)
   seconds = dict.fromkeys(_PHASES, 0.0)
   if checkpoint is None or checkpoint.latest_layer() is None:
-    return 0, state, zeros, weights, [], seconds
+    return _Progress(0, state, zeros, weights, [], seconds)
   done_layer, saved, meta = checkpoint.restore(
       {"streams": state, "zeros": zeros, "weights": weights})
   seconds.update(meta["seconds"])
-  return (done_layer + 1, saved["streams"],
-          np.asarray(saved["zeros"], np.float64),
-          np.asarray(saved["weights"], np.float64), meta["layers"], seconds)
+  return _Progress(done_layer + 1, saved["streams"],
+                   np.asarray(saved["zeros"], np.float64),
+                   np.asarray(saved["weights"], np.float64),
+                   [LayerRecord.from_dict(r) for r in meta["layers"]],
+                   seconds)
 
 
-def _progress(times: dict[str, float], elapsed: float,
+def _progress(record: LayerRecord, elapsed: float,
               durations: Sequence[float], remaining: int) -> str:
   """The progress line of a layer: seconds per phase, elapsed, ETA."""
-  return (f"capture {times['capture']:.1f}s, solve {times['solve']:.1f}s, "
-          f"propagate {times['propagate']:.1f}s, evaluate "
-          f"{times['evaluate']:.1f}s | elapsed {elapsed:.0f}s, "
+  return (f"capture {record.capture_s:.1f}s, solve {record.solve_s:.1f}s, "
+          f"propagate {record.propagate_s:.1f}s, evaluate "
+          f"{record.evaluate_s:.1f}s | elapsed {elapsed:.0f}s, "
           f"{eta_text(durations, remaining)}")
 
 
 def _final_ppl(adapter: Adapter, params: Params, state: dict[str, list],
-               test_ids: Sequence[Stream]) -> tuple[np.ndarray, np.ndarray]:
+               test_ids: Sequence[BatchStream]
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Perplexity per task of the streams after the last layer: the dense
   model's `(tasks,)` and the unit models' `(models, tasks)`, in the order
   of `state["test"]`."""
 
-  def model_ppl(model: Sequence[Stream]) -> list[float]:
+  def model_ppl(model: Sequence[BatchStream]) -> list[float]:
     # per task, the model's stream after the last layer
     return [stream_ppl(adapter, params, s, ids)
             for s, ids in zip(model, test_ids, strict=True)]
@@ -535,7 +562,7 @@ def _embedded(adapter: Adapter, params: Params, calib: Sequence[np.ndarray],
   test streams; every copy starts from the same embedded batches.
   `params`: the model's parameters outside its layers (`outer`)."""
 
-  def embedded(ids: np.ndarray) -> Stream:
+  def embedded(ids: np.ndarray) -> BatchStream:
     return [keep(embed(adapter, params, b), offload)
             for b in device_batches(np.asarray(ids), batch_size)]
 

@@ -1,30 +1,19 @@
 """A measured run beside its plan, phase by phase (`experiments.check_plan`).
 
-The run's per-layer records (`walk.Walk.layers`, as `results.json`
-'layers' stores them) are read by key in one place, `_field`.
+The run's per-layer records are `run_record.LayerRecord`s
+(`walk.Walk.layers`; `results.json` 'layers').
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from mosp_jax.pipeline.plan.make import Plan
-
-_MISSING: Any = object()
-
-
-def _field(record: Mapping[str, Any], key: str,
-           default: Any = _MISSING) -> Any:
-  """`record[key]` (`default` when given and `key` is absent): the only
-  read of a layer record or of one of its linears' records."""
-  if default is _MISSING:
-    return record[key]
-  return record.get(key, default)
+from mosp_jax.pipeline.run_record import LayerRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,29 +38,35 @@ class PhaseCheck:
             else math.inf)
 
 
-def measured_stage1_iters(layers: Sequence[Mapping[str, Any]]) -> int:
+def measured_stage1_iters(layers: Sequence[LayerRecord]) -> int:
   """The mean stage-1 ADMM iteration count of a run's linears, rounded
-  (`results.json` 'layers', each with 'linears': {name: {'stage1_iters'}}
-  as `prune.py` records them); 0 when none is recorded."""
-  recorded = (_field(lin, "stage1_iters", None) for rec in layers
-              for lin in _field(rec, "linears", {}).values())
-  iters = [it for it in recorded if it is not None]
+  (MOSP's `LinearStats` per layer); 0 when none is recorded (a
+  baseline's walk)."""
+  iters = [lin.stage1_iters for rec in layers
+           for lin in rec.linears.values()]
   return round(sum(iters) / len(iters)) if iters else 0
 
 
-def check_phases(plan: Plan, layers: Sequence[Mapping[str, Any]]
+def _phase_seconds(rec: LayerRecord, phase: str) -> float:
+  """A layer's wall seconds in `phase` (capture, solve, propagate,
+  evaluate); nan where an older run did not measure it."""
+  seconds = {"capture": rec.capture_s, "solve": rec.solve_s,
+             "propagate": rec.propagate_s, "evaluate": rec.evaluate_s}[phase]
+  return math.nan if seconds is None else float(seconds)
+
+
+def check_phases(plan: Plan, layers: Sequence[LayerRecord]
                  ) -> tuple[PhaseCheck, ...]:
-  """Each of the plan's phases beside a run's measured seconds
-  (`results.json` 'layers': per layer '<phase>_s')."""
+  """Each of the plan's phases beside a run's measured seconds per
+  layer."""
   steady = list(layers[1:]) or list(layers[:1])
   out = []
   for phase in plan.phases:
-    key = f"{phase.name}_s"
-    values = [float(_field(rec, key)) for rec in steady]
+    values = [_phase_seconds(rec, phase.name) for rec in steady]
     out.append(PhaseCheck(
         phase.name, phase.layer_seconds,
         float(np.median(values)) if values else math.nan,
-        float(sum(float(_field(rec, key)) for rec in layers))))
+        float(sum(_phase_seconds(rec, phase.name) for rec in layers))))
   return tuple(out)
 
 
