@@ -12,16 +12,16 @@ import jax
 import numpy as np
 
 from bridge import torch_convert
-from mosp_jax.pipeline import walk
+from mosp_jax.pipeline import streams
 
 
 def jax_perplexity(adapter: Any, params: Any, segments: np.ndarray, *,
                    batch_size: int) -> float:
   """exp(mean next-token NLL) of `(N, T)` segments, layer by layer as the
-  run evaluates (`walk.perplexity`: embed, every decoder block, head), in
+  run evaluates (`streams.perplexity`: embed, every decoder block, head), in
   float32."""
   with jax.transfer_guard("disallow"):
-    return walk.perplexity(adapter, jax.device_put(params),
+    return streams.perplexity(adapter, jax.device_put(params),
                            np.asarray(segments, np.int32),
                            batch_size=batch_size)
 
@@ -30,13 +30,13 @@ def torch_perplexity(model: Any, segments: np.ndarray, *,
                      batch_size: int) -> float:
   """exp(mean next-token NLL) of `(N, T)` segments with a PyTorch causal LM
   (positions 0..T-1, no padding); log-softmax in float32. Batches whose
-  logits would exceed `walk.NLL_CHUNK_ABOVE` elements run a few sequences
+  logits would exceed `streams.NLL_CHUNK_ABOVE` elements run a few sequences
   at a time (Gemma 3's 262k vocabulary) [ours]."""
   import torch
   total, count = 0.0, 0
   n, t = segments.shape
   vocab = model.get_output_embeddings().weight.shape[0]
-  rows = max(1, min(batch_size, walk.NLL_CHUNK_ABOVE // (t * vocab)))
+  rows = max(1, min(batch_size, streams.NLL_CHUNK_ABOVE // (t * vocab)))
   with torch.no_grad():
     for lo in range(0, n, rows):
       ids = torch.from_numpy(np.asarray(segments[lo:lo + rows], np.int64))

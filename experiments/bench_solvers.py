@@ -25,7 +25,7 @@ so no warm-up run is needed: at Llama-2-7B's shapes on a CPU one solve
 takes minutes, and `--repeats=1` times each once.
 
 With --mesh it also runs MOSP on a device mesh (`--mesh_layer`, m tasks;
-`experiments.bench_mesh`) and records under "mesh": the per-device
+`experiments.lib.bench_mesh`) and records under "mesh": the per-device
 bytes of the ADMM iterates and their loop workspace against one device,
 the time per ADMM iteration on both, and whether full MOSP runs give the
 same masks and objectives on the mesh as on one device.
@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.bench_mesh import bench_mesh
-from experiments.bench_problems import compiled, random_grams, timed
+from experiments.lib.bench_mesh import bench_mesh
+from experiments.lib.bench_problems import compiled, random_grams, timed
 from mosp_jax import cli, timing
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact

@@ -27,7 +27,7 @@ import sys
 from absl import flags
 
 from bridge import load
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, run_record
 from mosp_jax.pipeline import plan as plan_lib

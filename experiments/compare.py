@@ -50,8 +50,8 @@ from typing import Any
 from absl import flags
 
 from bridge import load
-from experiments import comparison, runner, shared_flags
-from experiments.entries import Entry
+from experiments.lib import comparison, runner, shared_flags
+from experiments.lib.entries import Entry
 from mosp_jax import cli
 from mosp_jax.baselines import DATA_FREE, METHODS
 from mosp_jax.config import SolverConfig

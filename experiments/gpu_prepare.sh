@@ -31,7 +31,7 @@ MOSP_JAX_CACHE="$PWD/.gpu/cache" python - <<'PY'
 from absl import flags
 
 from bridge import load
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 
 flags.FLAGS(["prepare", "--flagfile=experiments/configs/sim7b.flags",
              "--out_dir=/nonexistent"])

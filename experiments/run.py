@@ -21,7 +21,7 @@ import time
 from absl import flags, logging
 
 from bridge import pruned
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, run_record
 

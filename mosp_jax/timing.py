@@ -1,6 +1,6 @@
 """Best wall times of device calls: the one timer of the plan's rate
 probes (`pipeline.plan.probes`) and the solver benchmarks
-(`experiments.bench_solvers`, `experiments.bench_mesh`)."""
+(`experiments.bench_solvers`, `experiments.lib.bench_mesh`)."""
 
 from __future__ import annotations
 

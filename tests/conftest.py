@@ -80,7 +80,7 @@ def tiny_run(tmp_path_factory):
   from absl import flags
   from absl.testing import flagsaver
 
-  from experiments import runner, shared_flags
+  from experiments.lib import runner, shared_flags
 
   out = tmp_path_factory.mktemp("run")
   with flagsaver.flagsaver():

@@ -27,7 +27,7 @@ from bridge import (
   torch_convert,
   torch_export,
 )
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 from mosp_jax import cli, models
 from mosp_jax.pipeline import artifact, run_record
 

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import shared_flags
+from experiments.lib import shared_flags
 from mosp_jax import cli
 from mosp_jax.pipeline import artifact, front_plot, preferences, run_record
 from mosp_jax.pipeline.walk import eta_text
@@ -359,7 +359,7 @@ def test_overwrite_deletes_every_output_of_the_previous_run(tiny_run,
 
 
 def test_compare_overwrite_deletes_the_previous_comparison(tmp_path):
-  from experiments import comparison
+  from experiments.lib import comparison
 
   out = tmp_path / "cmp"
   out.mkdir()

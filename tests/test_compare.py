@@ -9,7 +9,8 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import compare, comparison, shared_flags
+from experiments import compare
+from experiments.lib import comparison, shared_flags
 
 from .conftest import ROOT
 

@@ -114,7 +114,7 @@ def _alps(grams, W0, prefs, cfg):
 # new n_out). A core meets each new n_out nowhere else in this file.
 ENTRY_POINTS = {
     "mosp_pareto": (_pareto, ("_pareto",), 6, 9),
-    "mosp_prune": (_prune, ("_pareto", "_materialize"), 10, 12),
+    "mosp_prune": (_prune, ("_pareto", "_preference_models"), 10, 12),
     "alps_prune": (_alps, ("_alps",), 6, 9),
 }
 
@@ -154,13 +154,13 @@ def test_mosp_materialize_compiles_once_per_preference_count():
     with Compilations() as other_shape:
       jax.block_until_ready(mosp_materialize(pareto, prefs[2],
                                              pattern=PATTERN, cfg=CFG))
-  assert first.counts()[("trace", "_materialize")] <= 1, first.events
+  assert first.counts()[("trace", "_preference_models")] <= 1, first.events
   assert again.events == []
-  assert other_shape.once("_materialize"), other_shape.events
+  assert other_shape.once("_preference_models"), other_shape.events
 
 
 # The walk's per-layer functions: forward, Gram capture, solvers, stats.
-PER_LAYER = ("advance", "batch_grams", "_pareto", "_materialize",
+PER_LAYER = ("advance", "batch_grams", "_pareto", "_preference_models",
              "model_stats")
 
 

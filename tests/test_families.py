@@ -25,7 +25,7 @@ from absl.testing import flagsaver
 from transformers import AutoModelForCausalLM, FlaxMistralForCausalLM
 
 from bridge import hf_import, pruned, torch_export
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 from mosp_jax import models
 from mosp_jax.models import paper_configs as pc
 from tests import cli_worker
@@ -199,7 +199,7 @@ def test_pruned_export_loads_in_stock_transformers(family_run):
   # Logits: the run's own model of that preference, walked in JAX, and
   # the export in PyTorch.
   info = pruned.read_run(run_dir)
-  model = pruned.materialize(
+  model = pruned.preference_model(
       info, pruned.parse_preference("centroid", info.tasks))
   ids = np.random.default_rng(1).integers(0, len(model.tokenizer), (2, 24))
   _assert_close(_walk_logits(model.adapter, model.params, ids),

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from bridge import hf_import, parity_check, torch_export
 from mosp_jax import models
 from mosp_jax.models import gemma3
-from mosp_jax.pipeline import walk
+from mosp_jax.pipeline import streams
 from mosp_jax.pipeline.layer_source import from_tree
 
 from .tiny_models import VOCAB, tiny_config, tiny_tokenizer, tiny_torch
@@ -148,11 +148,11 @@ def test_perplexity_matches_pytorch_and_chunked_nll_agrees():
   with torch.no_grad():  # HF's own shifted loss.
     loss = tm(torch.tensor(ids), labels=torch.tensor(ids)).loss
   np.testing.assert_allclose(p_jax, float(torch.exp(loss)), rtol=1e-5)
-  h = walk.dense_stream(adapter, params, ids, batch_size=5)[0]
-  whole = walk.nll(adapter, params, h, ids)
+  h = streams.dense_stream(adapter, params, ids, batch_size=5)[0]
+  whole = streams.nll(adapter, params, h, ids)
   for chunk in (1, 7, 5 * (T - 1), 1000):  # Padded, exact, beyond.
     np.testing.assert_allclose(
-        walk.nll_chunked(adapter, params, h, ids, chunk=chunk), whole,
+        streams.nll_chunked(adapter, params, h, ids, chunk=chunk), whole,
         rtol=2e-6)
 
 
@@ -163,7 +163,7 @@ def test_pruned_run_exports_to_stock_transformers(tmp_path):
   from absl import flags
   from absl.testing import flagsaver
 
-  from experiments import runner, shared_flags
+  from experiments.lib import runner, shared_flags
 
   d = tmp_path / "tiny-gemma3"
   tiny_torch("gemma3").save_pretrained(d)

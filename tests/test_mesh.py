@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import shared_flags
+from experiments.lib import shared_flags
 from mosp_jax.solvers import sharding
 
 from .conftest import ROOT

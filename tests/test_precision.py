@@ -20,7 +20,7 @@ from mosp_jax.baselines import sparsegpt_prune
 from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
 from mosp_jax.pipeline import grams as grams_lib
-from mosp_jax.pipeline import walk
+from mosp_jax.pipeline import streams
 from mosp_jax.solvers import (
   Unstructured,
   alps_prune,
@@ -64,7 +64,7 @@ def _programs() -> dict[str, list]:
   adapter = adapter_for(model)
   layer = adapter.layer_params(params, 0)
   ids = jnp.zeros((1, 8), jnp.int32)
-  hidden = walk.embed(adapter, params, ids)
+  hidden = streams.embed(adapter, params, ids)
   keys = tuple(g[0] for g in adapter.linear_groups())
   traced = {
       "alps_prune": jax.make_jaxpr(
@@ -81,9 +81,9 @@ def _programs() -> dict[str, list]:
       "gram capture": jax.make_jaxpr(functools.partial(
           grams_lib.batch_grams, adapter, keys=keys))(layer, hidden),
       "layer forward": jax.make_jaxpr(functools.partial(
-          walk.advance, adapter))(layer, hidden),
+          streams.advance, adapter))(layer, hidden),
       "head and loss": jax.make_jaxpr(functools.partial(
-          walk.nll, adapter))(params, hidden, ids),
+          streams.nll, adapter))(params, hidden, ids),
   }
   return {name: _dot_precisions(j.jaxpr) for name, j in traced.items()}
 

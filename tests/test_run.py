@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import runner, shared_flags
+from experiments.lib import runner, shared_flags
 from mosp_jax.config import SolverConfig
 from mosp_jax.pipeline import artifact, run_record
 from mosp_jax.solvers import NM, Unstructured

@@ -199,6 +199,25 @@ def _cache_path(name: str, docs: Sequence[corpora.Document], tokenizer: Any,
   return root / f"{slug}-{key[:24]}"
 
 
+def _cached_or_built(name: str, docs: Any, tokenizer: Any,
+                     params: dict[str, Any],
+                     path: pathlib.Path | None) -> dict[str, Any]:
+  """The task's tokenised calibration and test streams: read from the
+  cache folder `path` when it holds them, else split, tokenised and (with a
+  `path`) written there."""
+  if path is not None and (path / "meta.json").exists():
+    _log.info("task %s: cached streams in %s", name, path)
+    return _load(path)
+  sides = _split(name, docs, test_fraction=params["test_fraction"],
+                 split_seed=params["split_seed"])
+  built = _build(*sides, tokenizer, separator_ids=params["separator_ids"],
+                 calib_budget=params["calib_budget"],
+                 test_budget=params["test_budget"])
+  if path is not None:
+    _save(path, built)
+  return built
+
+
 def load_task(
     name: str | os.PathLike, tokenizer: Any, *, nsamples: int = 128,
     seqlen: int = 2048, test_tokens: int = 128 * 2048, seed: int = 0,
@@ -235,18 +254,7 @@ def load_task(
       calib_budget=math.ceil(max(pool_factor, 1.0) * nsamples * seqlen))
   path = (_cache_path(name, docs, tokenizer, params, cache_root)
           if use_cache else None)
-  built = None
-  if path is not None and (path / "meta.json").exists():
-    _log.info("task %s: cached streams in %s", name, path)
-    built = _load(path)
-  if built is None:
-    sides = _split(name, docs, test_fraction=test_fraction,
-                   split_seed=split_seed)
-    built = _build(*sides, tokenizer, separator_ids=separator_ids,
-                   calib_budget=params["calib_budget"],
-                   test_budget=params["test_budget"])
-    if path is not None:
-      _save(path, built)
+  built = _cached_or_built(name, docs, tokenizer, params, path)
   prefix = segments.bos_prefix(tokenizer, separator_ids)
   cut = seqlen - len(prefix)
   try:

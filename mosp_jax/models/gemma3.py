@@ -45,7 +45,12 @@ from transformers import FlaxPreTrainedModel, Gemma3TextConfig
 from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 
 from mosp_jax.models.base import BaseAdapter, Params
-from mosp_jax.models.llama import LlamaAdapter, rope_inv_freq, rope_type
+from mosp_jax.models.llama import (
+  LlamaAdapter,
+  checked_rope_type,
+  rope_inv_freq,
+  rope_type,
+)
 
 # The layer subtree's key of its attention kind: 1 sliding, 0 full.
 IS_SLIDING = "is_sliding"
@@ -55,11 +60,7 @@ ROPE_TYPES = ("default", "linear")
 
 def check_config(config: Any) -> None:
   """Raises NotImplementedError for Gemma 3 variants these modules lack."""
-  kind = rope_type(getattr(config, "rope_scaling", None))
-  if kind not in ROPE_TYPES:
-    raise NotImplementedError(
-        f"Gemma 3 rope_scaling {config.rope_scaling} is not supported: "
-        f"rope_type {kind!r} is none of {', '.join(ROPE_TYPES)}")
+  checked_rope_type(config, "Gemma 3", ROPE_TYPES)
   bad = sorted(set(config.layer_types) - set(LAYER_TYPES))
   if bad or len(config.layer_types) != config.num_hidden_layers:
     raise NotImplementedError(

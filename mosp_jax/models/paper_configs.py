@@ -2,7 +2,8 @@
 
 MOSP's experiments prune Llama-2-7B/13B, Llama-3-8B and OPT-1.3B/2.7B/30B
 [paper]; Llama-3.1-8B and Llama-3.2-1B (RoPE scaling `rope_type: llama3`),
-Qwen2.5-7B, Qwen3-8B and Mistral-7B-v0.1 are added beyond the paper.
+Qwen2.5-7B, Qwen3-8B, Mistral-7B-v0.1 and the language model of Gemma-3-4B
+are added beyond the paper.
 Nothing can be downloaded here, so each entry restates the architecture
 fields of the model's published Hugging Face `config.json` (the source is
 named beside it); training-only fields (dropout, `torch_dtype`, ...) are
@@ -26,6 +27,10 @@ fits). Random models read text with SmolLM2's tokenizer, whose ids are
 taken modulo the model's vocabulary (`ModuloVocabTokenizer`, [ours]):
 with random weights the meaning of the text is irrelevant, only the shapes
 and a deterministic token stream count.
+
+Over 400 lines because it holds the configs themselves (one entry a
+model, its source cited beside it) next to the few functions that size and
+draw them; splitting the table from its readers would only scatter it.
 """
 
 from __future__ import annotations

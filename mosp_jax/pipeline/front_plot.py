@@ -197,6 +197,24 @@ def _pair_panel(ax: Axes, a: int, b: int, methods: dict[str, np.ndarray],
   return fronts
 
 
+def _label_preferences(axes: np.ndarray, pairs: list[tuple[int, int]],
+                       methods: dict[str, np.ndarray],
+                       dense: np.ndarray | None, prefs: np.ndarray,
+                       fronts: dict[tuple[int, int], Any]) -> None:
+  """Labels MOSP's points with their preferences in every pair's panel,
+  avoiding every drawn point (`methods`' `(Q, m)` log values and the dense
+  `(m,)`); the axis limits are frozen first."""
+  everything = np.concatenate(list(methods.values()))
+  if dense is not None:
+    everything = np.concatenate([everything, dense[None]])
+  for ax, (a, b) in zip(axes.ravel(), pairs, strict=False):
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    _place_labels(ax, methods["MOSP"][:, [a, b]],
+                  [_pref_label(p) for p in prefs], everything[:, [a, b]],
+                  fronts[(a, b)])
+
+
 def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
                 ppl: np.ndarray, dense_ppl: np.ndarray | None, *,
                 title: str = "", extra: dict[str, np.ndarray] | None = None,
@@ -245,15 +263,7 @@ def plot_fronts(path: str | os.PathLike, tasks: list[str], prefs: np.ndarray,
     fig.suptitle(title)
   fig.tight_layout(rect=(0, 0.4 / (4.0 * rows + 0.4), 1, 1))
   fig.canvas.draw()  # Fixes the layout the labels are placed in.
-  everything = np.concatenate(list(methods.values()))
-  if dense is not None:
-    everything = np.concatenate([everything, dense[None]])
-  for ax, (a, b) in zip(axes.ravel(), pairs, strict=False):
-    ax.set_xlim(ax.get_xlim())
-    ax.set_ylim(ax.get_ylim())
-    _place_labels(ax, methods["MOSP"][:, [a, b]],
-                  [_pref_label(p) for p in prefs], everything[:, [a, b]],
-                  fronts[(a, b)])
+  _label_preferences(axes, pairs, methods, dense, prefs, fronts)
   tmp = f"{path}.tmp.png"
   fig.savefig(tmp, dpi=130)
   plt.close(fig)

@@ -50,7 +50,7 @@ def layer_grams(adapter: Adapter, layer_params: Params,
     adapter: the model family adapter (`mosp_jax.models`).
     layer_params: parameters of the decoder layer (dense weights).
     stream: batches `(B, T, d)` of the activations entering the layer, on
-      the device or in host memory (an offloaded stream, `walk.keep`,
+      the device or in host memory (an offloaded stream, `streams.keep`,
       visits the device one batch at a time).
     where: a label for error messages (e.g. 'layer 3, task math').
     sums: the float64 accumulators, by group, kept by the caller across

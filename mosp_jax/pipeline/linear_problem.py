@@ -14,7 +14,7 @@ solves and measures through it:
 
 MOSP's walk (`prune.py`), the baselines' walk (`single_objective.py`),
 the export (`bridge/pruned.py`) and the layer-level comparison
-(`experiments/layer_compare.py`) all use it, so a rule (which Gram a
+(`experiments/lib/layer_compare.py`) all use it, so a rule (which Gram a
 protocol prunes on, when a preference needs the Grams) is written once.
 """
 

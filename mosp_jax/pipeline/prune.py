@@ -32,6 +32,7 @@ from mosp_jax.models.base import Adapter, Params
 from mosp_jax.pipeline import artifact, linear_problem, run_record, walk
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.layer_source import DenseLayers
+from mosp_jax.pipeline.streams import check_finite
 from mosp_jax.solvers import (
   MospInfo,
   ParetoLayer,
@@ -157,8 +158,8 @@ def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
                                             pattern=pattern):
     par, info = prob.pareto(cfg, mesh=mesh)
     where = f"layer {layer} {prob.name}: pruned weights"
-    walk.check_finite(par.W, where)
-    walk.check_finite(par.W_tasks, where)
+    check_finite(par.W, where)
+    check_finite(par.W_tasks, where)
     global_layer = adapter.set_layer_kernel(global_layer, prob.name, par.W)
     if streams == "task":
       for i, w in enumerate(_unstack(par.W_tasks)):

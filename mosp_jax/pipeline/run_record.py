@@ -15,6 +15,10 @@ Every record has `to_dict()` (the JSON layout on disk) and `from_dict()`
 (raises `RunRecordError` naming what is wrong). Fingerprints
 (`params_sha256`, `segments_sha256`) prove that a later reader loaded the
 same dense model and rebuilt the same test segments.
+
+Over 400 lines because it is the one schema of a run directory: every
+record that results.json and config.json hold, with its JSON reader and
+writer, kept together so that a field is changed in one place.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import numpy as np
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter, Params
-from mosp_jax.pipeline import linear_problem, walk
+from mosp_jax.pipeline import linear_problem, streams, walk
 from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.solvers import Pattern
 
@@ -121,7 +121,7 @@ def baseline_unit(adapter: Adapter, lam: np.ndarray, *,
     for prob in linear_problem.layer_problems(adapter, dense, to_device,
                                               pattern=pattern):
       W = prob.baseline(method, protocol, cfg, lam=lam_dev)
-      walk.check_finite(W, f"{where}layer {layer} {prob.name}: pruned "
+      streams.check_finite(W, f"{where}layer {layer} {prob.name}: pruned "
                         "weights")
       lp = adapter.set_layer_kernel(lp, prob.name, W)
       zeros += int(jax.device_get(_zeros(W)))

@@ -187,6 +187,11 @@ def run_admm(solve: LinearSolve, GB0: jax.Array, init: tuple[
              max_iter: int | jax.Array) -> tuple[Iterates, Any, AdmmInfo]:
   """Runs ADMM on one Gram over `c` channels of iterates.
 
+  Longer than 60 lines because the loop's state update, its support
+  checks (rho schedule, restart, stop) and the `while_loop`'s condition
+  share one carry; as closures over it they read like ALPS's algorithm,
+  where split into module functions they would each take the whole state.
+
   Args:
     solve: the linear step `(G + rho I)^-1` (`eig_solve`; for a fixed
       `rho`, `fixed_solve`).

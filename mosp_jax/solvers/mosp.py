@@ -19,8 +19,8 @@ The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD_NOTES.md,
            tasks: the task models `W_i`.
   any lam  `W_lam = P_{k,S_c}(W + sum_i lam'_i (W_i - W))`, `lam' = T_p(lam)`
            [paper-summary]: a weighted sum and a projection, no Gram, no
-           solve (`materialize`); optionally refitted on `H_lam` [ours,
-           off by default] (`refit`).
+           solve (`combine_and_project`); optionally refitted on `H_lam`
+           [ours, off by default] (`refit`).
 
 The compact Pareto set of a layer is `ParetoLayer(core, W, W_tasks, d)`.
 """
@@ -162,9 +162,9 @@ def pref_map(prefs: jax.Array, *, p: float, kind: str = "power"
   return lam
 
 
-def materialize(pareto: ParetoLayer, prefs: jax.Array, *,
-                pattern: projection.Pattern, alpha: float, p: float,
-                kind: str = "power") -> tuple[jax.Array, jax.Array]:
+def combine_and_project(pareto: ParetoLayer, prefs: jax.Array, *,
+                        pattern: projection.Pattern, alpha: float, p: float,
+                        kind: str = "power") -> tuple[jax.Array, jax.Array]:
   """The models of preferences `prefs (P, m)` [paper-summary].
 
   `W_lam = P_{k,S_c}(W + sum_i lam'_i (W_i - W))` with `lam' = T_p(lam)`,
@@ -263,14 +263,14 @@ def _pareto(grams: jax.Array, W0: jax.Array, rho0: float | jax.Array,
 @functools.partial(jax.jit,
                    static_argnames=("pattern", "alpha", "p", "kind",
                                     "refit_iters", "layout"))
-def _materialize(pareto: ParetoLayer, prefs: jax.Array, grams: jax.Array,
-                 W0: jax.Array, damping: jax.Array, *,
-                 pattern: projection.Pattern, alpha: float, p: float,
-                 kind: str, refit_iters: int,
-                 layout: sharding_lib.Layout | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-  W, masks = materialize(pareto, prefs, pattern=pattern, alpha=alpha, p=p,
-                         kind=kind)
+def _preference_models(pareto: ParetoLayer, prefs: jax.Array,
+                       grams: jax.Array, W0: jax.Array, damping: jax.Array,
+                       *, pattern: projection.Pattern, alpha: float,
+                       p: float, kind: str, refit_iters: int,
+                       layout: sharding_lib.Layout | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  W, masks = combine_and_project(pareto, prefs, pattern=pattern,
+                                 alpha=alpha, p=p, kind=kind)
   if refit_iters > 0:
     W = refit(grams, W0, W, masks, prefs, damping=damping,
               iters=refit_iters)
@@ -337,7 +337,7 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
                      W0: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """The models of preferences `prefs (P, m)` from a layer's Pareto set
-  alone (no Gram, no solve; see `materialize`).
+  alone (no Gram, no solve; see `combine_and_project`).
 
   With `cfg.pref_refit_iters > 0` [ours] the interior models are then
   refitted (`refit`), which needs the task `grams (m, n_in, n_in)` and
@@ -368,9 +368,10 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
     if grams is not None and W0 is not None:  # both or neither, as above
       _, grams, W0 = sharding_lib.place_layer(mesh, grams, W0)
   (damping,) = sharding_lib.scalars((cfg.damping,), layout)
-  return _materialize(pareto, prefs, grams, W0, damping, pattern=pattern,
-                      alpha=cfg.alpha, p=cfg.p, kind=cfg.pref_map,
-                      refit_iters=cfg.pref_refit_iters, layout=layout)
+  return _preference_models(pareto, prefs, grams, W0, damping,
+                            pattern=pattern, alpha=cfg.alpha, p=cfg.p,
+                            kind=cfg.pref_map,
+                            refit_iters=cfg.pref_refit_iters, layout=layout)
 
 
 def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from absl import flags
 
-from experiments import runner
+from experiments.lib import runner
 from mosp_jax import cli
 from mosp_jax import data as data_lib
 from mosp_jax.config import (

@@ -25,10 +25,10 @@ import jax
 import numpy as np
 
 from bridge import load
-from experiments.entries import Entry
+from experiments.lib.entries import Entry
 from mosp_jax import cli, fetch
 from mosp_jax.config import RunConfig
-from mosp_jax.pipeline import artifact, run_record, walk
+from mosp_jax.pipeline import artifact, run_record, streams
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.linear_problem import LinearProblem
 from mosp_jax.solvers import Pattern
@@ -140,7 +140,7 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
   log(f"capturing the Grams of layer {target}/{n_layers} ...")
   bs = run.batch_size
   with jax.transfer_guard("disallow"):
-    streams = {side: [walk.dense_stream(adapter, params, ids, batch_size=bs,
+    streams = {side: [streams.dense_stream(adapter, params, ids, batch_size=bs,
                                         layers=target) for ids in seqs]
                for side, seqs in (("calib", calib), ("test", test))}
     lp = adapter.layer_params(params, target)

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from bridge import load
-from experiments import layer_compare
-from experiments.entries import Entry
+from experiments.lib import layer_compare
+from experiments.lib.entries import Entry
 from mosp_jax import cli
 from mosp_jax.config import RunConfig
 from mosp_jax.pipeline import (
@@ -27,6 +27,7 @@ from mosp_jax.pipeline import (
   front_plot,
   hypervolume,
   preferences,
+  streams,
   walk,
 )
 from mosp_jax.pipeline.grams import layer_grams
@@ -170,13 +171,13 @@ def _warm_shared(adapter, model: DenseLayers, segments: list[np.ndarray],
   does not pay for the others."""
   params, lp = model.outer, model.layer(0)
   shapes = {b.shape for ids in segments
-            for b in walk.device_batches(ids, batch_size)}
+            for b in streams.device_batches(ids, batch_size)}
   for shape in sorted(shapes):
     ids = jax.device_put(np.zeros(shape, np.int32))
-    h = walk.embed(adapter, params, ids)
+    h = streams.embed(adapter, params, ids)
     layer_grams(adapter, lp, [h])
-    h = walk.advance(adapter, lp, h)
-    jax.block_until_ready(walk.nll(adapter, params, h, ids))
+    h = streams.advance(adapter, lp, h)
+    jax.block_until_ready(streams.nll(adapter, params, h, ids))
 
 
 def _write_comparison(run: RunConfig, entries: tuple[Entry, ...], *,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from experiments.bench_problems import random_grams
+from experiments.lib.bench_problems import random_grams
 from mosp_jax import timing
 from mosp_jax.config import SolverConfig
 from mosp_jax.solvers import (

@@ -1,5 +1,5 @@
 """Random solver problems and ahead-compiled timed calls, shared by the
-solver benchmarks (`experiments.bench_solvers`, `experiments.bench_mesh`).
+solver benchmarks (`experiments.bench_solvers`, `experiments.lib.bench_mesh`).
 
 Timings go through the one timer of the project (`mosp_jax.timing`).
 """
