@@ -33,7 +33,7 @@ TINY_LLAMA_LAYERS = 2
 TINY_LLAMA_VOCAB = 49152
 
 
-def load_tokenizer(spec: str, *, trust_pickle: bool = False) -> Any:
+def spec_tokenizer(spec: str, *, trust_pickle: bool = False) -> Any:
   """The tokenizer of a run's model spec, read without converting the
   model ('tiny-llama' uses SmolLM2's; a `random:` paper model SmolLM2's
   with ids modulo its vocabulary, `paper_configs.ModuloVocabTokenizer`;
@@ -61,14 +61,14 @@ def load_dense(spec: str, tokenizer: Any = None, *,
   tokenizer; `random:<name>[:<n_layers>]` a paper model's config with
   seeded random weights (`mosp_jax.models.paper_configs`; refused over
   its memory limit); anything else goes to `bridge.hf_import`.
-  `tokenizer` defaults to `load_tokenizer(spec)`. `preference_model` checks
+  `tokenizer` defaults to `spec_tokenizer(spec)`. `preference_model` checks
   the result against the run's fingerprint.
   """
   from bridge import hf_import
   from mosp_jax import models
   from mosp_jax.models import paper_configs
   if tokenizer is None:
-    tokenizer = load_tokenizer(spec, trust_pickle=trust_pickle)
+    tokenizer = spec_tokenizer(spec, trust_pickle=trust_pickle)
   random_spec = paper_configs.parse_random_spec(spec)
   model: FlaxPreTrainedModel
   if spec == TINY_LLAMA:
@@ -99,7 +99,7 @@ def load_layers(spec: str, tokenizer: Any = None, *,
   from mosp_jax import models
   from mosp_jax.models import paper_configs
   if tokenizer is None:
-    tokenizer = load_tokenizer(spec, trust_pickle=trust_pickle)
+    tokenizer = spec_tokenizer(spec, trust_pickle=trust_pickle)
   random_spec = paper_configs.parse_random_spec(spec)
   if random_spec is not None:
     config = random_spec.config()

