@@ -24,7 +24,7 @@ from absl import flags
 from absl.testing import flagsaver
 from transformers import AutoModelForCausalLM, FlaxMistralForCausalLM
 
-from bridge import hf_import, pruned, torch_export
+from bridge import hf_import, pruned, torch_convert, torch_export
 from experiments.lib import runner, shared_flags
 from mosp_jax import models
 from mosp_jax.models import paper_configs as pc
@@ -76,7 +76,7 @@ def _assert_close(got, want, what: str) -> None:
     for f, o in CASES])
 def test_logits_match_pytorch(family, overrides):
   tm = tiny_torch(family, **overrides)
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   assert type(fm) is models.model_class(tm.config)
   ids = _ids()
   want = _torch_logits(tm, ids)
@@ -93,7 +93,7 @@ def test_logits_match_pytorch(family, overrides):
 
 def test_stock_flax_mistral_is_wrong_where_documented():
   tm = tiny_torch("mistral", sliding_window=None)
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   ids = _ids()
 
   def stock(**overrides):
@@ -129,7 +129,7 @@ def test_stock_flax_mistral_is_wrong_where_documented():
   for window in (None, 5):
     ref = tiny_torch("mistral", sliding_window=window)
     ref.load_state_dict(tm.state_dict())
-    ours, p = hf_import.torch_to_flax(ref)
+    ours, p = torch_convert.torch_to_flax(ref)
     _assert_close(ours(ids, params=p).logits, _torch_logits(ref, ids),
                   f"ours, window {window}")
 
@@ -142,7 +142,7 @@ def test_qwen_sliding_window_layers_are_refused(family):
                      match=r"use_sliding_window=true .*layers 1\.\.1"):
     models.model_class(sliding)(sliding, _do_init=False)
   with pytest.raises(hf_import.ModelLoadError, match="use_sliding_window"):
-    hf_import.torch_to_flax(tiny_torch(
+    torch_convert.torch_to_flax(tiny_torch(
         family, use_sliding_window=True, sliding_window=4,
         max_window_layers=1))
   # Every layer below max_window_layers: full attention, as in PyTorch.
@@ -191,7 +191,7 @@ def test_pruned_export_loads_in_stock_transformers(family_run):
   # kernel keeps half its weights.
   assert ("model.layers.0.self_attn.q_proj.bias" in state) == (
       family == "qwen2")
-  adapter = models.adapter_for(hf_import.torch_to_flax(tm)[0])
+  adapter = models.adapter_for(torch_convert.torch_to_flax(tm)[0])
   for i in range(2):
     for name in adapter.linear_names():
       w = state[f"model.layers.{i}.{name}.weight"]

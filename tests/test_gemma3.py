@@ -8,7 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bridge import hf_import, parity_check, torch_export
+from bridge import (
+  parity_check,
+  perplexity,
+  torch_convert,
+  torch_export,
+)
 from mosp_jax import models
 from mosp_jax.models import gemma3
 from mosp_jax.pipeline import streams
@@ -50,7 +55,7 @@ def test_tiny_config_has_both_kinds_and_a_biting_window():
     ids=["tied", "untied-softcap", "unscaled-bias"])
 def test_logits_match_pytorch(overrides):
   tm = tiny_torch("gemma3", **overrides)
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   assert isinstance(fm, gemma3.FlaxGemma3ForCausalLM)
   want = _torch_logits(tm)
   _close(fm(IDS, params=params).logits, want)
@@ -65,7 +70,7 @@ def test_logits_match_pytorch(overrides):
 
 def test_captured_inputs_are_the_linears_inputs():
   tm = tiny_torch("gemma3")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   adapter = models.adapter_for(fm)
   got: dict[str, np.ndarray] = {}
 
@@ -91,7 +96,7 @@ def test_one_layer_function_serves_local_and_global_layers():
   """[ours] The layer's kind is data: one trace for all layers."""
   import jax
   tm = tiny_torch("gemma3")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   adapter = models.adapter_for(fm)
   traces = []
 
@@ -123,7 +128,7 @@ def test_refuses_unsupported_variants():
 
 def test_export_round_trip_is_exact(tmp_path):
   tm = tiny_torch("gemma3")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   out = tmp_path / "export"
   state = torch_export.to_torch_state(fm.config, params, what=str(out))
   torch_export.write_checkpoint(out, fm.config, state, tiny_tokenizer(),
@@ -141,10 +146,10 @@ def test_export_round_trip_is_exact(tmp_path):
 
 def test_perplexity_matches_pytorch_and_chunked_nll_agrees():
   tm = tiny_torch("gemma3")
-  fm, params = hf_import.torch_to_flax(tm)
+  fm, params = torch_convert.torch_to_flax(tm)
   adapter = models.adapter_for(fm)
   ids = np.random.default_rng(1).integers(3, VOCAB, (5, T))
-  p_jax = parity_check.jax_perplexity(adapter, params, ids, batch_size=2)
+  p_jax = perplexity.jax_perplexity(adapter, params, ids, batch_size=2)
   with torch.no_grad():  # HF's own shifted loss.
     loss = tm(torch.tensor(ids), labels=torch.tensor(ids)).loss
   np.testing.assert_allclose(p_jax, float(torch.exp(loss)), rtol=1e-5)
