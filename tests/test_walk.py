@@ -9,7 +9,8 @@ import pytest
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
-from mosp_jax.pipeline import streams, walk
+from mosp_jax.pipeline import streams as streams_lib
+from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
@@ -62,8 +63,9 @@ def walks(problem):
 def whole_model_ppl(adapter, params, test):
   """`(m,)` perplexity of a whole (pruned) model, evaluated densely."""
   with jax.transfer_guard("disallow"):
-    return np.array([streams.perplexity(adapter, params, t, batch_size=BATCH)
-                     for t in test])
+    return np.array([
+        streams_lib.perplexity(adapter, params, t, batch_size=BATCH)
+        for t in test])
 
 
 def reference_mosp(adapter, params, calib, streams):
@@ -72,7 +74,7 @@ def reference_mosp(adapter, params, calib, streams):
   the preferences and the global model. (Eager indexing: no transfer
   guard.)"""
   m = len(calib)
-  hs = [streams.embed_stream(adapter, params, c, BATCH) for c in calib]
+  hs = [streams_lib.embed_stream(adapter, params, c, BATCH) for c in calib]
   models = [params] * (len(PREFS) + 1)
   tasks = [params] * m
   prefs = jax.device_put(PREFS)
@@ -92,7 +94,7 @@ def reference_mosp(adapter, params, calib, streams):
           tasks[i] = adapter.set_kernel(tasks[i], layer, name,
                                         par.W_tasks[i])
     through = tasks if streams == "task" else [models[-1]] * m
-    hs = [streams.advance_stream(adapter, adapter.layer_params(t, layer), h)
+    hs = [streams_lib.advance_stream(adapter, adapter.layer_params(t, layer), h)
           for t, h in zip(through, hs, strict=True)]
   return models
 
@@ -101,7 +103,8 @@ def reference_baseline(adapter, params, calib, method, protocol, lam):
   """One baseline model written as a plain loop over layers."""
   used = ([] if protocol == "data-free"
           else [i for i in range(len(lam)) if lam[i] > 0])
-  hs = {i: streams.embed_stream(adapter, params, calib[i], BATCH) for i in used}
+  hs = {i: streams_lib.embed_stream(adapter, params, calib[i], BATCH)
+        for i in used}
   mp = params
   for layer in range(adapter.num_layers(params)):
     lp = adapter.layer_params(params, layer)
@@ -122,7 +125,7 @@ def reference_baseline(adapter, params, calib, method, protocol, lam):
         mp = adapter.set_kernel(mp, layer, name, baselines.prune_single(
             method, H, W0, pattern=PATTERN, cfg=CFG))
     lpp = adapter.layer_params(mp, layer)
-    hs = {i: streams.advance_stream(adapter, lpp, h) for i, h in hs.items()}
+    hs = {i: streams_lib.advance_stream(adapter, lpp, h) for i, h in hs.items()}
   return mp
 
 
@@ -244,8 +247,8 @@ def _layer0_solved(problem, prefs):
   adapter, params, calib, _ = problem
   unit = mosp_unit(adapter, prefs, len(calib), pattern=PATTERN, cfg=CFG)
   lp = adapter.layer_params(params, 0)
-  grams = {i: layer_grams(adapter, lp, streams.embed_stream(adapter, params, c,
-                                                         BATCH))
+  grams = {i: layer_grams(adapter, lp,
+                          streams_lib.embed_stream(adapter, params, c, BATCH))
            for i, c in enumerate(calib)}
   _, carry = unit.solve(0, lp, grams)
   assert all(not g for g in grams.values())  # the solve used them up

@@ -28,7 +28,8 @@ from bridge import load
 from experiments.lib.entries import Entry
 from mosp_jax import cli, fetch
 from mosp_jax.config import RunConfig
-from mosp_jax.pipeline import artifact, run_record, streams
+from mosp_jax.pipeline import artifact, run_record
+from mosp_jax.pipeline import streams as streams_lib
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.linear_problem import LinearProblem
 from mosp_jax.solvers import Pattern
@@ -140,8 +141,9 @@ def capture_layer(run: RunConfig, layer: int = -1, *,
   log(f"capturing the Grams of layer {target}/{n_layers} ...")
   bs = run.batch_size
   with jax.transfer_guard("disallow"):
-    streams = {side: [streams.dense_stream(adapter, params, ids, batch_size=bs,
-                                        layers=target) for ids in seqs]
+    streams = {side: [streams_lib.dense_stream(adapter, params, ids,
+                                               batch_size=bs, layers=target)
+                      for ids in seqs]
                for side, seqs in (("calib", calib), ("test", test))}
     lp = adapter.layer_params(params, target)
     grams = {side: [layer_grams(adapter, lp, s, where=f"layer {target}, "
