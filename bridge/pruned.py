@@ -14,7 +14,9 @@ rebuilds, for any preference, exactly the model the run evaluated:
 the run's fingerprint when it recorded one), and materialises every
 linear's preference model from the stored Pareto set `(S_c, W, W_i, d)`
 (`linear_problem.LinearProblem.preference_models`): a weighted sum and a
-projection, no solve; the stored Grams only under the preference refit.
+projection, refitted on the stored Grams under the preference refit [ours,
+the default]; a set written with the paper's construction
+(`pref_refit_iters=0`) holds no Grams and exports that construction.
 The preference is materialised alone, as the run evaluates each of its
 preferences, so a run preference's weights are bitwise those the run
 evaluated (XLA may round a batch of another size differently in the
@@ -36,6 +38,7 @@ from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter
 from mosp_jax.pipeline import (
   artifact,
+  gram_store,
   linear_problem,
   preferences,
   run_record,
@@ -213,7 +216,7 @@ def _layer_kernels(run: RunInfo, layer: int, pref_dev: jax.Array,
         raise RunDirError(f"{root}: layer {layer} has no {name!r}")
 
   def stored_gram(key: str) -> jax.Array | None:
-    return jax.device_put(grams[key]) if refit else None
+    return gram_store.to_device(grams[key]) if refit else None
 
   out = {}
   for prob in linear_problem.layer_problems(
@@ -242,6 +245,10 @@ def preference_model(run: RunInfo, pref: np.ndarray, *,
   if pref.shape != (len(run.tasks),):
     raise ValueError(f"preference must have {len(run.tasks)} weights "
                      f"(tasks {', '.join(run.tasks)}), got {pref.shape}")
+  if not linear_problem.needs_grams(run.solver):
+    log(f"{run.run_dir}: written with the paper's construction "
+        "(pref_refit_iters=0): no task Grams stored, so the preference is "
+        "the projected mix, not refitted")
   adapter, params, tokenizer, dense_sha = load_run_dense(run, log=log)
   masks, budgets, kernels = {}, {}, {}
   with jax.transfer_guard("disallow"):

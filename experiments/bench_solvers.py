@@ -13,9 +13,11 @@ eigenbasis step; with the explicit inverse one ADMM iteration does half
 of them, so the ratio can exceed 1). It then times MOSP with m tasks and
 K preferences (its Pareto set, then the K models) against one ALPS solve
 on the concatenated Gram of the same layer (the paper's baseline; a naive
-front costs K ALPS solves), with a per-stage breakdown, and MOSP with
-`core_rule='global'` (the core from `|W|`, [ours]) beside them, at each of
-`--solve_shapes`. Inputs are random correlated Grams with uneven channel
+front costs K ALPS solves), at each of `--solve_shapes`: MOSP with the
+default settings without the preference refit (`ratio`), the same with
+it (`ratio_refit`: what a run does), a per-stage breakdown, and the
+paper's construction (`config.PAPER`, `ratio_paper`; `--nopaper` skips
+it). Inputs are random correlated Grams with uneven channel
 scales (shapes of SmolLM2-135M: 576 hidden, 1536 MLP; `--large` adds
 Llama-2-7B's linears to both measurements: 4096x4096 for q/k/v/o,
 4096x11008 for gate/up, 11008x4096 for down).
@@ -33,6 +35,7 @@ same masks and objectives on the mesh as on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -44,7 +47,7 @@ from absl import flags
 from experiments.lib.bench_mesh import bench_mesh
 from experiments.lib.bench_problems import compiled, random_grams, timed
 from mosp_jax import cli, timing
-from mosp_jax.config import SolverConfig
+from mosp_jax.config import DEFAULT, PAPER
 from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import (
   ParetoLayer,
@@ -77,10 +80,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement; "
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Sparsity of the problems.")
 _TASKS = flags.DEFINE_integer("tasks", 3, "m, tasks for the MOSP timing.")
 _PREFS = flags.DEFINE_integer("prefs", 15, "K, preferences for MOSP.")
-_GLOBAL_CORE = flags.DEFINE_bool(
-    "global_core", True, "Also time MOSP with --core_rule=global beside "
-    "MOSP and ALPS (--noglobal_core skips it: at 11008x4096 it costs about "
-    "20 minutes on a 2-core CPU).")
+_PAPER = flags.DEFINE_bool(
+    "paper", True, "Also time the paper's construction (config.PAPER: "
+    "the dual core, 10 stage-2 iterations, no refit) beside the defaults "
+    "(--nopaper skips it: at 11008x4096 it costs about 20 minutes on a "
+    "2-core CPU).")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", True, "Also time each MOSP stage alone (one more MOSP's "
     "work per repeat; --nobreakdown skips it).")
@@ -102,7 +106,7 @@ def bench_shape(n_in: int, n_out: int, rng: np.random.Generator, iters: int,
   """ADMM iterations/s and FLOP rate vs a plain matmul, same shapes."""
   grams = jax.device_put(random_grams(rng, 1, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
-  cfg = SolverConfig()
+  cfg = DEFAULT
   sc = jax.jit(lambda g, w: scale_problem(g[0], w, damping=cfg.damping))(
       grams, W0)
   Q, L = jax.jit(eig)(sc.G)
@@ -140,37 +144,36 @@ def bench_shape(n_in: int, n_out: int, rng: np.random.Generator, iters: int,
 
 def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int,
                        rng: np.random.Generator, repeats: int,
-                       pattern: Pattern, *, global_core: bool = True,
+                       pattern: Pattern, *, paper: bool = True,
                        breakdown: bool = True) -> dict[str, Any]:
   """MOSP (m tasks, K preferences) against one ALPS solve on the
-  concatenated Gram, interleaved; with `global_core` also MOSP with
-  `core_rule='global'`, with `breakdown` each MOSP stage alone."""
+  concatenated Gram, interleaved: the defaults without and with the
+  preference refit; with `paper` also `config.PAPER`, with `breakdown`
+  each stage of the defaults alone."""
   grams = jax.device_put(random_grams(rng, m, n_in))
   W0 = jax.device_put(rng.standard_normal((n_in, n_out), np.float32))
   prefs = jax.device_put(rng.dirichlet(np.ones(m), K).astype(np.float32))
   H = jax.jit(concat_gram)(grams)
-  calls = [compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0),
-           compiled(lambda g, w, p: mosp_prune(g, w, p, pattern=pattern),
-                     grams, W0, prefs)]
-  if global_core:
-    global_cfg = SolverConfig(core_rule="global")
-    calls.append(compiled(
-        lambda g, w, p: mosp_prune(g, w, p, pattern=pattern,
-                                   cfg=global_cfg), grams, W0, prefs))
+  no_refit = dataclasses.replace(DEFAULT, pref_refit_iters=0)
+  configs = [no_refit, DEFAULT] + ([PAPER] if paper else [])
+  calls = [compiled(lambda h, w: alps_prune(h, w, pattern=pattern), H, W0)]
+  calls += [compiled(functools.partial(
+      lambda g, w, p, cfg: mosp_prune(g, w, p, pattern=pattern, cfg=cfg),
+      cfg=cfg), grams, W0, prefs) for cfg in configs]
   with jax.transfer_guard("disallow"):
     times, outs = timing.best_times(calls, repeats=repeats)
-  t_alps, t_mosp = times[:2]
+  t_alps, t_mosp, t_refit = times[:3]
   (_, _, ainfo), res = outs[:2]
   out = {"n_in": n_in, "n_out": n_out, "m": m, "K": K,
          "alps_s": t_alps, "mosp_s": t_mosp, "ratio": t_mosp / t_alps,
+         "mosp_refit_s": t_refit, "ratio_refit": t_refit / t_alps,
          "naive_front_ratio": float(K),
          "alps_iters": int(ainfo.admm.iters),
          "mosp_stage1_iters": int(res.info.stage1.iters),
          "mosp_stage2_iters": [int(i) for i in res.info.stage2.iters]}
-  if global_core:
-    # The core taken from |W| instead of the dual ADMM [ours].
-    out["mosp_global_core_s"] = times[2]
-    out["ratio_global_core"] = times[2] / t_alps
+  if paper:
+    out["mosp_paper_s"] = times[3]
+    out["ratio_paper"] = times[3] / t_alps
   if breakdown:
     out["mosp_breakdown_s"] = _mosp_breakdown(grams, W0, prefs, res.pareto,
                                               pattern, repeats)
@@ -180,12 +183,14 @@ def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int,
 def _mosp_breakdown(grams: jax.Array, W0: jax.Array, prefs: jax.Array,
                     pareto: ParetoLayer, pattern: Pattern, repeats: int
                     ) -> dict[str, float]:
-  """Seconds spent in each MOSP stage, each compiled alone and fed the
-  previous stage's output (one MOSP's work per repeat); `pareto` is the
-  layer's Pareto set from the whole solve, for `materialize`."""
-  cfg = SolverConfig()
+  """Seconds spent in each stage of MOSP with the defaults, each compiled
+  alone and fed the previous stage's output (one MOSP's work per
+  repeat); `pareto` is the layer's Pareto set from the whole solve, for
+  the preference models (`materialize`, then `refit` alone)."""
+  cfg = DEFAULT
   n_in, n_out = W0.shape
   core_count = projection.core_count(pattern, n_in, n_out, cfg.alpha)
+  dual = cfg.core_rule == "dual"
   t = functools.partial(timed, repeats=repeats)
   times = {}
   times["scale_eig"], (sc, (Q, L)) = t(
@@ -195,9 +200,13 @@ def _mosp_breakdown(grams: jax.Array, W0: jax.Array, prefs: jax.Array,
       lambda sc, Q, L: alps_lib.admm_support(
           sc, Q, L, pattern=pattern, rho0=cfg.rho0,
           update_every=cfg.update_every, max_iter=cfg.max_iter,
-          core_count=core_count)[0], sc, Q, L)
+          core_count=core_count if dual else 0)[0], sc, Q, L)
   times["stage1_pcg"], X = t(lambda sc, sup: pcg_lib.masked_pcg(
       sc.G, sc.B0, sup.mask, sup.D, iters=cfg.pcg_iters)[0], sc, sup)
+  if not dual:
+    times["core"], core = t(lambda X, mask: projection.core_select(
+        jnp.abs(X), pattern, core_count, mask), X, sup.mask)
+    sup = sup._replace(core=core)
   G = jax.jit(lambda g, d: scale_tasks(g, d, damping=cfg.damping))(
       grams, sc.d)
   times["stage2"], it2 = t(lambda G, sc, sup, X: mosp_lib.stage2(
@@ -208,11 +217,15 @@ def _mosp_breakdown(grams: jax.Array, W0: jax.Array, prefs: jax.Array,
       lambda g, mask, D: pcg_lib.masked_pcg(g, sc.B0, mask, D,
                                             iters=cfg.pcg_iters))(
       G, it2.mask, it2.D), G, sc, it2)
-  times["materialize"], _ = t(
-      lambda par, p: mosp_materialize(par, p, pattern=pattern), pareto,
-      prefs)
+  no_refit = dataclasses.replace(cfg, pref_refit_iters=0)
+  times["materialize"], (Wp, masks) = t(
+      lambda par, p: mosp_materialize(par, p, pattern=pattern,
+                                      cfg=no_refit), pareto, prefs)
+  times["refit"], _ = t(
+      lambda g, w, Wp, masks, p: mosp_lib.refit(
+          g, w, Wp, masks, p, damping=jnp.float32(cfg.damping),
+          iters=cfg.pref_refit_iters), grams, W0, Wp, masks, prefs)
   return times
-
 
 
 def _shape(text: str, flag: str) -> tuple[int, int]:
@@ -280,10 +293,12 @@ def _print_summary(result: dict[str, Any]) -> None:
   for cmp in result["mosp_vs_alps"]:
     print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
           f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "
-          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x)" + (
-              f"; with --core_rule=global {cmp['mosp_global_core_s']:.2f} s"
-              f" -> ratio {cmp['ratio_global_core']:.2f}"
-              if "ratio_global_core" in cmp else ""))
+          f"ratio {cmp['ratio']:.2f} (naive front: {cmp['K']}x); with "
+          f"the refit {cmp['mosp_refit_s']:.2f} s -> ratio "
+          f"{cmp['ratio_refit']:.2f}" + (
+              f"; the paper's construction {cmp['mosp_paper_s']:.2f} s"
+              f" -> ratio {cmp['ratio_paper']:.2f}"
+              if "ratio_paper" in cmp else ""))
     stages = cmp.get("mosp_breakdown_s")
     print("  " + (("MOSP stages (s): " + ", ".join(
         f"{k} {v:.2f}" for k, v in stages.items()) + "; ") if stages else "")
@@ -323,7 +338,7 @@ def main(argv: list[str]) -> None:
           f"{n_in}x{n_out} ...", flush=True)
     cmps.append(bench_mosp_vs_alps(
         n_in, n_out, _TASKS.value, _PREFS.value, rng, _REPEATS.value,
-        f.pattern, global_core=_GLOBAL_CORE.value,
+        f.pattern, paper=_PAPER.value,
         breakdown=_BREAKDOWN.value))
     artifact.write_json(f.out, result)
   if _MESH.value:

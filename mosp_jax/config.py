@@ -1,8 +1,14 @@
 """The one source of truth for solver hyperparameters.
 
-`SolverConfig()` holds the paper's defaults (MOSP, NeurIPS 2025; ALPS for the
-shared ADMM machinery). Everything else (flags, benchmarks, tests) builds a
-config from here with `dataclasses.replace`, never with its own literals.
+`SolverConfig()` holds the defaults: the paper's (MOSP, NeurIPS 2025; ALPS
+for the shared ADMM machinery) in every field but three [ours]: the
+preference refit (on, because without it every interior preference model
+is dominated by the set's own global model), the core taken from the
+global model's `|W|` and 5 stage-2 iterations (each as good at a third
+less solve time); docs/METHOD_NOTES.md measures each. `PAPER` is the
+paper's construction exactly. Everything else (flags, benchmarks, tests)
+builds a config from here with `dataclasses.replace`, never with its own
+literals.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ if TYPE_CHECKING:  # solvers import this module: no import cycle at run time.
 
 PREF_MAPS = ("power", "normalized")
 CORE_RULES = ("dual", "global")
+PREF_SUPPORTS = ("mix", "own")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +33,11 @@ class SolverConfig:
       [paper 0.5].
     p: temperature of the preference map `lam' = T_p(lam)` [paper 0.5];
       `p = 1` is plain interpolation (the paper's ablation without it).
-    core_rule: how stage 1 chooses the core `S_c`: 'dual' (default)
-      [paper-summary], the second channel of stage 1's dual ADMM;
-      'global' [ours], the top `floor(alpha k)` of the global model's
-      `|W|` (scaled units) inside `supp(W)`, so that stage 1 is one ALPS
-      solve and the core costs a top-k.
+    core_rule: how stage 1 chooses the core `S_c`: 'dual'
+      [paper-summary, `PAPER`], the second channel of stage 1's dual
+      ADMM; 'global' [ours, default], the top `floor(alpha k)` of the
+      global model's `|W|` (scaled units) inside `supp(W)`, so that
+      stage 1 is one ALPS solve and the core costs a top-k.
     pref_map: the form of `T_p`, which the paper does not give [ours]:
       'power' `lam'_i = lam_i^(1/p)` (default; interior preferences lean
       toward the global model), 'normalized' `lam_i^(1/p) / sum_j
@@ -42,29 +49,37 @@ class SolverConfig:
     max_iter: iteration cap of stage 1 and ALPS [ALPS 300].
     stage2_rho: the fixed penalty of stage 2, relative to each task
       Gram's unit mean diagonal [paper 0.5].
-    stage2_max_iter: iteration cap of stage 2 [paper-summary 10].
+    stage2_max_iter: iteration cap of stage 2 [ours 5; paper-summary
+      10, `PAPER`].
     damping: ridge added to each Gram, relative to its mean diagonal
       [paper 0.01].
     pcg_iters: PCG iterations of the global and the task models
       [paper 10].
     pref_refit_iters: PCG iterations refitting each interior preference
-      model's values on its support to `F_lam`'s Gram `H_lam` [ours; 0 =
-      the paper's weighted sum and projection]. Needs the task Grams at
-      materialisation (a run then stores them in its artifact); the task
-      models (vertices) are left as they are.
+      model's values on its support to `F_lam`'s Gram `H_lam` [ours,
+      default 10; 0 = the paper's weighted sum and projection, `PAPER`].
+      Needs the task Grams at materialisation (a run stores them with its
+      Pareto set, `pipeline.gram_store`); the task models (vertices) are
+      left as they are.
+    pref_support: the support of a refitted preference model outside the
+      core: 'mix' (default) [paper-summary], the projection of the
+      weighted sum in the concatenated Gram's scale; 'own' [ours], the
+      same mix projected in the scale of the preference's own Gram
+      `H_lam`. Read only under the refit.
   """
   alpha: float = 0.5
   p: float = 0.5
-  core_rule: str = "dual"
+  core_rule: str = "global"
   pref_map: str = "power"
   rho0: float = 0.1
   update_every: int = 3
   max_iter: int = 300
   stage2_rho: float = 0.5
-  stage2_max_iter: int = 10
+  stage2_max_iter: int = 5
   damping: float = 0.01
   pcg_iters: int = 10
-  pref_refit_iters: int = 0
+  pref_refit_iters: int = 10
+  pref_support: str = "mix"
 
   def __post_init__(self) -> None:
     checks = [
@@ -82,6 +97,8 @@ class SolverConfig:
         ("damping", self.damping >= 0.0, ">= 0"),
         ("pcg_iters", self.pcg_iters >= 0, ">= 0"),
         ("pref_refit_iters", self.pref_refit_iters >= 0, ">= 0"),
+        ("pref_support", self.pref_support in PREF_SUPPORTS,
+         f"one of {', '.join(PREF_SUPPORTS)}"),
     ]
     for name, ok, expected in checks:
       if not ok:
@@ -89,8 +106,13 @@ class SolverConfig:
             f"{name} must be {expected}, got {getattr(self, name)!r}")
 
 
-# The paper's settings; the default of every solver entry point.
-PAPER = SolverConfig()
+# The defaults: the paper's settings but for three of ours (above); the
+# default of every solver entry point and flag.
+DEFAULT = SolverConfig()
+# The paper's construction exactly: the dual core, 10 stage-2 iterations,
+# the projected mix without refit.
+PAPER = dataclasses.replace(DEFAULT, core_rule="dual", stage2_max_iter=10,
+                            pref_refit_iters=0)
 # Device dtypes of the walk's weights and activations (`RunConfig.dtype`).
 DTYPES = ("float32", "bfloat16")
 

@@ -28,9 +28,11 @@ from bridge import (
   torch_export,
 )
 from experiments.lib import runner, shared_flags
-from mosp_jax import cli, models
-from mosp_jax.pipeline import artifact, run_record
+from mosp_jax import cli, config, models
+from mosp_jax.pipeline import artifact, gram_store, run_record
+from mosp_jax.solvers import mosp_materialize
 
+from .conftest import rel_err
 from .tiny_models import VOCAB, tiny_tokenizer, tiny_torch
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": False}),
@@ -182,24 +184,63 @@ def test_tiny_run_export_passes_parity(tiny_run, tiny_export):
   assert all(r.run is None for r in report.ppl)
 
 
-def test_refit_run_exports_the_runs_models(tmp_path):
-  """[ours] A run that refits its preference models keeps the task Grams
-  in its artifact; an export refits the same way, bitwise."""
+def test_paper_construction_run_stores_no_grams_and_says_so(tmp_path):
+  """A run with the paper's construction (`--pref_refit_iters=0`) keeps
+  no Grams; its export says so in one line and passes parity."""
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["run", "--flagfile=experiments/configs/smoke.flags",
                  f"--out_dir={tmp_path / 'run'}", "--nsamples=2",
-                 "--test_tokens=128", "--pref_refit_iters=5"])
+                 "--test_tokens=128", "--core_rule=dual",
+                 "--stage2_max_iter=10", "--pref_refit_iters=0"])
     run, solver = shared_flags.configs_from_flags()
+  assert solver == config.PAPER
   runner.run_experiment(run, solver, log=lambda s: None)
-  grams = artifact.load_grams(tmp_path / "run" / "pareto", 0)
-  assert sorted(grams) == ["mlp.down_proj", "mlp.gate_proj",
-                           "self_attn.o_proj", "self_attn.q_proj"]
+  with pytest.raises(FileNotFoundError, match="no task Grams saved"):
+    artifact.load_grams(tmp_path / "run" / "pareto", 0)
   out = tmp_path / "exported"
-  torch_export.export_preference(tmp_path / "run", "centroid", out)
+  log: list[str] = []
+  torch_export.export_preference(tmp_path / "run", "centroid", out,
+                                 log=log.append)
+  lines = [line for line in log if "paper's construction" in line]
+  assert len(lines) == 1 and "not refitted" in lines[0]
   report = parity_check.check_parity(out)
   assert report.ok, report.problems
   assert all(r.run_rel_diff == 0.0 for r in report.ppl)
+
+
+def test_new_preference_exports_refitted(tiny_run):
+  """[ours] The default run keeps its Grams compact (one per group of
+  linears); a preference it never evaluated exports refitted on them:
+  the projected mix's support, other values, and a lower preference
+  objective (numpy, on the stored Grams) in every linear."""
+  run = pruned.read_run(tiny_run)
+  assert run.solver.pref_refit_iters == config.DEFAULT.pref_refit_iters > 0
+  root = tiny_run / run_record.ARTIFACT_DIR
+  pref = np.array([0.6, 0.3, 0.1], np.float32)
+  model = pruned.preference_model(run, pref)
+  assert model.run_index is None
+  _, dense, _, _ = pruned.load_run_dense(run)
+  for layer in range(run.num_layers):
+    stored = artifact.load_grams(root, layer)
+    assert sorted(stored) == ["mlp.down_proj", "mlp.gate_proj",
+                              "self_attn.o_proj", "self_attn.q_proj"]
+    sets = artifact.load_layer(root, layer)
+    for group in run.groups:
+      G = np.asarray(gram_store.to_device(stored[group[0]]), np.float64)
+      damped = [g + run.solver.damping * np.mean(np.diag(g)) * np.eye(len(g))
+                for g in G]
+      for name in group:
+        W0 = np.asarray(model.adapter.get_kernel(dense, layer, name))
+        mix, mask = mosp_materialize(sets[name], pref[None],
+                                     pattern=run.pattern, cfg=config.PAPER)
+        W = np.asarray(model.adapter.get_kernel(model.params, layer, name))
+        np.testing.assert_array_equal(W != 0, np.asarray(mask[0]))
+        assert not np.array_equal(W, np.asarray(mix[0]))
+        f = [sum(lam * rel_err(g, W0, w)
+                 for lam, g in zip(pref, damped, strict=True))
+             for w in (W, np.asarray(mix[0]))]
+        assert f[0] < f[1], (layer, name, f)
 
 
 def test_materialized_model_owns_its_arrays(tiny_run):

@@ -138,22 +138,27 @@ def test_entry_point_compiles_once_per_shape(entry):
 
 def test_mosp_materialize_compiles_once_per_preference_count():
   """New preference values (and damping) reuse the compiled
-  materialisation; a new number of preferences compiles it once."""
+  materialisation and its refit; a new number of preferences compiles
+  it once."""
   grams, W0, _ = _inputs(0, 6)
+  grams_dev, W0_dev = jax.device_put((grams, W0))
   rng = np.random.default_rng(0)
   prefs = [jax.device_put(rng.dirichlet(np.ones(M), K).astype(np.float32))
            for K in (2, 2, 4)]
   with jax.transfer_guard("disallow"):
     pareto, _ = _pareto(grams, W0, None, CFG)
     with Compilations() as first:
-      jax.block_until_ready(mosp_materialize(pareto, prefs[0],
-                                             pattern=PATTERN, cfg=CFG))
+      jax.block_until_ready(mosp_materialize(
+          pareto, prefs[0], pattern=PATTERN, cfg=CFG, grams=grams_dev,
+          W0=W0_dev))
     with Compilations() as again:
-      jax.block_until_ready(mosp_materialize(pareto, prefs[1],
-                                             pattern=PATTERN, cfg=CFG_B))
+      jax.block_until_ready(mosp_materialize(
+          pareto, prefs[1], pattern=PATTERN, cfg=CFG_B, grams=grams_dev,
+          W0=W0_dev))
     with Compilations() as other_shape:
-      jax.block_until_ready(mosp_materialize(pareto, prefs[2],
-                                             pattern=PATTERN, cfg=CFG))
+      jax.block_until_ready(mosp_materialize(
+          pareto, prefs[2], pattern=PATTERN, cfg=CFG, grams=grams_dev,
+          W0=W0_dev))
   assert first.counts()[("trace", "_preference_models")] <= 1, first.events
   assert again.events == []
   assert other_shape.once("_preference_models"), other_shape.events

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosp_jax.config import SolverConfig
+from mosp_jax.config import DEFAULT, PAPER
 from mosp_jax.solvers import (
   NM,
   ParetoLayer,
@@ -24,7 +24,7 @@ from mosp_jax.solvers.scaling import concat_gram, scale_problem, scale_tasks
 
 from .conftest import guarded, rel_err, task_grams
 
-CFG = SolverConfig()
+CFG = PAPER  # The paper's construction; DEFAULT's additions below.
 PREFS = np.array([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25],
                   [0.0, 0.5, 0.5], [0.1, 0.2, 0.7]], np.float32)
 N_IN, N_OUT = 48, 40
@@ -310,6 +310,48 @@ def test_refit_lowers_f_lam_and_keeps_supports(layer, pattern):
   with pytest.raises(ValueError, match="pass grams and W0"):
     mosp_materialize(ParetoLayer(*paper.pareto), PREFS, pattern=pattern,
                      cfg=dataclasses.replace(CFG, pref_refit_iters=10))
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)], ids=str)
+def test_own_support_keeps_the_budget_and_lowers_f_lam(layer, pattern):
+  """[ours] `pref_support='own'` chooses an interior model's support in
+  its own Gram's scale: the core kept, the exact budget (per N:M group),
+  the vertices untouched, and the objective below the projected mix."""
+  grams, W0 = layer
+  paper = run(grams, W0, PREFS, pattern)
+  own = run(grams, W0, PREFS, pattern,
+            dataclasses.replace(CFG, pref_refit_iters=10, pref_support="own"))
+  np.testing.assert_array_equal(own.weights[:3], paper.weights[:3])
+  assert not (own.weights * ~own.masks).any()
+  budget = pattern.keep(N_IN, N_OUT)
+  assert (own.masks.sum((1, 2)) == budget).all()
+  if isinstance(pattern, NM):
+    assert (groups(own.masks) == 2).all()
+  core = np.asarray(own.pareto.core)
+  assert (own.masks[3:] | ~core[None]).all()
+  prefs = np.concatenate([np.eye(3), PREFS])
+  f_mix = _f_lam(grams, W0, paper.weights, prefs)[3:]
+  f_own = _f_lam(grams, W0, own.weights, prefs)[3:]
+  assert (f_own < f_mix).all()
+
+
+def test_default_set_is_a_refitted_trade_off(layer):
+  """The defaults (core from |W|, 5 stage-2 iterations, the refit): the
+  exact budget, the core in every model, each vertex best on its task,
+  and each interior model below its own unrefitted construction."""
+  grams, W0 = layer
+  r = run(grams, W0, PREFS, Unstructured(0.6), DEFAULT)
+  mix = run(grams, W0, PREFS, Unstructured(0.6),
+            dataclasses.replace(DEFAULT, pref_refit_iters=0))
+  assert (r.masks.sum((1, 2)) == Unstructured(0.6).keep(N_IN, N_OUT)).all()
+  assert (r.masks | ~np.asarray(r.pareto.core)[None]).all()
+  np.testing.assert_array_equal(r.masks, mix.masks)
+  err = np.array([[rel_err(grams[i], W0, w) for i in range(3)]
+                  for w in r.weights])
+  assert [int(np.argmin(err[:, i])) for i in range(3)] == [0, 1, 2]
+  prefs = np.concatenate([np.eye(3), PREFS])
+  assert (_f_lam(grams, W0, r.weights, prefs)[3:]
+          < _f_lam(grams, W0, mix.weights, prefs)[3:]).all()
 
 
 def test_front_is_a_trade_off(layer):

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.config import DEFAULT, PAPER, RunConfig
 from mosp_jax.models import paper_configs as pc
 from mosp_jax.pipeline import plan as plan_lib
 from mosp_jax.pipeline import preferences, run_record
@@ -78,7 +78,7 @@ def test_tiny_llama_bytes_and_flops_by_hand():
       "Pareto sets + model layers":
           sum_no * ((m + 1) * 4 + 1 + (2 + m) * b),
   }
-  plan = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE)
+  plan = plan_lib.make_plan(shapes, run, PAPER, DEVICE)
   assert _rows(plan) == want
   assert plan.total_bytes == sum(want.values())
   # Phase work: one layer's forward per token, by hand.
@@ -98,8 +98,23 @@ def test_tiny_llama_bytes_and_flops_by_hand():
         2 * p.per_layer.seconds(DEVICE) + p.once.seconds(DEVICE))
 
 
+def test_default_plans_the_stored_grams_of_the_refit():
+  """The default (refit on) keeps each group's Grams in their stored form
+  until the layer is saved: `m (n^2 + 3 n)` bytes per group, the
+  `gram_store` arrays; the paper's construction stores none."""
+  config = tiny_config("llama")
+  shapes = plan_lib.shapes_from_config(config)
+  run = _run()
+  m = len(run.tasks)
+  rows = _rows(plan_lib.make_plan(shapes, run, DEFAULT, DEVICE))
+  assert rows["stored Grams (1 layer, refit)"] == sum(
+      m * (n * n + 3 * n) for n in shapes.groups)
+  assert "stored Grams (1 layer, refit)" not in _rows(
+      plan_lib.make_plan(shapes, run, PAPER, DEVICE))
+
+
 def test_solve_work_of_one_linear_by_hand():
-  solver = SolverConfig()
+  solver = PAPER
   n, o, m, it = 64, 32, 3, 33
   work = cost.solve_work(plan_lib.Linear("x", n, o), 2, m, solver, it)
   # 64 < 3 * 2 * 32: the explicit inverse, one matmul per iteration.
@@ -122,7 +137,7 @@ def test_global_core_rule_plans_one_stage1_channel():
 
   def plan(**kw):
     return plan_lib.make_plan(shapes, _run(),
-                              dataclasses.replace(SolverConfig(), **kw),
+                              dataclasses.replace(PAPER, **kw),
                               DEVICE)
 
   def solve(p):
@@ -143,7 +158,7 @@ def test_llama_2_7b_paper_plan_weights():
   assert per_layer == 4 * d * d + 3 * d * f + 2 * d
   assert (shapes.params_outside, shapes.params_per_layer) == (outside,
                                                               per_layer)
-  plan = plan_lib.make_plan(shapes, _run(), SolverConfig(), DEVICE)
+  plan = plan_lib.make_plan(shapes, _run(), PAPER, DEVICE)
   rows = _rows(plan)
   # One layer on the device: 6.74e9 parameters in all (published size).
   assert outside + 32 * per_layer == 6_738_415_616
@@ -158,18 +173,18 @@ def test_offloaded_streams_leave_the_device_total():
   shapes = plan_lib.shapes_from_config(tiny_config("llama"))
   run = _run(nsamples=8, seqlen=16, test_tokens=64, batch_size=2)
   d, b = shapes.hidden, 4
-  kept = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE)
-  off = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE,
+  kept = plan_lib.make_plan(shapes, run, PAPER, DEVICE)
+  off = plan_lib.make_plan(shapes, run, PAPER, DEVICE,
                            offload_streams=True)
   streams = 2 * 3 * 8 * 16 * d * b + 2 * 9 * 3 * 4 * 16 * d * b
   assert off.host_bytes == streams and kept.host_bytes == 0
   # Two batches per stream visit the device instead.
   assert off.total_bytes == kept.total_bytes - streams + 2 * 2 * 16 * d * b
   cpu = dataclasses.replace(DEVICE, host_is_device=True)
-  on_cpu = plan_lib.make_plan(shapes, run, SolverConfig(), cpu,
+  on_cpu = plan_lib.make_plan(shapes, run, PAPER, cpu,
                               offload_streams=True)
   assert on_cpu.host_bytes == 0  # the host is the device: nothing leaves
-  bf16 = plan_lib.make_plan(shapes, run, SolverConfig(), DEVICE,
+  bf16 = plan_lib.make_plan(shapes, run, PAPER, DEVICE,
                             act_bytes=2)
   assert _rows(bf16)["calibration streams"] * 2 == _rows(kept)[
       "calibration streams"]
@@ -179,7 +194,7 @@ def test_plan_grows_with_nsamples():
   shapes = plan_lib.shapes_from_config(tiny_config("llama"))
   plans = [plan_lib.make_plan(shapes, _run(nsamples=n, seqlen=16,
                                            test_tokens=64),
-                              SolverConfig(), DEVICE) for n in (2, 4, 8)]
+                              PAPER, DEVICE) for n in (2, 4, 8)]
   totals = [p.total_bytes for p in plans]
   assert totals[0] < totals[1] < totals[2]
   for name in ("capture", "propagate"):
@@ -192,7 +207,7 @@ def test_refusal_names_the_largest_tunable_term():
   shapes = plan_lib.shapes_from_config(tiny_config("llama"))
   small = plan_lib.Device("test", 1000, 1e11, 1e10, 1e9, 5e8, False)
   plan = plan_lib.make_plan(shapes, _run(nsamples=64, seqlen=16,
-                                         test_tokens=16), SolverConfig(),
+                                         test_tokens=16), PAPER,
                             small)
   assert not plan.fits() and plan.fits(plan.total_bytes)
   msg = plan_lib.refusal(plan)
@@ -210,16 +225,16 @@ def test_forward_rate_times_the_forwards():
   shapes = plan_lib.shapes_from_config(config)
   run = _run(m=2, nsamples=3, seqlen=16, test_tokens=64, batch_size=2)
   slow = dataclasses.replace(DEVICE, forward_flops=DEVICE.matmul_flops / 4)
-  base = {p.name: p for p in plan_lib.make_plan(shapes, run, SolverConfig(),
+  base = {p.name: p for p in plan_lib.make_plan(shapes, run, PAPER,
                                                 DEVICE).phases}
-  for p in plan_lib.make_plan(shapes, run, SolverConfig(), slow).phases:
+  for p in plan_lib.make_plan(shapes, run, PAPER, slow).phases:
     extra = 3 * p.per_layer.forward / DEVICE.matmul_flops
     assert p.layer_seconds == pytest.approx(base[p.name].layer_seconds
                                             + extra)
   assert probes.measure_forward_flops(config, batch_size=2,
                                         seqlen=16) > 0
   text = plan_lib.format_plan(plan_lib.make_plan(shapes, run,
-                                                 SolverConfig(), slow))
+                                                 PAPER, slow))
   assert "layer forward 25.0 GFLOP/s" in text
 
 
@@ -239,7 +254,7 @@ def test_plan_only_and_refusal_on_the_command(tmp_path):
   from bridge import load
   shapes = plan_lib.shapes_from_config(load.model_config("tiny-llama"))
   smoke = _run(nsamples=4, seqlen=64, test_tokens=256, batch_size=4)
-  kept, off = (plan_lib.make_plan(shapes, smoke, SolverConfig(), DEVICE,
+  kept, off = (plan_lib.make_plan(shapes, smoke, PAPER, DEVICE,
                                   offload_streams=o) for o in (False, True))
   assert off.total_bytes < kept.total_bytes
   between = (off.total_bytes + kept.total_bytes) / 2 / plan_lib.GIB
@@ -279,7 +294,7 @@ def test_check_phases_by_hand():
   shapes = plan_lib.shapes_from_config(tiny_config("llama"))
   plan = plan_lib.make_plan(shapes, _run(m=2, nsamples=3, seqlen=16,
                                          test_tokens=64, batch_size=2),
-                            SolverConfig(), DEVICE)
+                            PAPER, DEVICE)
   phases = [p.name for p in plan.phases]
   assert phases == ["capture", "solve", "propagate", "evaluate"]
 

@@ -28,7 +28,7 @@ def test_every_solver_flag_reaches_its_field(tmp_path):
             "core_rule": "global", "rho0": 0.2,
             "update_every": 4, "max_iter": 50, "stage2_rho": 0.7,
             "stage2_max_iter": 4, "damping": 0.05, "pcg_iters": 5,
-            "pref_refit_iters": 3}
+            "pref_refit_iters": 3, "pref_support": "own"}
   assert set(values) == {f.name for f in dataclasses.fields(SolverConfig)}
   args = [f"--{k}={v}" if not isinstance(v, bool) else
           (f"--{k}" if v else f"--no{k}") for k, v in values.items()]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bridge import pruned
-from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.config import DEFAULT, PAPER, RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact, run_record
 from mosp_jax.solvers import NM, Unstructured
 
@@ -44,8 +44,9 @@ def test_config_record_round_trips_and_ignores_out_dir():
 
 
 def test_a_run_written_before_a_solver_field_existed_resumes(tmp_path):
-  """A config.json without a field added later (here `core_rule`) is the
-  same configuration as the field's default, and only that."""
+  """A config.json without fields added later (`core_rule`,
+  `pref_refit_iters`, `pref_support`) is the configuration of their
+  paper values, whatever today's defaults, and only that."""
   from mosp_jax import cli
   out = tmp_path / "run"
   out.mkdir()
@@ -53,13 +54,14 @@ def test_a_run_written_before_a_solver_field_existed_resumes(tmp_path):
                   pattern=Unstructured(0.5), nsamples=4, seqlen=64,
                   test_tokens=256, prefs=((1.0, 0.0), (0.0, 1.0)),
                   batch_size=4, seed=0, out_dir=str(out))
-  old = run_record.ConfigRecord(run, SolverConfig()).to_dict()
-  del old["solver"]["core_rule"]
+  old = run_record.ConfigRecord(run, PAPER).to_dict()
+  for field in ("core_rule", "pref_refit_iters", "pref_support"):
+    del old["solver"][field]
   (out / run_record.CONFIG_FILE).write_text(json.dumps(old))
-  same = run_record.ConfigRecord(run, SolverConfig())
+  same = run_record.ConfigRecord(run, PAPER)
   assert run_record.check_run_dir(same, overwrite=False) == (out, True,
                                                              False)
-  other = run_record.ConfigRecord(run, SolverConfig(core_rule="global"))
+  other = run_record.ConfigRecord(run, DEFAULT)
   with pytest.raises(cli.UsageError, match=r"differs in: solver\)"):
     run_record.check_run_dir(other, overwrite=False)
 
@@ -109,7 +111,8 @@ def test_a_finished_run_is_found_finished(tiny_run):
 
 def test_layer_and_export_records_read_back_old_and_new_json():
   """A layer record of a run older than the evaluate phase, a baseline's
-  (no linears) and an export report serialise back to the same JSON."""
+  (no linears), one with the materialising seconds and an export report
+  serialise back to the same JSON."""
   linear = {"stage1_iters": 33, "stage2_iters": [10, 1],
             "rel_error": [[0.1, 0.25], [0.5, 1e-7]]}
   for d in ({"layer": 0, "capture_s": 0.5, "solve_s": 2.0,
@@ -118,10 +121,12 @@ def test_layer_and_export_records_read_back_old_and_new_json():
             {"layer": 1, "capture_s": 0.5, "solve_s": 2.0,
              "propagate_s": 0.25, "linears": {"mlp.up_proj": linear}},
             {"layer": 2, "capture_s": 0.5, "solve_s": 2.0,
-             "propagate_s": 0.25, "evaluate_s": 1.0}):
+             "propagate_s": 0.25, "evaluate_s": 1.0},
+            {"layer": 3, "capture_s": 0.5, "solve_s": 2.0,
+             "propagate_s": 0.25, "evaluate_s": 1.0, "materialise_s": 0.5}):
     rec = run_record.LayerRecord.from_dict(d)
     assert rec.to_dict() == d and list(rec.to_dict()) == list(d)
-  assert rec.linears == {} and rec.evaluate_s == 1.0
+  assert rec.linears == {} and rec.materialise_s == 0.5
   export = {"checkpoint": "/r/export_centroid", "dtype": "float32",
             "preference": [0.5, 0.5], "ok": False,
             "ppl": [{"task": "math", "torch": 2.0, "jax": 2.0,

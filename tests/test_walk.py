@@ -9,8 +9,8 @@ import pytest
 from mosp_jax import baselines
 from mosp_jax.config import SolverConfig
 from mosp_jax.models import adapter_for, tiny_llama
+from mosp_jax.pipeline import gram_store, walk
 from mosp_jax.pipeline import streams as streams_lib
-from mosp_jax.pipeline import walk
 from mosp_jax.pipeline.grams import layer_grams
 from mosp_jax.pipeline.layer_source import from_tree
 from mosp_jax.pipeline.prune import prune_and_evaluate
@@ -86,8 +86,12 @@ def reference_mosp(adapter, params, calib, streams):
       for name in group:
         W0 = adapter.get_kernel(params, layer, name)
         par, _ = mosp_pareto(G, W0, pattern=PATTERN, cfg=CFG)
-        W, _ = mosp_materialize(par, prefs, pattern=PATTERN, cfg=CFG,
-                                grams=G, W0=W0)
+        # The refit reads the Grams as a Pareto set stores them; each
+        # preference is materialised alone, as the walk does.
+        stored = gram_store.decode(gram_store.encode(G))
+        W = [mosp_materialize(par, prefs[p:p + 1], pattern=PATTERN,
+                              cfg=CFG, grams=stored, W0=W0)[0][0]
+             for p in range(len(PREFS))]
         for p, w in enumerate([*W, par.W]):
           models[p] = adapter.set_kernel(models[p], layer, name, w)
         for i in range(m):
@@ -145,9 +149,13 @@ def test_mosp_walk_equals_whole_models(problem, walks, streams):
   np.testing.assert_array_equal(res.sparsity, [0.5] * len(PREFS))
   assert [list(r.to_dict()) for r in res.walk.layers] == [
       ["layer", "capture_s", "solve_s", "propagate_s", "evaluate_s",
-       "linears"]] * 2
-  assert list(res.walk.seconds) == ["capture", "solve", "propagate", "evaluate",
-                               "walk", "total"]
+       "materialise_s", "linears"]] * 2
+  assert list(res.walk.seconds) == ["capture", "solve", "propagate",
+                                    "evaluate", "materialise", "walk", "set",
+                                    "total"]
+  assert 0 < res.walk.seconds["materialise"] < res.walk.seconds["evaluate"]
+  assert res.walk.seconds["set"] == pytest.approx(
+      res.walk.seconds["walk"] + res.walk.seconds["materialise"])
 
 
 @pytest.mark.parametrize("method,protocol", [

@@ -274,11 +274,13 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
   ppl = with_global(ppl)
   summary = summarize(ppl)
   time_s = {k: f.walk.seconds["total"] for k, f in fronts.items()}
+  set_s = {k: f.walk.seconds["set"] for k, f in fronts.items()}
   fields = {
       "ppl": {k: v.tolist() for k, v in ppl.items()},
       "model_sparsity": {k: f.sparsity.tolist() for k, f in fronts.items()},
       **summary, "time_s": time_s,
       "walk_s": {k: f.walk.seconds["walk"] for k, f in fronts.items()},
+      "set_s": set_s,
       "cpu_s": cpu_s,
       "seconds": {k: f.walk.seconds for k, f in fronts.items()},
       "load_s": {"model": t_model, "data": t_data},
@@ -297,9 +299,22 @@ def compare_model(run: RunConfig, entries: tuple[Entry, ...], *,
                 "the entry's own solver; the walk alone (capture, solve, "
                 "calibration propagation) in compare.json `walk_s`.", "",
                 *_summary_table(summary, time_s, cpu_s), "",
+                _set_note(set_s), "",
                 "## Perplexity (lower is better; bold = best per task)", "",
                 *_value_table(tasks, prefs, ppl, ".2f", dense), ""],
       dense=dense, plot_title=f"{run.model}, {run.pattern}", metric="PPL")
+
+
+def _set_note(set_s: dict[str, float]) -> str:
+  """One line: the seconds each entry takes to produce its models (the
+  walk and building the models, not evaluating them), and MOSP's against
+  ALPS-concat's where both ran."""
+  line = ("Producing the models (walk + building them, wall s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in set_s.items()))
+  if "mosp" in set_s and set_s.get("alps-concat"):
+    line += (f"; mosp / alps-concat = "
+             f"{set_s['mosp'] / set_s['alps-concat']:.2f}x")
+  return line + "."
 
 
 def _protocol_note(entries: tuple[Entry, ...]) -> str:

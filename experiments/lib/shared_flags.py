@@ -21,6 +21,7 @@ from mosp_jax.config import (
   CORE_RULES,
   DTYPES,
   PREF_MAPS,
+  PREF_SUPPORTS,
   RunConfig,
   SolverConfig,
 )
@@ -74,14 +75,15 @@ flags.DEFINE_string("out_dir", None, "Run directory (created).")
 flags.DEFINE_bool("overwrite", False, "Start afresh in an --out_dir that "
                   "holds another run (its outputs are deleted). Without it, "
                   "the same configuration resumes and another is refused.")
-# Solver hyperparameters: defaults are SolverConfig's (the paper's).
+# Solver hyperparameters: defaults are SolverConfig's (the paper's but for
+# three of ours; configs/paper.flags sets the paper's).
 flags.DEFINE_float("alpha", _D.alpha, "Share of the budget k in the shared "
                    "core S_c [paper 0.5].")
 flags.DEFINE_float("p", _D.p, "Temperature of the preference map "
                    "lam' = T_p(lam) [paper 0.5]; 1 = plain interpolation.")
 flags.DEFINE_enum("core_rule", _D.core_rule, list(CORE_RULES), "How "
                   "stage 1 chooses the core S_c: dual [paper-summary], the "
-                  "dual ADMM's core channel; global [ours], the top "
+                  "dual ADMM's core channel; global [ours, default], the top "
                   "alpha k of |W| inside supp(W), stage 1 then one ALPS "
                   "solve.")
 flags.DEFINE_enum("pref_map", _D.pref_map, list(PREF_MAPS), "Form of T_p "
@@ -96,16 +98,21 @@ flags.DEFINE_integer("max_iter", _D.max_iter, "Stage-1 / ALPS ADMM cap "
 flags.DEFINE_float("stage2_rho", _D.stage2_rho, "Fixed stage-2 penalty "
                    "[paper 0.5].")
 flags.DEFINE_integer("stage2_max_iter", _D.stage2_max_iter,
-                     "Stage-2 ADMM cap [paper-summary 10].")
+                     "Stage-2 ADMM cap [ours 5; paper-summary 10].")
 flags.DEFINE_float("damping", _D.damping, "Ridge relative to mean diag "
                    "[paper 0.01].")
 flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations [paper "
                      "10].")
 flags.DEFINE_integer("pref_refit_iters", _D.pref_refit_iters, "PCG "
                      "iterations refitting each interior preference model "
-                     "on F_lam's Gram [ours; 0 = the paper's weighted sum "
-                     "and projection]; the artifact then keeps the task "
-                     "Grams.")
+                     "on F_lam's Gram [ours, default 10; 0 = the paper's "
+                     "construction, a weighted sum and projection]; the "
+                     "Pareto set then keeps the task Grams (compact).")
+flags.DEFINE_enum("pref_support", _D.pref_support, list(PREF_SUPPORTS),
+                  "Support of a refitted preference model outside the "
+                  "core: mix [paper-summary], the projected weighted sum; "
+                  "own [ours], the same mix projected in the scale of the "
+                  "preference's own Gram.")
 # The plan (mosp_jax/pipeline/plan/): experiments.run's walk, and the
 # MOSP walk of a whole-model experiments.compare.
 flags.DEFINE_bool("plan", True, "Before loading the model, print the "

@@ -19,7 +19,7 @@ import jax
 from mosp_jax.baselines.magnitude import magnitude_prune
 from mosp_jax.baselines.sparsegpt import sparsegpt_prune
 from mosp_jax.baselines.wanda import column_keep, wanda_prune
-from mosp_jax.config import PAPER, SolverConfig
+from mosp_jax.config import DEFAULT, SolverConfig
 from mosp_jax.solvers import Pattern, alps_prune
 
 METHODS = ("alps", "sparsegpt", "wanda", "magnitude")
@@ -28,7 +28,7 @@ DATA_FREE = frozenset({"magnitude"})
 
 
 def prune_single(method: str, H: jax.Array | None, W0: jax.Array, *,
-                 pattern: Pattern, cfg: SolverConfig = PAPER) -> jax.Array:
+                 pattern: Pattern, cfg: SolverConfig = DEFAULT) -> jax.Array:
   """Pruned weights `(n_in, n_out)` of baseline `method` (one of
   `METHODS`) for the Gram `H` (None allowed for data-free methods)."""
   if method == "magnitude":

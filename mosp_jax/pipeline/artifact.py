@@ -4,10 +4,14 @@
 solver config, linears); `layer_XXX.npz` holds, per linear, the compact
 Pareto set `(S_c, W, W_1..W_m, d)` [paper-summary]: the core as packed
 bits, the global and task models as packed supports plus their nonzero
-values (float32), and the column scale `d`. Any preference, including
-ones the run did not evaluate, is materialised from these alone with
-`mosp_jax.solvers.mosp_materialize` (no Gram, no solve), which is
-deterministic: the same inputs give the weights the run evaluated.
+values (float32), and the column scale `d`; a run with the preference
+refit [ours, the default] adds per group of linears its task Grams in
+the compact form of `gram_store` (diagonal + float16 correlation
+triangle). Any preference, including ones the run did not evaluate, is
+materialised from these with `mosp_jax.solvers.mosp_materialize` (no
+solve but the refit), which is deterministic: the same inputs give the
+weights the run evaluated. Sets written before the compact form hold
+float32 Grams (`gram/<group>`); they are still read.
 
 Every file is written under a temporary name and renamed into place, with
 the permissions the umask gives a new file (like every other output).
@@ -25,10 +29,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from mosp_jax.pipeline.gram_store import StoredGrams
 from mosp_jax.solvers import ParetoLayer
 
 META = "meta.json"
 GRAM = "gram"  # Key prefix of the optional task Grams.
+# Stored Grams: `gram/<group>/diag` and `gram/<group>/corr`; a key
+# `gram/<group>` alone is a float32 Gram of an older set.
 # What reading a cut or corrupt .npz raises, depending on where it is cut.
 _UNREADABLE = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
 
@@ -96,7 +103,7 @@ def _unpack(z: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
 
 def save_layer(root: str | os.PathLike, layer: int,
                linears: dict[str, ParetoLayer],
-               grams: dict[str, np.ndarray] | None = None) -> None:
+               grams: dict[str, StoredGrams] | None = None) -> None:
   """Saves one layer's Pareto sets.
 
   Args:
@@ -104,12 +111,13 @@ def save_layer(root: str | os.PathLike, layer: int,
     layer: decoder layer index.
     linears: `{name: ParetoLayer}` of numpy arrays (`core (n_in, n_out)`
       bool, `W (n_in, n_out)`, `W_tasks (m, n_in, n_out)`, `d (n_in,)`).
-    grams: `{group key: (m, n_in, n_in)}` task Grams, stored only for a
+    grams: `{group key: StoredGrams}` task Grams, stored only for a
       refit of the preference models [ours; `pref_refit_iters`].
   """
-  arrays: dict[str, np.ndarray] = {
-      f"{GRAM}/{k}": np.asarray(g, np.float32)
-      for k, g in (grams or {}).items()}
+  arrays: dict[str, np.ndarray] = {}
+  for k, g in (grams or {}).items():
+    arrays[f"{GRAM}/{k}/diag"] = np.asarray(g.diag, np.float32)
+    arrays[f"{GRAM}/{k}/corr"] = np.asarray(g.corr, np.float16)
   for name, par in linears.items():
     arrays[f"{name}/core"] = np.packbits(np.asarray(par.core).ravel())
     arrays |= _pack(f"{name}/W", np.asarray(par.W))
@@ -175,14 +183,24 @@ def load_layer(root: str | os.PathLike, layer: int
   return linears
 
 
-def load_grams(root: str | os.PathLike, layer: int) -> dict[str, np.ndarray]:
-  """The task Grams `{group key: (m, n_in, n_in)}` saved with a layer
-  (only by runs that refit their preference models)."""
+def load_grams(root: str | os.PathLike, layer: int
+               ) -> dict[str, StoredGrams | np.ndarray]:
+  """The task Grams saved with a layer (only by runs that refit their
+  preference models): `{group key: StoredGrams}`, or `(m, n_in, n_in)`
+  float32 arrays from a set written before the compact form."""
   path = layer_path(pathlib.Path(root), layer)
+  grams: dict[str, StoredGrams | np.ndarray] = {}
   try:
     with np.load(path) as z:
-      grams = {k.split("/", 1)[1]: z[k] for k in z.files
-               if k.startswith(f"{GRAM}/")}
+      for k in z.files:
+        parts = k.split("/")
+        if parts[0] != GRAM:
+          continue
+        if len(parts) == 2:
+          grams[parts[1]] = z[k]
+        elif parts[2] == "diag":
+          grams[parts[1]] = StoredGrams(
+              diag=z[k], corr=z[f"{GRAM}/{parts[1]}/corr"])
   except FileNotFoundError:
     raise
   except _UNREADABLE as e:

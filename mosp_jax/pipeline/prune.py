@@ -20,6 +20,7 @@ Embeddings, norms and the LM head stay dense.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -29,7 +30,13 @@ import numpy as np
 
 from mosp_jax.config import SolverConfig
 from mosp_jax.models.base import Adapter, Params
-from mosp_jax.pipeline import artifact, linear_problem, run_record, walk
+from mosp_jax.pipeline import (
+  artifact,
+  gram_store,
+  linear_problem,
+  run_record,
+  walk,
+)
 from mosp_jax.pipeline.checkpoint import LayerCheckpoint
 from mosp_jax.pipeline.layer_source import DenseLayers
 from mosp_jax.pipeline.streams import check_finite
@@ -108,10 +115,17 @@ def prune_and_evaluate(
 class _Solved(NamedTuple):
   """What MOSP's solve of one layer hands to its evaluation: per linear
   its Pareto set and solver info; per group the `(m, n, n)` task Grams on
-  the device (key: the group's first linear); the global model."""
+  the device (key: the group's first linear) and, under the refit, their
+  stored form; the global model.
+
+  Under the refit the evaluation reads the Grams as stored
+  (`gram_store.decode(stored)`), for its refit and its errors alike, so
+  that a preference exported from the Pareto set on disk is the model
+  the run evaluated [ours]; stages 1-3 solve on the exact Grams."""
   sets: dict[str, ParetoLayer]
   infos: dict[str, MospInfo]
   grams_dev: dict[str, jax.Array]
+  stored: dict[str, gram_store.StoredGrams]
   global_layer: Params
 
 
@@ -166,8 +180,13 @@ def _solve_layer(layer: int, dense: Params, task_grams: dict[int, walk.Grams],
         task_layers[i] = adapter.set_layer_kernel(task_layers[i], prob.name,
                                                   w)
     sets[prob.name], infos[prob.name] = par, info
+  stored = {}
+  if linear_problem.needs_grams(cfg):
+    for key in list(grams_dev):
+      stored[key] = gram_store.encode(grams_dev[key])
+      grams_dev[key] = gram_store.decode(stored[key])
   through = task_layers if streams == "task" else [global_layer] * m
-  return through, _Solved(sets, infos, grams_dev, global_layer)
+  return through, _Solved(sets, infos, grams_dev, stored, global_layer)
 
 
 def _evaluate_layer(layer: int, dense: Params, s: _Solved,
@@ -182,12 +201,16 @@ def _evaluate_layer(layer: int, dense: Params, s: _Solved,
   P = len(prefs)
   zeros = np.zeros(P + 1)
   errors: dict[str, list] = {}
+  materialise_s = 0.0
   for p in range(P + 1):
     model_layer = dense if p < P else s.global_layer
     for prob in linear_problem.layer_problems(
         adapter, dense, s.grams_dev.__getitem__, pattern=pattern):
       if p < P:
-        W = prob.preference_models(s.sets[prob.name], prefs[p], cfg)[0]
+        t0 = time.perf_counter()
+        W = jax.block_until_ready(
+            prob.preference_models(s.sets[prob.name], prefs[p], cfg)[0])
+        materialise_s += time.perf_counter() - t0
         model_layer = adapter.set_layer_kernel(model_layer, prob.name, W[0])
       else:
         W = jnp.asarray(s.sets[prob.name].W)[None]
@@ -202,14 +225,14 @@ def _evaluate_layer(layer: int, dense: Params, s: _Solved,
       stage2_iters=tuple(np.asarray(info.stage2.iters).tolist()),
       rel_error=tuple(map(tuple, errors[name])))
              for name, info in jax.device_get(s.infos).items()}
-  return walk.Evaluated(zeros, weights, linears)
+  return walk.Evaluated(zeros, weights, linears, materialise_s)
 
 
 def _save_layer(artifact_dir: str, layer: int, s: _Solved, *,
                 groups: list[list[str]], cfg: SolverConfig) -> None:
-  """Saves the layer's Pareto sets to the artifact, with the Grams when
-  a preference materialised later (the export) needs them."""
-  grams = ({g[0]: np.asarray(jax.device_get(s.grams_dev[g[0]]))
-            for g in groups} if linear_problem.needs_grams(cfg) else None)
+  """Saves the layer's Pareto sets to the artifact, with the stored
+  Grams when a preference materialised later (the export) needs them."""
+  grams = ({g[0]: jax.device_get(s.stored[g[0]]) for g in groups}
+           if linear_problem.needs_grams(cfg) else None)
   artifact.save_layer(artifact_dir, layer, jax.device_get(s.sets),
                       grams=grams)

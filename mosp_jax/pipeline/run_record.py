@@ -36,7 +36,7 @@ import numpy as np
 
 from mosp_jax import cli
 from mosp_jax import data as data_lib
-from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.config import PAPER, RunConfig, SolverConfig
 from mosp_jax.pipeline import artifact
 from mosp_jax.solvers import NM, Pattern, Unstructured
 
@@ -108,6 +108,14 @@ def _json_normal(obj: Any) -> Any:
   return json.loads(json.dumps(obj))
 
 
+def solver_from_record(d: Mapping[str, Any]) -> SolverConfig:
+  """The solver configuration a record holds. A field the record lacks
+  was added after it was written, when the run did what the field's
+  paper value means (`config.PAPER`: the dual core, no refit, ...),
+  whatever today's default."""
+  return SolverConfig(**{**dataclasses.asdict(PAPER), **d})
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigRecord:
   """`config.json`: the run configuration (all of `RunConfig` but
@@ -128,7 +136,7 @@ class ConfigRecord:
     """The record of a `config.json` dict, with `out_dir` set."""
     try:
       fields = dict(d)
-      solver = SolverConfig(**fields.pop("solver"))
+      solver = solver_from_record(fields.pop("solver"))
       fields["pattern"] = pattern_from_dict(fields["pattern"])
       fields["tasks"] = tuple(fields["tasks"])
       fields["prefs"] = tuple(tuple(r) for r in fields["prefs"])
@@ -179,7 +187,7 @@ class ArtifactMeta:
     try:
       return cls(model=d["model"], tasks=tuple(d["tasks"]),
                  pattern=pattern_from_dict(d["pattern"]),
-                 solver=SolverConfig(**d["solver"]),
+                 solver=solver_from_record(d["solver"]),
                  prefs=np.asarray(d["prefs"], np.float32),
                  num_layers=int(d["num_layers"]),
                  groups=tuple(tuple(g) for g in d["groups"]),
@@ -242,6 +250,9 @@ class LayerRecord:
     phase (`evaluate_s` None in runs written before it was measured).
   linears: per linear, MOSP's diagnostics (empty for a baseline's walk,
     and then left out of the JSON).
+  materialise_s: of `evaluate_s`, the seconds building the evaluated
+    models (MOSP's preference models, refit included); None in runs
+    written before it was measured.
   """
   layer: int
   capture_s: float
@@ -250,6 +261,7 @@ class LayerRecord:
   evaluate_s: float | None
   linears: Mapping[str, LinearStats] = dataclasses.field(
       default_factory=dict)
+  materialise_s: float | None = None
 
   def to_dict(self) -> dict[str, Any]:
     d: dict[str, Any] = {"layer": self.layer, "capture_s": self.capture_s,
@@ -257,6 +269,8 @@ class LayerRecord:
                          "propagate_s": self.propagate_s}
     if self.evaluate_s is not None:
       d["evaluate_s"] = self.evaluate_s
+    if self.materialise_s is not None:
+      d["materialise_s"] = self.materialise_s
     if self.linears:
       d["linears"] = {k: v.to_dict() for k, v in self.linears.items()}
     return d
@@ -269,7 +283,9 @@ class LayerRecord:
                propagate_s=float(d["propagate_s"]),
                evaluate_s=None if evaluate_s is None else float(evaluate_s),
                linears={k: LinearStats.from_dict(v)
-                        for k, v in d.get("linears", {}).items()})
+                        for k, v in d.get("linears", {}).items()},
+               materialise_s=(None if d.get("materialise_s") is None
+                              else float(d["materialise_s"])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +384,7 @@ class Results:
           global_ppl=dict(d["global_model"]["ppl"]),
           timings=dict(d["timings"]),
           layers=tuple(LayerRecord.from_dict(r) for r in d["layers"]),
-          solver=SolverConfig(**d["solver"]),
+          solver=solver_from_record(d["solver"]),
           test=None if test is None else TestSet(**test),
           export=None if d.get("export") is None
           else ExportRecord.from_dict(d["export"]))

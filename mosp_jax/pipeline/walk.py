@@ -77,10 +77,14 @@ class Evaluated(NamedTuple):
   weights: weights in the pruned linears of one model.
   linears: per linear, the unit's diagnostics for the layer's record
     (MOSP's; none for a baseline).
+  materialise_s: of the evaluation, the wall seconds spent building the
+    models (MOSP's preference models, refit included; 0 for a baseline,
+    whose model is its solve's).
   """
   zeros: Sequence[int] | np.ndarray
   weights: int
   linears: Mapping[str, LinearStats] = {}
+  materialise_s: float = 0.0
 
 
 # `advance(j, layer_params)`: model j's test streams through its layer.
@@ -223,6 +227,7 @@ def _walk_layer(
   zeros: list[int] = []
   weights: list[int] = []
   calib, tests = list(state["calib"]), list(state["test"])
+  materialise = 0.0
   for u, unit in enumerate(units):
     t0 = time.perf_counter()
     grams = _capture(adapter, layer, lp, unit, calib[u], sums)
@@ -240,6 +245,7 @@ def _walk_layer(
     for key, dt in zip(_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
                        strict=True):
       times[key] += dt
+    materialise += ev.materialise_s
     if unit.commit is not None:
       unit.commit(layer, carry)
     linears |= ev.linears
@@ -251,7 +257,8 @@ def _walk_layer(
                                  for s in state["dense"]])
   times["evaluate"] += time.perf_counter() - t0
   record = LayerRecord(layer, times["capture"], times["solve"],
-                       times["propagate"], times["evaluate"], linears)
+                       times["propagate"], times["evaluate"], linears,
+                       materialise_s=materialise)
   return ({"calib": calib, "test": tests, "dense": dense}, record,
           np.asarray(zeros, np.float64), np.asarray(weights, np.float64))
 
@@ -271,8 +278,9 @@ class _Progress(NamedTuple):
   def after(self, record: LayerRecord, state: dict[str, list],
             zeros: np.ndarray, weights: np.ndarray) -> _Progress:
     """The progress once `record`'s layer is walked."""
-    seconds = {k: self.seconds[k] + getattr(record, f"{k}_s")
-               for k in _PHASES}
+    seconds = {k: self.seconds.get(k, 0.0) + (getattr(record, f"{k}_s")
+                                              or 0.0)
+               for k in (*_PHASES, "materialise")}
     return _Progress(record.layer + 1, state, self.zeros + zeros,
                      self.weights + weights, [*self.layers, record],
                      seconds)
@@ -351,6 +359,9 @@ def _finish(adapter: Adapter, params: Params, progress: _Progress,
   seconds["evaluate"] += time.perf_counter() - t0
   seconds["walk"] = seconds["capture"] + seconds["solve"] + seconds[
       "propagate"]
+  # What a user waits for to hold the set and its models: the walk and
+  # building the models (part of 'evaluate'), not their evaluation.
+  seconds["set"] = seconds["walk"] + seconds.get("materialise", 0.0)
   seconds["total"] = time.perf_counter() - t_start
   return Walk(ppl=ppl.reshape(-1, len(test_ids)), dense_ppl=dense_ppl,
               sparsity=progress.zeros / np.maximum(progress.weights, 1),
@@ -364,7 +375,7 @@ def _start(checkpoint: LayerCheckpoint | None, state: dict[str, list],
   checkpoint's latest layer when it holds one; `n_models`: models
   evaluated by the walk."""
   zeros, weights = np.zeros(n_models), np.zeros(n_models)
-  seconds = dict.fromkeys(_PHASES, 0.0)
+  seconds = dict.fromkeys((*_PHASES, "materialise"), 0.0)
   if checkpoint is None or checkpoint.latest_layer() is None:
     return _Progress(0, state, zeros, weights, [], seconds)
   done_layer, saved, meta = checkpoint.restore(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mosp_jax.config import PAPER, SolverConfig
+from mosp_jax.config import DEFAULT, SolverConfig
 from mosp_jax.solvers import admm as admm_lib
 from mosp_jax.solvers import pcg as pcg_lib
 from mosp_jax.solvers import projection
@@ -133,7 +133,7 @@ def _alps(G: jax.Array, W0: jax.Array, rho0: float | jax.Array,
 
 
 def alps_prune(G: jax.Array, W0: jax.Array, *, pattern: projection.Pattern,
-               cfg: SolverConfig = PAPER, mesh: Mesh | None = None
+               cfg: SolverConfig = DEFAULT, mesh: Mesh | None = None
                ) -> tuple[jax.Array, jax.Array, AlpsInfo]:
   """Prunes one layer for one objective.
 

@@ -20,7 +20,7 @@ The paper's algorithm (Chen et al., NeurIPS 2025; docs/METHOD_NOTES.md,
   any lam  `W_lam = P_{k,S_c}(W + sum_i lam'_i (W_i - W))`, `lam' = T_p(lam)`
            [paper-summary]: a weighted sum and a projection, no Gram, no
            solve (`combine_and_project`); optionally refitted on `H_lam`
-           [ours, off by default] (`refit`).
+           [ours, on by default] (`refit`).
 
 The compact Pareto set of a layer is `ParetoLayer(core, W, W_tasks, d)`.
 """
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mosp_jax.config import PAPER, SolverConfig
+from mosp_jax.config import DEFAULT, SolverConfig
 from mosp_jax.solvers import admm as admm_lib
 from mosp_jax.solvers import alps as alps_lib
 from mosp_jax.solvers import pcg as pcg_lib
@@ -178,39 +178,76 @@ def combine_and_project(pareto: ParetoLayer, prefs: jax.Array, *,
   Returns:
     `(weights (P, n_in, n_out), masks (P, n_in, n_out) bool)`.
   """
-  n_in, n_out = pareto.W.shape
-  count = pattern.unit_keep(n_in, n_out) - projection.core_count(
-      pattern, n_in, n_out, alpha)
-  lam = pref_map(prefs, p=p, kind=kind)[:, :, None, None]   # (P, m, 1, 1)
-  mix = (1.0 - jnp.sum(lam, axis=1)) * pareto.W[None]
-  for i in range(pareto.W_tasks.shape[0]):
-    mix = mix + lam[:, i] * pareto.W_tasks[i][None]
+  mix = weighted_sum(pareto, prefs, p=p, kind=kind)
   score = mix * pareto.d[None, :, None]
-  masks = projection.task_masks(score, pareto.core, pattern, count) | \
+  masks = projection.task_masks(score, pareto.core, pattern,
+                                outside_count(pattern, pareto, alpha)) | \
       pareto.core[None]
   return jnp.where(masks, mix, 0.0), masks
 
 
+def weighted_sum(pareto: ParetoLayer, prefs: jax.Array, *, p: float,
+                 kind: str = "power") -> jax.Array:
+  """`(P, n_in, n_out)` mixes `(1 - sum_i lam'_i) W + sum_i lam'_i W_i`
+  of preferences `prefs (P, m)`, `lam' = T_p(lam)`, before projection."""
+  lam = pref_map(prefs, p=p, kind=kind)[:, :, None, None]   # (P, m, 1, 1)
+  mix = (1.0 - jnp.sum(lam, axis=1)) * pareto.W[None]
+  for i in range(pareto.W_tasks.shape[0]):
+    mix = mix + lam[:, i] * pareto.W_tasks[i][None]
+  return mix
+
+
+def outside_count(pattern: projection.Pattern, pareto: ParetoLayer,
+                  alpha: float) -> int:
+  """Weights a preference model keeps outside the core, per unit."""
+  n_in, n_out = pareto.W.shape
+  return pattern.unit_keep(n_in, n_out) - projection.core_count(
+      pattern, n_in, n_out, alpha)
+
+
+class Reselect(NamedTuple):
+  """What choosing a preference's support on its own Gram needs: the
+  unprojected mixes `(P, n_in, n_out)`, the core, the pattern and the
+  weights kept outside the core per unit (`outside_count`)."""
+  mix: jax.Array
+  core: jax.Array | np.ndarray
+  pattern: projection.Pattern
+  keep: int
+
+
 def refit(grams: jax.Array, W0: jax.Array, weights: jax.Array,
           masks: jax.Array, prefs: jax.Array, *, damping: jax.Array,
-          iters: int) -> jax.Array:
+          iters: int, reselect: Reselect | None = None
+          ) -> tuple[jax.Array, jax.Array]:
   """[ours] Each interior preference model's values refitted on its
   support: `iters` PCG steps on `H_lam` (`scaling.mixed_gram`, the Gram
   of `F_lam = sum_i lam_i f_i`, damped and scaled as ALPS's), from the
   projected mix. Vertices `e_i` keep the task models unchanged.
 
+  With `reselect` the support outside the core is first chosen again:
+  the top of the mix's `|w_jo|` in `H_lam`'s own scale `sqrt(H_lam,jj)`
+  instead of the concatenated Gram's (`cfg.pref_support='own'`).
+
   Args: `grams (m, n_in, n_in)`, `W0 (n_in, n_out)`, `weights, masks
-  (P, n_in, n_out)`, `prefs (P, m)`. Returns `(P, n_in, n_out)`.
+  (P, n_in, n_out)` (the projected mixes), `prefs (P, m)`.
+  Returns `(weights, masks)`, each `(P, n_in, n_out)`.
   """
-  def one(W: jax.Array, mask: jax.Array, lam: jax.Array) -> jax.Array:
+  def one(W: jax.Array, mask: jax.Array, lam: jax.Array,
+          mix: jax.Array) -> tuple[jax.Array, jax.Array]:
     sc = scale_problem(mixed_gram(grams, W0, lam), W0, damping=damping)
+    if reselect is not None:
+      mask = projection.task_masks(
+          (mix * sc.d[:, None])[None], reselect.core, reselect.pattern,
+          reselect.keep)[0] | reselect.core
+      W = jnp.where(mask, mix, 0.0)
     X, _ = pcg_lib.masked_pcg(sc.G, sc.B0, mask, W * sc.d[:, None],
                               iters=iters)
-    return X * (1.0 / sc.d)[:, None]
+    return X * (1.0 / sc.d)[:, None], mask
 
-  vertex = jnp.max(prefs, axis=1) >= 1.0
-  return jnp.where(vertex[:, None, None], weights,
-                   jax.vmap(one)(weights, masks, prefs))
+  vertex = (jnp.max(prefs, axis=1) >= 1.0)[:, None, None]
+  mixes = weights if reselect is None else reselect.mix
+  W, M = jax.vmap(one)(weights, masks, prefs, mixes)
+  return jnp.where(vertex, weights, W), jnp.where(vertex, masks, M)
 
 
 @functools.partial(
@@ -262,18 +299,27 @@ def _pareto(grams: jax.Array, W0: jax.Array, rho0: float | jax.Array,
 
 @functools.partial(jax.jit,
                    static_argnames=("pattern", "alpha", "p", "kind",
-                                    "refit_iters", "layout"))
+                                    "refit_iters", "support", "layout"))
 def _preference_models(pareto: ParetoLayer, prefs: jax.Array,
                        grams: jax.Array, W0: jax.Array, damping: jax.Array,
                        *, pattern: projection.Pattern, alpha: float,
                        p: float, kind: str, refit_iters: int,
+                       support: str = "mix",
                        layout: sharding_lib.Layout | None = None
                        ) -> tuple[jax.Array, jax.Array]:
   W, masks = combine_and_project(pareto, prefs, pattern=pattern,
                                  alpha=alpha, p=p, kind=kind)
   if refit_iters > 0:
-    W = refit(grams, W0, W, masks, prefs, damping=damping,
-              iters=refit_iters)
+    reselect = None if support == "mix" else Reselect(
+        weighted_sum(pareto, prefs, p=p, kind=kind), pareto.core, pattern,
+        outside_count(pattern, pareto, alpha))
+    # A batch of vertices alone (a run materialises one preference at a
+    # time) skips the refit's work, which `refit` would discard.
+    W, masks = jax.lax.cond(
+        jnp.all(jnp.max(prefs, axis=1) >= 1.0),
+        lambda: (W, masks),
+        lambda: refit(grams, W0, W, masks, prefs, damping=damping,
+                      iters=refit_iters, reselect=reselect))
   if layout is not None:
     W = layout.constrain(W, layout.per_model)
     masks = layout.constrain(masks, layout.per_model)
@@ -300,7 +346,7 @@ def _check_prefs(prefs: jax.Array, m: int) -> None:
 
 
 def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
-                pattern: projection.Pattern, cfg: SolverConfig = PAPER,
+                pattern: projection.Pattern, cfg: SolverConfig = DEFAULT,
                 mesh: Mesh | None = None) -> tuple[ParetoLayer, MospInfo]:
   """Stages 1-3: the compact Pareto set of one layer.
 
@@ -331,7 +377,7 @@ def mosp_pareto(grams: jax.Array, W0: jax.Array, *,
 
 
 def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
-                     pattern: projection.Pattern, cfg: SolverConfig = PAPER,
+                     pattern: projection.Pattern, cfg: SolverConfig = DEFAULT,
                      mesh: Mesh | None = None,
                      grams: jax.Array | None = None,
                      W0: jax.Array | None = None
@@ -339,9 +385,10 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
   """The models of preferences `prefs (P, m)` from a layer's Pareto set
   alone (no Gram, no solve; see `combine_and_project`).
 
-  With `cfg.pref_refit_iters > 0` [ours] the interior models are then
-  refitted (`refit`), which needs the task `grams (m, n_in, n_in)` and
-  the dense `W0 (n_in, n_out)`; they are ignored otherwise.
+  With `cfg.pref_refit_iters > 0` [ours, the default] the interior
+  models are then refitted (`refit`), which needs the task `grams (m,
+  n_in, n_in)` and the dense `W0 (n_in, n_out)`; with `cfg=PAPER` (the
+  paper's construction) they are ignored and no Gram is read.
 
   Returns `(weights (P, n_in, n_out), masks (P, n_in, n_out) bool)`; on
   a `mesh` they are split along columns, and along models over the
@@ -351,7 +398,8 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
   if cfg.pref_refit_iters > 0:
     if grams is None or W0 is None:
       raise ValueError("pref_refit_iters > 0 refits on the task Grams: "
-                       "pass grams and W0")
+                       "pass grams and W0, or cfg=config.PAPER for the "
+                       "paper's construction (no Gram)")
     _check_shapes(grams, W0)
   else:
     grams = W0 = None
@@ -371,11 +419,12 @@ def mosp_materialize(pareto: ParetoLayer, prefs: jax.Array, *,
   return _preference_models(pareto, prefs, grams, W0, damping,
                             pattern=pattern, alpha=cfg.alpha, p=cfg.p,
                             kind=cfg.pref_map,
-                            refit_iters=cfg.pref_refit_iters, layout=layout)
+                            refit_iters=cfg.pref_refit_iters,
+                            support=cfg.pref_support, layout=layout)
 
 
 def mosp_prune(grams: jax.Array, W0: jax.Array, prefs: jax.Array, *,
-               pattern: projection.Pattern, cfg: SolverConfig = PAPER,
+               pattern: projection.Pattern, cfg: SolverConfig = DEFAULT,
                mesh: Mesh | None = None) -> MospResult:
   """Prunes one layer for `m` tasks: `mosp_pareto`, then `mosp_materialize`
   of the task vertices `e_i` followed by `prefs (K, m)` (may be `(0, m)`).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from mosp_jax.config import RunConfig, SolverConfig
+from mosp_jax.pipeline import gram_store, linear_problem
 from mosp_jax.pipeline.plan.shapes import ModelShapes, stage1_channels
 
 GRAM_BYTES = 4  # float32 Grams and solver iterates (grams.py casts).
@@ -60,7 +61,8 @@ def memory_rows(shapes: ModelShapes, run: RunConfig, solver: SolverConfig,
           + stream_rows(shapes, run, act_bytes=act_bytes,
                         host_is_device=host_is_device,
                         offload_streams=offload_streams)
-          + gram_rows(shapes, len(run.tasks), host_is_device=host_is_device)
+          + gram_rows(shapes, len(run.tasks), host_is_device=host_is_device,
+                      refit=linear_problem.needs_grams(solver))
           + solver_rows(shapes, run, solver)
           + (pareto_row(shapes, run, act_bytes=act_bytes),))
 
@@ -128,18 +130,25 @@ def stream_rows(shapes: ModelShapes, run: RunConfig, *, act_bytes: int,
   )
 
 
-def gram_rows(shapes: ModelShapes, m: int, *, host_is_device: bool
-              ) -> tuple[Row, ...]:
+def gram_rows(shapes: ModelShapes, m: int, *, host_is_device: bool,
+              refit: bool = False) -> tuple[Row, ...]:
   """The `m` tasks' Grams of one layer.
 
   - task Grams of a layer: `m sum_g n_g^2 g` (`prune._solve_layer` keeps
     every group's `(m, n_g, n_g)` on the device until evaluation).
+  - stored Grams (under the preference refit): `m sum_g (n_g^2 + 3 n_g)`
+    bytes, their compact form (`gram_store`), kept until the layer is
+    saved.
   - Grams on the host (CPU backend only): `m sum_g n_g^2 g + sum_g n_g^2
     8` (the captured Grams and one task's float64 accumulators).
   """
   g = GRAM_BYTES
   sum_n2 = sum(n * n for n in shapes.groups)
   rows = [Row("task Grams (1 layer)", m * sum_n2 * g, "m sum n_g^2 g")]
+  if refit:
+    rows.append(Row("stored Grams (1 layer, refit)",
+                    sum(gram_store.nbytes(n, m) for n in shapes.groups),
+                    "m sum (n_g^2 + 3 n_g)"))
   if host_is_device:
     rows.append(Row("Grams on the host", m * sum_n2 * g + sum_n2 * 8,
                     "m sum n_g^2 g + sum n_g^2 8"))
