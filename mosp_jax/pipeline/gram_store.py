@@ -2,15 +2,15 @@
 
 The preference refit (`SolverConfig.pref_refit_iters`) reads the task
 Grams of each group of linears, so a Pareto set that can export any
-preference later must keep them. Stored as float32 they would take 2.4x
-the dense model's linears (three tasks, SmolLM2-135M); stored here they
-take a quarter of that:
+preference later must keep them. Stored as float32 they would take 2.8x
+the dense model's linear weights (three tasks, SmolLM2-135M); stored
+here they take a quarter of that:
 
 - `diag (m, n)` float32: each Gram's diagonal, exact;
 - `corr (m, n (n - 1) / 2)` float16: the strict upper triangle of the
   correlation matrix `D^-1/2 G D^-1/2` (`D = diag(G)`), whose entries lie
   in [-1, 1], so float16 keeps each to 2^-11 of its magnitude (an entry
-  below 2^-14 to 2^-24 absolute).
+  below 2^-14, among float16's subnormals, to 2^-25 absolute).
 
 `G_ij = corr_ij sqrt(D_i) sqrt(D_j)` off the diagonal, `D_i` on it; a
 zero diagonal entry (an input feature that is always zero) gives a zero
