@@ -13,7 +13,9 @@ from bridge.flax_checkpoint import SOURCE_META
 from bridge.model_files import Source
 from mosp_jax import fetch
 
-CACHE_FORMAT = 1
+# 2: GGUF SentencePiece tokenizers are BPE (`bridge.spm_bpe`); format-1
+# folders hold Gemma's as Unigram and are converted again.
+CACHE_FORMAT = 2
 
 
 def model_dir(name: str) -> pathlib.Path:

@@ -13,6 +13,7 @@ import logging
 import pathlib
 from typing import Any, NamedTuple
 
+from bridge import spm_bpe
 from bridge.model_files import ModelLoadError, Source
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,13 @@ def read_tokenizer(source: Source, where: str, kwargs: dict[str, Any]
     return None
   tok_kwargs = {k: v for k, v in kwargs.items() if k == "gguf_file"}
   try:
-    return AutoTokenizer.from_pretrained(where, **tok_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+    # A GGUF SentencePiece vocabulary is BPE; transformers reads Gemma's as
+    # Unigram (`bridge.spm_bpe`).
+    if "gguf_file" not in tok_kwargs:
+      return tokenizer
+    return spm_bpe.as_bpe(tokenizer,
+                          pathlib.Path(where) / tok_kwargs["gguf_file"])
   except (OSError, ValueError, TypeError, AttributeError) as e:
     if source.kind == "torch":
       raise ModelLoadError(
