@@ -60,21 +60,13 @@ def read_gguf_vocab(path: str | os.PathLike) -> GgufVocab:
 
   fields = gguf.GGUFReader(str(path)).fields
 
-  def strings(name: str) -> list[str]:
-    f = fields[name]
-    return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+  def contents(name: str) -> list[Any]:
+    return fields[name].contents() if name in fields else []
 
-  model = strings("tokenizer.ggml.model")[0]
-  tokens = strings("tokenizer.ggml.tokens")
-
-  def numbers(name: str) -> list[Any]:
-    if name not in fields:
-      return []
-    f = fields[name]
-    return [f.parts[i][0].item() for i in f.data]
-
-  return GgufVocab(model, tokens, numbers("tokenizer.ggml.scores"),
-                   numbers("tokenizer.ggml.token_type"))
+  return GgufVocab(fields["tokenizer.ggml.model"].contents(),
+                   fields["tokenizer.ggml.tokens"].contents(),
+                   contents("tokenizer.ggml.scores"),
+                   contents("tokenizer.ggml.token_type"))
 
 
 def bpe_model(unigram: dict[str, Any], vocab: GgufVocab) -> dict[str, Any]:
