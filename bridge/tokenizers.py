@@ -65,16 +65,21 @@ def read_tokenizer(source: Source, where: str, kwargs: dict[str, Any]
   tok_kwargs = {k: v for k, v in kwargs.items() if k == "gguf_file"}
   try:
     tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
-    # A GGUF SentencePiece vocabulary is BPE; transformers reads Gemma's as
-    # Unigram (`bridge.spm_bpe`).
-    if "gguf_file" not in tok_kwargs:
-      return tokenizer
-    return spm_bpe.as_bpe(tokenizer,
-                          pathlib.Path(where) / tok_kwargs["gguf_file"])
   except (OSError, ValueError, TypeError, AttributeError) as e:
     if source.kind == "torch":
       raise ModelLoadError(
           f"{where}: unreadable tokenizer files: {e}") from e
     log.warning("%s: no tokenizer (%s)", source.location, e)
     return None
+  if "gguf_file" not in tok_kwargs:
+    return tokenizer
+  # A GGUF SentencePiece vocabulary is BPE; transformers reads Gemma's as
+  # Unigram (`bridge.spm_bpe`). A rebuild that fails is an error of its
+  # own, not a model without a tokenizer.
+  gguf = pathlib.Path(where) / tok_kwargs["gguf_file"]
+  try:
+    return spm_bpe.as_bpe(tokenizer, gguf)
+  except ValueError as e:
+    raise ModelLoadError(f"{gguf}: its tokenizer cannot be rebuilt as "
+                         f"llama.cpp's BPE: {e}") from e
 
