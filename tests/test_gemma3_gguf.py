@@ -192,6 +192,15 @@ def test_gemma3_270m_matches_pytorch_and_reads_text(gemma_source):
       _ppl(np.asarray(model(x, params=params).logits), x)
       for x in (ids, shuffled))
   assert 1.0 < ppl < 30.0 and ppl_shuffled > 20 * ppl, (ppl, ppl_shuffled)
+  # Gemma reads text after its BOS (why `segments.bos_prefix` starts every
+  # segment with it): the same tokens 2.. scored without the BOS are far
+  # less likely.
+  bare = ids[:, 1:]
+  nats_bos = np.log(_ppl(np.asarray(model(ids, params=params).logits)[:, 1:],
+                         bare))
+  nats_bare = np.log(_ppl(np.asarray(model(bare, params=params).logits),
+                          bare))
+  assert nats_bare > nats_bos + 1.0, (nats_bos, nats_bare)
 
 
 def _ppl(logits: np.ndarray, ids: np.ndarray) -> float:

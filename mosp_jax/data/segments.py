@@ -16,10 +16,10 @@ model knows. Calibration and test use the same stream format.
 
 A tokenizer without `<|endoftext|>` whose BOS is its document start
 (Gemma 3: `<bos>`, id 2) gets its BOS as the default separator instead,
-and every segment then starts with it (`bos_prefix`): Gemma scores text
-after a BOS (the general text's first sentence, real 270M: 5.9 nats a
-token with it, 9.5 without), so each window is the BOS and `seqlen - 1`
-tokens of the stream [ours].
+and every segment then starts with it (`bos_prefix`): Gemma reads text
+after a BOS (real 270M: a paragraph's tokens cost more than a nat more
+each without it, `tests/test_gemma3_gguf.py`), so each window is the BOS
+and `seqlen - 1` tokens of the stream [ours].
 """
 
 from __future__ import annotations
