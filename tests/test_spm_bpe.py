@@ -190,34 +190,15 @@ def test_a_vocabulary_that_cannot_be_rebuilt_stops_the_load(tmp_path,
   # A Gemma GGUF whose vocabulary has one piece twice: transformers reads
   # it (as a Unigram), the BPE rebuild refuses it, and the load stops with
   # that reason and the file, not as "the model has no tokenizer".
-  import gguf
-  import numpy as np
-
   from bridge import hf_import
   from bridge.model_files import ModelLoadError
+  from tests.tiny_models import write_tiny_gguf
 
   monkeypatch.setenv("MOSP_JAX_CACHE", str(tmp_path / "cache"))
   vocab = _toy_vocab()
-  tokens = vocab.tokens[:-1] + [vocab.tokens[-2]]
   path = tmp_path / "dup.gguf"
-  writer = gguf.GGUFWriter(str(path), "gemma3")
-  writer.add_block_count(1)
-  writer.add_context_length(64)
-  writer.add_embedding_length(32)
-  writer.add_head_count(4)
-  writer.add_tokenizer_model("llama")
-  writer.add_token_list(tokens)
-  writer.add_token_scores(vocab.scores)
-  writer.add_token_types(vocab.types)
-  writer.add_bos_token_id(1)
-  writer.add_eos_token_id(1)
-  writer.add_unk_token_id(0)
-  writer.add_tensor("token_embd.weight",
-                    np.ones((len(tokens), 32), np.float32))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
+  write_tiny_gguf(path, arch="gemma3", vocab=vocab._replace(
+      tokens=vocab.tokens[:-1] + [vocab.tokens[-2]]))
   with pytest.raises(ModelLoadError, match="appear twice") as e:
     hf_import.load_tokenizer(str(path))
   assert str(path) in str(e.value) and "llama.cpp" in str(e.value)

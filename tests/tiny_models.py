@@ -116,8 +116,11 @@ def tiny_tokenizer() -> Any:
       eos_token="</s>")
 
 
-def write_tiny_gguf(path: Any, *, arch: str = "llama") -> None:
-  """A small, valid GGUF file (metadata and two float32 tensors)."""
+def write_tiny_gguf(path: Any, *, arch: str = "llama",
+                    vocab: Any = None) -> None:
+  """A small, valid GGUF file (metadata and two float32 tensors); with
+  `vocab` (a `bridge.spm_bpe.GgufVocab`) also its SentencePiece tokenizer
+  metadata (BOS and EOS id 1, unknown id 0)."""
   import gguf
   import numpy as np
 
@@ -126,8 +129,17 @@ def write_tiny_gguf(path: Any, *, arch: str = "llama") -> None:
   writer.add_context_length(64)
   writer.add_embedding_length(32)
   writer.add_head_count(4)
+  if vocab is not None:
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(0)
+  n_vocab = VOCAB if vocab is None else len(vocab.tokens)
   writer.add_tensor("token_embd.weight",
-                    np.ones((VOCAB, 32), np.float32))
+                    np.ones((n_vocab, 32), np.float32))
   writer.add_tensor("output_norm.weight", np.ones((32,), np.float32))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
