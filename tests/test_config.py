@@ -24,7 +24,7 @@ def test_defaults_differ_from_the_paper_in_three_fields_of_ours():
             for f in dataclasses.fields(SolverConfig)
             if getattr(DEFAULT, f.name) != getattr(PAPER, f.name)}
   assert differ == {"core_rule": "global", "stage2_max_iter": 5,
-                    "pref_refit_iters": 10}
+                    "pref_refit_iters": 5}
 
 
 def test_paper_flagfile_gives_the_papers_solver():

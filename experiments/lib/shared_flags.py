@@ -105,7 +105,7 @@ flags.DEFINE_integer("pcg_iters", _D.pcg_iters, "PCG iterations [paper "
                      "10].")
 flags.DEFINE_integer("pref_refit_iters", _D.pref_refit_iters, "PCG "
                      "iterations refitting each interior preference model "
-                     "on F_lam's Gram [ours, default 10; 0 = the paper's "
+                     "on F_lam's Gram [ours, default 5; 0 = the paper's "
                      "construction, a weighted sum and projection]; the "
                      "Pareto set then keeps the task Grams (compact).")
 flags.DEFINE_enum("pref_support", _D.pref_support, list(PREF_SUPPORTS),
