@@ -151,17 +151,17 @@ def test_whole_model_compare_outputs(model_run):
 def test_layer_level_compare(model_run, tmp_path):
   run, _, entries = parse(f"--out_dir={tmp_path}", "--layer=1",
                           "--methods=sparsegpt,magnitude",
-                          "--mosp_variants=alpha=1;pref_refit_iters=5")
+                          "--mosp_variants=alpha=1;pref_refit_iters=3")
   res = comparison.compare_layer(run, entries, layer=1,
                               linears=["self_attn.q_proj", "mlp.down_proj"],
                               use_cache=False, log=lambda s: None)
   assert res["layer"] == 1 and res["num_layers"] == 2
   assert set(res["hypervolume"]) == {
       "mosp", "mosp:W", "mosp[alpha=1]", "mosp[alpha=1]:W",
-      "mosp[pref_refit_iters=5]", "mosp[pref_refit_iters=5]:W", "mosp+W",
+      "mosp[pref_refit_iters=3]", "mosp[pref_refit_iters=3]:W", "mosp+W",
       "sparsegpt-concat", "magnitude"}
   for name, n in (("mosp", 3), ("mosp[alpha=1]", 3),
-                  ("mosp[pref_refit_iters=5]", 3), ("sparsegpt-concat", 1),
+                  ("mosp[pref_refit_iters=3]", 3), ("sparsegpt-concat", 1),
                   ("magnitude", 1)):
     err = np.asarray(res["rel_error"][name])
     assert err.shape == (n, 3) and np.all((err > 0) & (err < 1))
