@@ -10,17 +10,18 @@ For each shape it times (after compilation) a fixed number of ADMM
 iterations and a plain jitted matmul of the same shapes, and reports the
 FLOP rate ADMM achieves relative to that matmul (the two products of the
 eigenbasis step; with the explicit inverse one ADMM iteration does half
-of them, so the ratio can exceed 1). It then times MOSP with m tasks and
-K preferences (its Pareto set, then the K models) against one ALPS solve
-on the concatenated Gram of the same layer (the paper's baseline; a naive
-front costs K ALPS solves), at each of `--solve_shapes`: MOSP with the
-default settings without the preference refit (`ratio`), the same with
-it (`ratio_refit`: what a run does), a per-stage breakdown, and the
-paper's construction (`config.PAPER`, `ratio_paper`; `--nopaper` skips
-it). Inputs are random correlated Grams with uneven channel
-scales (shapes of SmolLM2-135M: 576 hidden, 1536 MLP; `--large` adds
-Llama-2-7B's linears to both measurements: 4096x4096 for q/k/v/o,
-4096x11008 for gate/up, 11008x4096 for down).
+of them, so the ratio can exceed 1), and one exact top-k (the projection
+of every ADMM iteration) against those two products. It then times MOSP
+with m tasks and K preferences (its Pareto set, then the K models)
+against one ALPS solve on the concatenated Gram of the same layer (the
+paper's baseline; a naive front costs K ALPS solves), at each of
+`--solve_shapes`: MOSP with the default settings without the preference
+refit (`ratio`), the same with it (`ratio_refit`: what a run does), a
+per-stage breakdown, and the paper's construction (`config.PAPER`,
+`ratio_paper`; `--nopaper` skips it). Inputs are random correlated Grams
+with uneven channel scales (shapes of SmolLM2-135M: 576 hidden, 1536
+MLP; `--large` adds Llama-2-7B's linears to both measurements: 4096x4096
+for q/k/v/o, 4096x11008 for gate/up, 11008x4096 for down).
 
 Every timed function is compiled ahead (`jax.jit(...).lower().compile()`),
 so no warm-up run is needed: at Llama-2-7B's shapes on a CPU one solve
@@ -130,16 +131,24 @@ def bench_shape(n_in: int, n_out: int, rng: np.random.Generator, iters: int,
     QtR = Q.T @ R
     return Q @ (QtR * (1.0 / (L + 0.1))[:, None])
 
-  (t_admm, t_mm), _ = timing.best_times(
+  def one_projection(B0):
+    return project(B0[None])[0]
+
+  (t_admm, t_mm, t_proj), _ = timing.best_times(
       [compiled(admm_fixed, Q, L, sc.G, sc.B0),
-       compiled(matmuls, Q, L, sc.B0)], repeats=repeats)
+       compiled(matmuls, Q, L, sc.B0),
+       compiled(one_projection, sc.B0)], repeats=repeats)
   flops_iter = 4.0 * n_in * n_in * n_out
   admm_gflops = flops_iter * iters / t_admm / 1e9
   mm_gflops = flops_iter / t_mm / 1e9
   return {"n_in": n_in, "n_out": n_out,
           "admm_iters_per_s": iters / t_admm,
           "admm_gflops": admm_gflops, "matmul_gflops": mm_gflops,
-          "ratio_to_matmul": admm_gflops / mm_gflops}
+          "ratio_to_matmul": admm_gflops / mm_gflops,
+          # One exact top-k (the projection of every ADMM iteration)
+          # against the two products of one eigenbasis step.
+          "step_s": t_mm, "projection_s": t_proj,
+          "projection_to_step": t_proj / t_mm}
 
 
 def bench_mosp_vs_alps(n_in: int, n_out: int, m: int, K: int,
@@ -285,11 +294,11 @@ def _print_summary(result: dict[str, Any]) -> None:
   """The measurements of `main`'s JSON record as a few lines of text."""
   print(f"\ndevice: {result['device']}   sparsity {result['sparsity']}")
   print(f"{'shape':>12} {'iters/s':>9} {'ADMM GF/s':>10} {'matmul GF/s':>12}"
-        f" {'ratio':>6}")
+        f" {'ratio':>6} {'top-k / step':>13}")
   for r in result["shapes"]:
     print(f"{r['n_in']:>5}x{r['n_out']:<6} {r['admm_iters_per_s']:9.2f} "
           f"{r['admm_gflops']:10.1f} {r['matmul_gflops']:12.1f} "
-          f"{r['ratio_to_matmul']:6.2f}")
+          f"{r['ratio_to_matmul']:6.2f} {r['projection_to_step']:13.2f}")
   for cmp in result["mosp_vs_alps"]:
     print(f"MOSP m={cmp['m']} K={cmp['K']} on {cmp['n_in']}x{cmp['n_out']}: "
           f"{cmp['mosp_s']:.2f} s vs one ALPS {cmp['alps_s']:.2f} s -> "

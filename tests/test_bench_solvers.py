@@ -28,6 +28,15 @@ print(json.dumps(bench_solvers.bench_mosp_vs_alps(
     paper=False, breakdown=False)))
 """
 
+_RATE = """
+import json
+import numpy as np
+from experiments import bench_solvers
+from mosp_jax.solvers import Unstructured
+print(json.dumps(bench_solvers.bench_shape(
+    48, 40, np.random.default_rng(0), 2, 1, Unstructured(0.5))))
+"""
+
 
 def test_mosp_against_alps_record():
   proc = subprocess.run([sys.executable, "-c", _RECORD], cwd=ROOT,
@@ -54,3 +63,14 @@ def test_mosp_against_alps_record():
   assert bare["mosp_stage1_iters"] == r["mosp_stage1_iters"]
   assert bare["mosp_stage2_iters"] == r["mosp_stage2_iters"]
   assert bare["ratio"] == bare["mosp_s"] / bare["alps_s"]
+
+
+def test_admm_rate_record():
+  proc = subprocess.run([sys.executable, "-c", _RATE], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (r["n_in"], r["n_out"]) == (48, 40)
+  assert r["step_s"] > 0 and r["projection_s"] > 0
+  assert r["projection_to_step"] == r["projection_s"] / r["step_s"]
+  assert r["ratio_to_matmul"] == r["admm_gflops"] / r["matmul_gflops"]

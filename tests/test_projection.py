@@ -31,8 +31,10 @@ def np_nm(scores, n, m):
   return out
 
 
+# (300, 7) and (256, 5): more rows than one uint8 count block (64 rows),
+# the first with padding rows.
 @pytest.mark.parametrize("shape", [(7, 5), (64, 48), (1, 9), (33, 1), (50,),
-                                   (3, 8, 6)])
+                                   (3, 8, 6), (300, 7), (256, 5)])
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.3, 0.5, 0.99, 1.0])
 def test_topk_matches_stable_sort(rng, shape, frac):
   s = rng.random(shape).astype(np.float32)
@@ -42,13 +44,25 @@ def test_topk_matches_stable_sort(rng, shape, frac):
   np.testing.assert_array_equal(got, np_topk(s, k))
 
 
-def test_topk_ties_go_to_lower_index(rng):
-  # Quantised weights: only 4 distinct magnitudes, many ties.
-  s = rng.integers(0, 4, (40, 30)).astype(np.float32) ** 2
-  for k in [1, 100, 599, 600, 601, 1199]:
+@pytest.mark.parametrize("shape", [(40, 30), (300, 30)])
+def test_topk_ties_go_to_lower_index(rng, shape):
+  # Quantised weights: only 4 distinct magnitudes, many ties; (300, 30)
+  # spans five of the bisection's uint8 count blocks (64 rows each).
+  s = rng.integers(0, 4, shape).astype(np.float32) ** 2
+  n = s.size
+  for k in [1, 100, n // 2 - 1, n // 2, n // 2 + 1, n - 1]:
     got = guarded(lambda x, k=k: P.topk_mask(x, k), s)
     assert got.sum() == k
     np.testing.assert_array_equal(got, np_topk(s, k))
+
+
+def test_topk_of_a_constant_matrix_is_the_first_k():
+  # Every count block is full at the threshold: one count per row of
+  # each column, the most a uint8 partial count holds in the bisection.
+  s = np.full((300, 4), 0.5, np.float32)
+  for k in [1, 599, 1199]:
+    got = guarded(lambda x, k=k: P.topk_mask(x, k), s)
+    np.testing.assert_array_equal(got.ravel(), np.arange(s.size) < k)
 
 
 def test_topk_eligible_and_special_values(rng):

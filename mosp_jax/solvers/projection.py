@@ -77,6 +77,10 @@ class NM:
 Pattern = Union[Unstructured, NM]
 
 
+# Rows per uint8 partial count in `topk_mask`'s bisection (<= 255).
+_COUNT_BLOCK = 64
+
+
 def _as_bits(scores: jax.Array) -> jax.Array:
   """Order-preserving int32 view of non-negative float32 scores.
 
@@ -104,8 +108,9 @@ def topk_mask(scores: jax.Array, k: int,
   The k-th value is found by a 31-step bisection on the int32 bit patterns
   (each step one pass over the scores) instead of a full sort, so the cost is
   linear in the number of weights. The matrix is never flattened: counts
-  are plain sums, and the ties are cut in row-major order from per-row
-  counts and the cumulative count along the one row where the cut falls.
+  are sums (uint8 within blocks of rows, then int32), and the ties are
+  cut in row-major order from per-row counts and the cumulative count
+  along the one row where the cut falls.
   On a device mesh with the last axis (output columns) sharded, everything
   but that one row stays sharded; the sums become all-reduces of integers,
   so the mask is exact there too.
@@ -121,12 +126,26 @@ def topk_mask(scores: jax.Array, k: int,
     return (bits >= 0).reshape(shape) if eligible is not None else \
         jnp.ones(shape, bool)
 
+  # Each pass counts in two steps [ours]: uint8 sums over blocks of at most
+  # `_COUNT_BLOCK` rows (no overflow: a block holds <= 255 ones), then
+  # one int32 sum of the much smaller block counts. Summing the bools
+  # straight into int32 made every pass memory-bound on the wide type.
+  # Blocks split rows only: a mesh shards the last axis. Padding rows are
+  # -1, below every threshold the bisection tries (mid >= 0).
+  block = min(_COUNT_BLOCK, rows)
+  blocks = jnp.pad(bits, ((0, -rows % block), (0, 0)),
+                   constant_values=-1).reshape(-1, block, bits.shape[1])
+
+  def count_at_least(t: jax.Array) -> jax.Array:
+    per_block = jnp.sum(blocks >= t, axis=1, dtype=jnp.uint8)
+    return jnp.sum(per_block, dtype=jnp.int32)
+
   # Largest t with count(bits >= t) >= k is the k-th largest bit pattern.
   def body(_: jax.Array, lo_hi: tuple[jax.Array, jax.Array]
            ) -> tuple[jax.Array, jax.Array]:
     lo, hi = lo_hi
     mid = lo + (hi - lo + 1) // 2
-    ok = jnp.sum(bits >= mid) >= k
+    ok = count_at_least(mid) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
   lo, _ = jax.lax.fori_loop(0, 32, body,
