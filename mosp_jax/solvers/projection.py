@@ -77,7 +77,8 @@ class NM:
 Pattern = Union[Unstructured, NM]
 
 
-# Rows per uint8 partial count in `topk_mask`'s bisection (<= 255).
+# Rows per uint8 partial count in `topk_mask`'s bisection (at most 255,
+# the largest count a uint8 holds).
 _COUNT_BLOCK = 64
 
 
@@ -126,10 +127,11 @@ def topk_mask(scores: jax.Array, k: int,
     return (bits >= 0).reshape(shape) if eligible is not None else \
         jnp.ones(shape, bool)
 
-  # Each pass counts in two steps [ours]: uint8 sums over blocks of at most
-  # `_COUNT_BLOCK` rows (no overflow: a block holds <= 255 ones), then
-  # one int32 sum of the much smaller block counts. Summing the bools
-  # straight into int32 made every pass memory-bound on the wide type.
+  # Each pass counts in two steps [ours]: uint8 sums over blocks of at
+  # most `_COUNT_BLOCK` rows (no overflow: a block holds at most that many
+  # ones), then one int32 sum of the much smaller block counts. Summing
+  # the bools straight into int32 made every pass memory-bound on the
+  # wide type.
   # Blocks split rows only: a mesh shards the last axis. Padding rows are
   # -1, below every threshold the bisection tries (mid >= 0).
   block = min(_COUNT_BLOCK, rows)
